@@ -1,0 +1,3 @@
+from inspect_vmemmap.cli import main
+
+main()

@@ -1,0 +1,171 @@
+"""The command line (../shared/CONTRACT.md)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, Optional
+
+import click
+from rich.console import Console
+
+from inspect_vmemmap.findings import exit_status
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> None:
+    """One line on stderr and exit status 2 (CONTRACT.md)."""
+    click.echo(f"inspect-vmemmap: {message}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def target_options(f: Callable) -> Callable:
+    @click.option("--core", type=click.Path(dir_okay=False), help="A crash dump: ELF vmcore or kdump-compressed.")
+    @click.option("--qemu", metavar="SOCKET", help="A running QEMU guest, through its QMP socket.")
+    @click.option("--vmlinux", type=click.Path(dir_okay=False), help="Kernel debug info (DWARF).")
+    @click.option("--no-debuginfo", is_flag=True, help="Ignore any debug info; VMCOREINFO/kallsyms only.")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def _open(core, qemu, vmlinux, no_debuginfo):
+    from inspect_vmemmap.target import AnalysisError, open_target
+
+    try:
+        return open_target(core=core, qemu=qemu, vmlinux=vmlinux, no_debuginfo=no_debuginfo)
+    except AnalysisError as e:
+        _fail(str(e))
+
+
+def _guard(f: Callable) -> Callable:
+    """Turn analysis errors and broken input into one line and exit 2, never a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from inspect_vmemmap.target import AnalysisError
+
+        try:
+            return f(*args, **kwargs)
+        except AnalysisError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+        except BrokenPipeError:
+            sys.exit(0)
+        except MemoryError:
+            _fail("out of memory")
+
+    return wrapper
+
+
+class _Loaded:
+    def __init__(self, t, sections, nodes):
+        self.t = t
+        self.sections = sections
+        self.nodes = nodes
+
+
+def _console() -> Console:
+    """Rich console on stdout; as wide as the terminal, or wide enough for whole addresses
+    when piped."""
+    import os
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=int(os.environ.get("COLUMNS", "0") or 0) or 200, no_color=True)
+
+
+def _load(core, qemu, vmlinux, no_debuginfo) -> _Loaded:
+    from inspect_vmemmap.analysis import load_sections
+    from inspect_vmemmap.vmemmap import NodeMap
+
+    t = _open(core, qemu, vmlinux, no_debuginfo)
+    nodes = NodeMap(t.node_spans())
+    sections = load_sections(t.memory, t.layout, nodes)
+    return _Loaded(t, sections, nodes)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="inspect-vmemmap")
+def main() -> None:
+    """Check that a kernel's struct page array (the vmemmap) is where the kernel thinks it is.
+
+    Without --core or --qemu, reads the running kernel through /proc/kcore (as root).
+    """
+
+
+@main.command()
+@target_options
+@_guard
+def sections(core, qemu, vmlinux, no_debuginfo, as_json):
+    """The mem_section table: flags (crash's P M O E D), coded and decoded mem_map."""
+    from inspect_vmemmap import report
+
+    ld = _load(core, qemu, vmlinux, no_debuginfo)
+    findings = list(ld.sections.findings)
+    if as_json:
+        report.print_json(report.document(ld.t.to_json(), findings, sections=report.sections_json(ld.sections)))
+    else:
+        con = _console()
+        report.target_line(con, ld.t.to_json(), ld.t.layout)
+        report.print_sections(con, ld.sections)
+        report.print_findings(con, findings)
+    sys.exit(exit_status(findings))
+
+
+@main.command("map")
+@target_options
+@_guard
+def map_(core, qemu, vmlinux, no_debuginfo, as_json):
+    """The vmemmap as the page tables map it: ranges, page sizes, permissions, backing, node."""
+    from inspect_vmemmap import report
+    from inspect_vmemmap.analysis import load_map
+
+    ld = _load(core, qemu, vmlinux, no_debuginfo)
+    vm = load_map(ld.t.memory, ld.t.layout, ld.sections, ld.nodes, ld.t.ram())
+    findings = list(ld.sections.findings) + vm.findings
+    if as_json:
+        report.print_json(report.document(ld.t.to_json(), findings, vmemmap=vm.to_json()))
+    else:
+        con = _console()
+        report.target_line(con, ld.t.to_json(), ld.t.layout)
+        report.print_map(con, vm)
+        report.print_findings(con, findings)
+    sys.exit(exit_status(findings))
+
+
+@main.command()
+@click.argument("pfn_text", metavar="PFN")
+@target_options
+@_guard
+def pfn(pfn_text, core, qemu, vmlinux, no_debuginfo, as_json):
+    """One pfn explained: section, struct page address, every page-table level, backing page.
+
+    PFN is decimal or 0x-prefixed hex.
+    """
+    from inspect_vmemmap import report
+    from inspect_vmemmap.analysis import explain_pfn
+
+    try:
+        value = int(pfn_text, 0)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        _fail(f"PFN must be a non-negative number (decimal or 0x hex), not {pfn_text!r}")
+    ld = _load(core, qemu, vmlinux, no_debuginfo)
+    if value >= 1 << (ld.t.layout.max_physmem_bits - ld.t.layout.page_shift):
+        _fail(f"pfn {value:#x} is beyond MAX_PHYSMEM_BITS ({ld.t.layout.max_physmem_bits})")
+    info, findings = explain_pfn(ld.t.memory, ld.t.layout, ld.sections, ld.nodes, value)
+    if as_json:
+        report.print_json(report.document(ld.t.to_json(), findings, pfn=info))
+    else:
+        con = _console()
+        report.target_line(con, ld.t.to_json(), ld.t.layout)
+        report.print_pfn(con, info)
+        report.print_findings(con, findings)
+    sys.exit(exit_status(findings))

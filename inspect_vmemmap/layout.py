@@ -1,0 +1,132 @@
+"""The kernel's layout: every constant the decoders, walkers and model need.
+
+One component decides it (:mod:`inspect_vmemmap.target` from DWARF or VMCOREINFO);
+everything else takes a :class:`KernelLayout` and stays free of drgn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional
+
+
+# Section flag bits before they became an enum. Linux kernel commit ed7802dd48f7 ("mm:
+# memory_hotplug: enumerate all supported section flags", v6.0) turned them into an
+# anonymous enum; before that they were #defines with these values (include/linux/mmzone.h).
+HISTORICAL_SECTION_FLAGS: Dict[str, int] = {
+    "PRESENT": 0,  # SECTION_MARKED_PRESENT, since 29751f6991e8 (v2.6.13)
+    "HAS_MEM_MAP": 1,  # since 29751f6991e8 (v2.6.13)
+    "ONLINE": 2,  # SECTION_IS_ONLINE, 2d070eab2e82 (v4.13)
+    "EARLY": 3,  # SECTION_IS_EARLY, 326e1b8f83a4 (v5.3)
+    "ZONE_DEVICE": 4,  # SECTION_TAINT_ZONE_DEVICE, 1f90a3477df3 (v5.12)
+}
+HISTORICAL_SECTION_MAP_LAST_BIT = 5
+
+#: crash's `kmem -n` STATE letters (memory.c), plus V for 7.2's IS_VMEMMAP_PREINIT
+FLAG_LETTERS = {"PRESENT": "P", "HAS_MEM_MAP": "M", "ONLINE": "O", "EARLY": "E", "ZONE_DEVICE": "D", "VMEMMAP_PREINIT": "V"}
+#: the names the JSON uses
+FLAG_NAMES = {"PRESENT": "present", "HAS_MEM_MAP": "has_mem_map", "ONLINE": "online", "EARLY": "early",
+              "ZONE_DEVICE": "zone_device", "VMEMMAP_PREINIT": "vmemmap_preinit"}
+#: enumerator names in the kernel (SECTION_<X>_BIT) for each of our names
+KERNEL_FLAG_ENUMERATORS = {
+    "SECTION_MARKED_PRESENT_BIT": "PRESENT",
+    "SECTION_HAS_MEM_MAP_BIT": "HAS_MEM_MAP",
+    "SECTION_IS_ONLINE_BIT": "ONLINE",
+    "SECTION_IS_EARLY_BIT": "EARLY",
+    "SECTION_TAINT_ZONE_DEVICE_BIT": "ZONE_DEVICE",
+    "SECTION_IS_VMEMMAP_PREINIT_BIT": "VMEMMAP_PREINIT",
+}
+
+
+@dataclass
+class KernelLayout:
+    arch: str  # "x86_64" | "aarch64"
+    page_size: int
+    pgtable_levels: int
+    vmemmap_base: int  # the address of pfn 0's struct page
+    struct_page_size: int
+    section_size_bits: int
+    max_physmem_bits: int
+    #: our flag name -> bit number
+    section_flags: Dict[str, int]
+    section_map_last_bit: int
+    #: SPARSEMEM_EXTREME: the root array (the value of the mem_section pointer, as
+    #: VMCOREINFO's SYMBOL(mem_section) says); static: the address of the array
+    mem_section_addr: int
+    sparsemem_extreme: bool
+    nr_section_roots: int
+    sections_per_root: int
+    mem_section_size: int  # sizeof(struct mem_section)
+    usage_offset: int = 8  # offsetof(struct mem_section, usage)
+    subsection_map_offset: int = 16  # offsetof(struct mem_section_usage, subsection_map)
+    subsection_shift: int = 21  # SUBSECTION_SHIFT (include/linux/mmzone.h)
+    pgtable_root: int = 0  # physical address of the kernel's top-level page table
+    sme_mask: int = 0
+    kernel_release: str = ""
+    type_source: str = "dwarf"
+    #: where each value came from, and anything assumed
+    notes: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def page_shift(self) -> int:
+        return self.page_size.bit_length() - 1
+
+    @property
+    def pfn_section_shift(self) -> int:
+        return self.section_size_bits - self.page_shift
+
+    @property
+    def pages_per_section(self) -> int:
+        return 1 << self.pfn_section_shift
+
+    @property
+    def nr_mem_sections(self) -> int:
+        return 1 << (self.max_physmem_bits - self.section_size_bits)
+
+    @property
+    def section_map_mask(self) -> int:
+        return ~((1 << self.section_map_last_bit) - 1) & (2**64 - 1)
+
+    @property
+    def subsections_per_section(self) -> int:
+        return 1 << (self.section_size_bits - self.subsection_shift)
+
+    @property
+    def pages_per_subsection(self) -> int:
+        return 1 << (self.subsection_shift - self.page_shift)
+
+    @property
+    def vmemmap_end(self) -> int:
+        """End of the part of the vmemmap that can hold struct pages (for MAX_PHYSMEM_BITS)."""
+        return self.vmemmap_base + (1 << (self.max_physmem_bits - self.page_shift)) * self.struct_page_size
+
+    def pfn_to_page(self, pfn: int) -> int:
+        return self.vmemmap_base + pfn * self.struct_page_size
+
+    def page_to_pfn(self, addr: int) -> int:
+        return (addr - self.vmemmap_base) // self.struct_page_size
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for k in ("vmemmap_base", "mem_section_addr", "pgtable_root", "sme_mask"):
+            d[k] = hex(d[k])
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "KernelLayout":
+        d = dict(d)
+        for k in ("vmemmap_base", "mem_section_addr", "pgtable_root", "sme_mask"):
+            if isinstance(d.get(k), str):
+                d[k] = int(d[k], 16)
+        return cls(**d)
+
+
+def flag_bits_from_enumerators(enumerators: Dict[str, int]) -> Optional[tuple]:
+    """Section flag bits from the kernel's anonymous enum (v6.0+).
+
+    :return: ``(flags, last_bit)`` or None if the enum is not there.
+    """
+    if "SECTION_MARKED_PRESENT_BIT" not in enumerators or "SECTION_MAP_LAST_BIT" not in enumerators:
+        return None
+    flags = {ours: enumerators[k] for k, ours in KERNEL_FLAG_ENUMERATORS.items() if k in enumerators}
+    return flags, enumerators["SECTION_MAP_LAST_BIT"]

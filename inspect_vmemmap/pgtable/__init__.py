@@ -1,0 +1,243 @@
+"""Page-table walkers that work on the :class:`~inspect_vmemmap.memory.Memory` interface.
+
+A walk yields three kinds of event, in virtual-address order:
+
+- :class:`Leaf`: one page-table entry that maps memory (a 4K PTE, a 2M PMD block, ...);
+- :class:`BadEntry`: a malformed entry, reported and not followed;
+- :class:`Unreadable`: a table page that could not be read; its range is skipped.
+
+The walk reads each table page once (one read per table page, not per entry), visits each
+table page at most once (so a corrupt table can neither loop nor explode), never follows a
+pointer outside physical memory, and never raises for what it finds in the tables.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+from inspect_vmemmap.memory import FaultError, Memory
+
+__all__ = ["Leaf", "BadEntry", "Unreadable", "Step", "PagingFormat", "walk", "translate"]
+
+# Entry kinds returned by PagingFormat.decode().
+NONE, TABLE, LEAF, BAD = 0, 1, 2, 3
+
+
+class Leaf:
+    """A page-table entry that maps ``[vaddr, vaddr + size)`` to ``[phys, phys + size)``."""
+
+    __slots__ = ("vaddr", "size", "level", "entry", "phys", "writable", "attrs")
+
+    def __init__(self, vaddr: int, size: int, level: str, entry: int, phys: int, writable: bool, attrs: Tuple[str, ...]) -> None:
+        self.vaddr = vaddr
+        self.size = size
+        self.level = level
+        self.entry = entry
+        self.phys = phys
+        self.writable = writable
+        self.attrs = attrs
+
+    def __repr__(self) -> str:
+        return (f"Leaf({self.vaddr:#x}, {self.size:#x}, {self.level}, entry={self.entry:#x}, "
+                f"phys={self.phys:#x}, {'RW' if self.writable else 'ro'})")
+
+
+class BadEntry:
+    """A malformed entry at ``level`` covering ``[vaddr, vaddr + size)``; not followed."""
+
+    __slots__ = ("vaddr", "size", "level", "entry", "table_phys", "index", "reason")
+
+    def __init__(self, vaddr: int, size: int, level: str, entry: int, table_phys: int, index: int, reason: str) -> None:
+        self.vaddr = vaddr
+        self.size = size
+        self.level = level
+        self.entry = entry
+        self.table_phys = table_phys
+        self.index = index
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"BadEntry({self.vaddr:#x}, {self.level}[{self.index}]={self.entry:#x}: {self.reason})"
+
+
+class Unreadable:
+    """The table page at ``table_phys`` (for ``level``) could not be read."""
+
+    __slots__ = ("vaddr", "size", "level", "table_phys")
+
+    def __init__(self, vaddr: int, size: int, level: str, table_phys: int) -> None:
+        self.vaddr = vaddr
+        self.size = size
+        self.level = level
+        self.table_phys = table_phys
+
+    def __repr__(self) -> str:
+        return f"Unreadable({self.vaddr:#x}+{self.size:#x}, {self.level} table at {self.table_phys:#x})"
+
+
+Event = Union[Leaf, BadEntry, Unreadable]
+
+
+class PagingFormat:
+    """How one architecture's page tables look. Subclasses fill in the attributes and
+    :meth:`decode`.
+
+    ``shifts[d]`` is the virtual-address shift of table depth ``d`` (0 is the top level),
+    ``names[d]`` its name as the kernel calls it (pgd, p4d, pud, pmd, pte).
+    """
+
+    arch = ""
+    page_shift = 12
+    shifts: Tuple[int, ...] = ()
+    names: Tuple[str, ...] = ()
+    #: virtual address bits that the top level translates (sign extension above)
+    va_bits = 48
+
+    @property
+    def entries(self) -> int:
+        return 1 << (self.page_shift - 3)
+
+    @property
+    def table_size(self) -> int:
+        return 1 << self.page_shift
+
+    def decode(self, entry: int, depth: int) -> Tuple[int, int, str]:
+        """Classify ``entry`` found at ``depth``.
+
+        :return: ``(kind, phys, reason)``: kind is NONE (not present), TABLE (phys is
+            the next table), LEAF (phys is the mapped page) or BAD (reason says why).
+        """
+        raise NotImplementedError
+
+    def leaf_info(self, entry: int, depth: int) -> Tuple[bool, Tuple[str, ...]]:
+        """:return: ``(writable, attrs)`` of a leaf entry; attrs like ptdump's (PSE, NX, GLB)."""
+        raise NotImplementedError
+
+    def can_be_leaf(self, depth: int) -> bool:
+        """Whether an entry at ``depth`` can map memory (a block/huge page or a PTE)."""
+        raise NotImplementedError
+
+    def pmd_blocks(self, layout) -> bool:
+        """Whether the kernel maps whole-section vmemmap with PMD blocks here, so that a
+        PMD range mapped by base pages counts as a split PMD."""
+        return False
+
+    def canonical(self, vaddr: int) -> int:
+        """Sign-extend a virtual address from :attr:`va_bits`."""
+        vaddr &= (1 << self.va_bits) - 1
+        if vaddr >> (self.va_bits - 1):
+            vaddr |= ((1 << 64) - 1) ^ ((1 << self.va_bits) - 1)
+        return vaddr
+
+
+def walk(
+    mem: Memory,
+    fmt: PagingFormat,
+    root_phys: int,
+    start: int,
+    end: int,
+    phys_ok: Optional[Callable[[int], bool]] = None,
+) -> Iterator[Event]:
+    """Walk the page tables rooted at ``root_phys`` over virtual ``[start, end)``.
+
+    :param phys_ok: returns whether a table's physical address may be read (is RAM);
+        entries that point elsewhere become :class:`BadEntry`. None allows everything.
+    :return: an iterator of :class:`Leaf`, :class:`BadEntry` and :class:`Unreadable`, in
+        address order.
+    """
+    n = fmt.entries
+    unpack = struct.Struct(f"<{n}Q").unpack
+    shifts = fmt.shifts
+    names = fmt.names
+    last = len(shifts) - 1
+    seen = {root_phys}
+    decode = fmt.decode
+
+    def table(phys: int, depth: int, base: int) -> Iterator[Event]:
+        # base: the virtual address that index 0 of this table maps
+        shift = shifts[depth]
+        size = 1 << shift
+        span = n << shift
+        if depth == 0:
+            lo = (start >> shift) & (n - 1)
+            hi = (((end - 1) >> shift) & (n - 1)) + 1
+        else:
+            lo = (start - base) >> shift if start > base else 0
+            hi = (end - base + size - 1) >> shift if end < base + span else n
+        try:
+            entries = unpack(mem.read(phys, n * 8, True))
+        except FaultError:
+            first = max(start, base + (lo << shift)) if depth else start
+            yield Unreadable(first, min(end, (base + (hi << shift)) if depth else end) - first, names[depth], phys)
+            return
+        for i in range(lo, hi):
+            e = entries[i]
+            if not e:
+                continue
+            va = base + (i << shift) if depth else canonical(i << shift)
+            kind, nphys, reason = decode(e, depth)
+            if kind == NONE:
+                continue
+            if kind == LEAF:
+                writable, attrs = leaf_info(e, depth)
+                yield Leaf(va, size, names[depth], e, nphys, writable, attrs)
+            elif kind == TABLE:
+                if depth == last:
+                    yield BadEntry(va, size, names[depth], e, phys, i, "table pointer at the last level")
+                elif phys_ok is not None and not phys_ok(nphys):
+                    yield BadEntry(va, size, names[depth], e, phys, i, f"points outside physical memory ({nphys:#x})")
+                elif nphys in seen:
+                    yield BadEntry(va, size, names[depth], e, phys, i, f"table {nphys:#x} is already used elsewhere (a loop or a shared table)")
+                else:
+                    seen.add(nphys)
+                    yield from table(nphys, depth + 1, va)
+            else:
+                yield BadEntry(va, size, names[depth], e, phys, i, reason)
+
+    canonical = fmt.canonical
+    leaf_info = fmt.leaf_info
+    yield from table(root_phys, 0, 0)
+
+
+class Step:
+    """One level of a single-address translation."""
+
+    __slots__ = ("level", "table_phys", "index", "entry", "kind", "phys", "reason", "size")
+
+    def __init__(self, level: str, table_phys: int, index: int, entry: int, kind: str, phys: int, reason: str, size: int) -> None:
+        self.level = level
+        self.table_phys = table_phys
+        self.index = index
+        self.entry = entry
+        self.kind = kind  # "none", "table", "leaf", "bad", "unreadable"
+        self.phys = phys
+        self.reason = reason
+        self.size = size
+
+
+def translate(mem: Memory, fmt: PagingFormat, root_phys: int, vaddr: int) -> List[Step]:
+    """Translate one virtual address, keeping every level on the way.
+
+    :return: the steps from the top level down; the last one says how it ended (a leaf,
+        a non-present entry, a malformed entry or an unreadable table).
+    """
+    steps: List[Step] = []
+    phys = root_phys
+    n = fmt.entries
+    for depth, shift in enumerate(fmt.shifts):
+        index = (vaddr >> shift) & (n - 1)
+        try:
+            (e,) = struct.unpack("<Q", mem.read(phys + index * 8, 8, True))
+        except FaultError:
+            steps.append(Step(fmt.names[depth], phys, index, 0, "unreadable", 0, "table page not readable", 1 << shift))
+            break
+        kind, nphys, reason = fmt.decode(e, depth) if e else (NONE, 0, "")
+        if kind == TABLE and depth == len(fmt.shifts) - 1:
+            kind, reason = BAD, "table pointer at the last level"
+        name = {NONE: "none", TABLE: "table", LEAF: "leaf", BAD: "bad"}[kind]
+        steps.append(Step(fmt.names[depth], phys, index, e, name, nphys, reason, 1 << shift))
+        if kind != TABLE:
+            break
+        phys = nphys
+    return steps

@@ -1,0 +1,133 @@
+"""Output: one JSON schema for every command, and rich text for people."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, List, Optional
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from inspect_vmemmap.findings import Finding, summarize
+from inspect_vmemmap.layout import KernelLayout
+from inspect_vmemmap.sections import SectionTable
+from inspect_vmemmap.vmemmap import VmemmapMap, size_label
+
+SCHEMA = "inspect-vmemmap/1"
+
+
+def sections_json(table: SectionTable) -> dict:
+    layout = table.layout
+    full = (1 << layout.subsections_per_section) - 1
+    out = dict(table.counts())
+    lst = []
+    for s in table:
+        d = {"nr": s.nr, "start_pfn": s.start_pfn(layout), "flags": s.flag_names(), "state": s.letters(),
+             "section_mem_map": hex(s.section_mem_map), "coded_mem_map": hex(s.coded_mem_map),
+             "mem_map": hex(s.mem_map(layout)) if s.valid else None, "nid": s.nid, "addr": hex(s.addr)}
+        if s.unknown_flags:
+            d["unknown_flags"] = hex(s.unknown_flags)
+        if s.subsection_map is not None and (s.subsection_map & full) != full:
+            d["subsection_map"] = hex(s.subsection_map & full)
+        lst.append(d)
+    out["list"] = lst
+    return out
+
+
+def document(target: dict, findings: List[Finding], **parts) -> dict:
+    doc = {"schema": SCHEMA, "target": target}
+    doc.update(parts)
+    doc["findings"] = [f.to_json() for f in sorted(findings, key=_finding_order)]
+    doc["summary"] = summarize(findings)
+    return doc
+
+
+def _finding_order(f: Finding):
+    return ({"error": 0, "warning": 1, "info": 2}[f.severity], f.kind, f.pfn_start if f.pfn_start is not None else -1)
+
+
+def print_json(doc: dict) -> None:
+    print(json.dumps(doc, indent=2))
+
+
+# -- text ------------------------------------------------------------------------
+
+
+def target_line(console: Console, target: dict, layout: KernelLayout) -> None:
+    console.print(
+        f"[bold]{target['kernel_release']}[/] {target['arch']} ({target['source']}), "
+        f"{target['pgtable_levels']}-level paging, {layout.page_size // 1024}K pages, "
+        f"vmemmap at [cyan]{target['vmemmap_base']}[/], struct page {target['struct_page_size']} B, "
+        f"sections of {size_label(1 << layout.section_size_bits)}, types from {target['type_source']}"
+    )
+
+
+def print_sections(console: Console, table: SectionTable) -> None:
+    layout = table.layout
+    full = (1 << layout.subsections_per_section) - 1
+    t = Table(box=None, header_style="bold", pad_edge=False)
+    for col, just in (("NR", "right"), ("SECTION", "left"), ("CODED_MEM_MAP", "left"), ("MEM_MAP", "left"),
+                      ("STATE", "left"), ("PFN", "right"), ("NODE", "right"), ("SUBSECTIONS", "left")):
+        t.add_column(col, justify=just, no_wrap=True)
+    for s in table:
+        sub = ""
+        if s.subsection_map is not None and (s.subsection_map & full) != full:
+            sub = f"{bin(s.subsection_map & full).count('1')}/{layout.subsections_per_section} {s.subsection_map & full:#x}"
+        t.add_row(str(s.nr), f"{s.addr:016x}", f"{s.coded_mem_map:016x}",
+                  f"{s.mem_map(layout):016x}" if s.valid else "-", s.letters() or "-",
+                  str(s.start_pfn(layout)), "-" if s.nid is None else str(s.nid), sub)
+    console.print(t)
+    c = table.counts()
+    console.print(f"{len(table)} sections: {c['present']} present, {c['has_mem_map']} with mem_map, "
+                  f"{c['online']} online, {c['early']} early, {c['zone_device']} zone-device "
+                  "[dim](STATE: P present, M mem_map, O online, E early, D zone-device taint)[/]")
+
+
+def print_map(console: Console, vm: VmemmapMap) -> None:
+    t = Table(box=None, header_style="bold", pad_edge=False)
+    for col, just in (("START", "left"), ("END", "left"), ("SIZE", "right"), ("PERM", "left"), ("FLAGS", "left"),
+                      ("LEVEL", "left"), ("PHYS", "left"), ("NODE", "right"), ("HOLDS", "left"), ("SECTIONS", "left")):
+        t.add_column(col, justify=just, no_wrap=True)
+    for r in vm.ranges:
+        phys = f"{r.phys_start:#x}"
+        if r.count > 1 and r.stride == 0:
+            phys += f" (x{r.count})"
+        secs = "" if r.first_section is None else (str(r.first_section) if r.first_section == r.last_section
+                                                   else f"{r.first_section}-{r.last_section}")
+        perm = Text("RW") if r.writable else Text("ro", style="yellow")
+        t.add_row(f"{r.start:#018x}", f"{r.end:#018x}", size_label(r.end - r.start), perm,
+                  " ".join(a for a in r.attrs), r.level, phys, "-" if r.nid is None else str(r.nid),
+                  r.holds, secs)
+    console.print(t)
+    leaves = ", ".join(f"{n} x {k}" for k, n in vm.leaves.items() if n)
+    console.print(f"leaves: {leaves or 'none'}; {vm.split_pmds} split PMDs; {vm.readonly_ptes} read-only; "
+                  f"{size_label(vm.bytes_mapped) if vm.bytes_mapped else '0'} mapped")
+
+
+def print_findings(console: Console, findings: Iterable[Finding]) -> None:
+    findings = sorted(findings, key=_finding_order)
+    if not findings:
+        return
+    console.print()
+    for f in findings:
+        style = {"error": "bold red", "warning": "yellow", "info": "blue"}[f.severity]
+        console.print(Text.assemble((f"{f.severity.upper():7} ", style), (f"{f.kind:20} ", "bold"), f.message))
+
+
+def print_pfn(console: Console, info: dict) -> None:
+    console.print(f"pfn [bold]{info['pfn']}[/] (phys {info['phys']}): section {info['section']} "
+                  f"[{info['state'] or 'not present'}], subsection {info['subsection']}, "
+                  f"{'valid' if info['valid'] else 'not valid'}, node {info['nid'] if info['nid'] is not None else '-'}")
+    if "mem_map" in info:
+        console.print(f"  coded mem_map {info['coded_mem_map']}, mem_map {info['mem_map']}")
+    console.print(f"  struct page at [cyan]{info['struct_page']}[/]")
+    for s in info["walk"]:
+        tail = {"table": f"-> table {s.get('next', '')}", "leaf": "leaf", "none": "not present",
+                "bad": f"malformed: {s.get('reason', '')}", "unreadable": "table not readable"}[s["kind"]]
+        console.print(f"    {s['level']:>4}[{s['index']:3}] @ {s['table_phys']} = {s['entry']}  {tail}")
+    b = info.get("backing")
+    if b:
+        console.print(f"  backed by a {b['size']} page at {b['phys']} ({'RW' if b['writable'] else 'ro'} "
+                      f"{' '.join(b['attrs'])}, {b['level']}), node {b['nid'] if b['nid'] is not None else '-'}; "
+                      f"the struct page is at phys {info['struct_page_phys']}")

@@ -1,0 +1,217 @@
+"""The sparsemem ``mem_section`` array, decoded from raw memory.
+
+Works on a :class:`~inspect_vmemmap.memory.Memory` and a
+:class:`~inspect_vmemmap.layout.KernelLayout`; no drgn. Semantics from
+include/linux/mmzone.h (``__nr_to_section``, ``SECTION_*``) and mm/sparse.c
+(``sparse_init_one_section``, ``sparse_encode_mem_map``).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from inspect_vmemmap.findings import Finding
+from inspect_vmemmap.layout import FLAG_LETTERS, FLAG_NAMES, KernelLayout
+from inspect_vmemmap.memory import FaultError, Memory
+
+
+class Section:
+    """One non-empty ``struct mem_section``."""
+
+    __slots__ = ("nr", "addr", "section_mem_map", "usage", "flags", "unknown_flags", "coded_mem_map",
+                 "subsection_map", "nid")
+
+    def __init__(self, nr: int, addr: int, section_mem_map: int, usage: int, layout: KernelLayout) -> None:
+        self.nr = nr
+        self.addr = addr
+        self.section_mem_map = section_mem_map
+        self.usage = usage
+        low = section_mem_map & ((1 << layout.section_map_last_bit) - 1)
+        self.flags = frozenset(name for name, bit in layout.section_flags.items() if low >> bit & 1)
+        known = 0
+        for bit in layout.section_flags.values():
+            known |= 1 << bit
+        self.unknown_flags = low & ~known
+        self.coded_mem_map = section_mem_map & layout.section_map_mask
+        self.subsection_map: Optional[int] = None  # bitmap, None where not read
+        self.nid: Optional[int] = None
+
+    @property
+    def present(self) -> bool:
+        return "PRESENT" in self.flags
+
+    @property
+    def valid(self) -> bool:
+        """valid_section(): has a mem_map."""
+        return "HAS_MEM_MAP" in self.flags
+
+    @property
+    def early(self) -> bool:
+        return "EARLY" in self.flags
+
+    def start_pfn(self, layout: KernelLayout) -> int:
+        return self.nr << layout.pfn_section_shift
+
+    def mem_map(self, layout: KernelLayout) -> int:
+        """sparse_decode_mem_map(): the address of the section's first struct page."""
+        return (self.coded_mem_map + self.start_pfn(layout) * layout.struct_page_size) & (2**64 - 1)
+
+    def letters(self) -> str:
+        """crash's ``kmem -n`` STATE column."""
+        return "".join(FLAG_LETTERS[f] for f in ("PRESENT", "HAS_MEM_MAP", "ONLINE", "EARLY", "ZONE_DEVICE", "VMEMMAP_PREINIT") if f in self.flags)
+
+    def flag_names(self) -> List[str]:
+        return [FLAG_NAMES[f] for f in ("PRESENT", "HAS_MEM_MAP", "ONLINE", "EARLY", "ZONE_DEVICE", "VMEMMAP_PREINIT") if f in self.flags]
+
+    def valid_subsections(self, layout: KernelLayout) -> int:
+        """Bitmap of subsections whose pfns are valid (pfn_valid(): early sections are
+        valid throughout, others per usage->subsection_map)."""
+        if not self.valid:
+            return 0
+        full = (1 << layout.subsections_per_section) - 1
+        if self.early or self.subsection_map is None:
+            return full
+        return self.subsection_map & full
+
+    def pfn_ranges(self, layout: KernelLayout) -> List[Tuple[int, int]]:
+        """Runs ``[start, end)`` of valid pfns in this section."""
+        bits = self.valid_subsections(layout)
+        pps = layout.pages_per_subsection
+        base = self.start_pfn(layout)
+        out: List[Tuple[int, int]] = []
+        i = 0
+        n = layout.subsections_per_section
+        while i < n:
+            if bits >> i & 1:
+                j = i
+                while j < n and bits >> j & 1:
+                    j += 1
+                out.append((base + i * pps, base + j * pps))
+                i = j
+            else:
+                i += 1
+        return out
+
+
+class SectionTable:
+    """All non-empty sections, with what could not be read."""
+
+    def __init__(self, layout: KernelLayout) -> None:
+        self.layout = layout
+        self.sections: Dict[int, Section] = {}
+        self.findings: List[Finding] = []
+
+    def __iter__(self) -> Iterator[Section]:
+        return iter(self.sections[nr] for nr in sorted(self.sections))
+
+    def __len__(self) -> int:
+        return len(self.sections)
+
+    def get(self, nr: int) -> Optional[Section]:
+        return self.sections.get(nr)
+
+    def for_pfn(self, pfn: int) -> Optional[Section]:
+        return self.sections.get(pfn >> self.layout.pfn_section_shift)
+
+    def present(self) -> List[Section]:
+        return [s for s in self if s.present]
+
+    def counts(self) -> Dict[str, int]:
+        c = {"present": 0, "has_mem_map": 0, "online": 0, "early": 0, "zone_device": 0}
+        for s in self.sections.values():
+            for f in s.flags:
+                name = FLAG_NAMES[f]
+                if name in c:
+                    c[name] += 1
+        return c
+
+
+def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) -> SectionTable:
+    """Read every non-empty ``struct mem_section``.
+
+    SPARSEMEM_EXTREME: ``mem_section`` points to NR_SECTION_ROOTS root pointers, each to
+    one page of SECTIONS_PER_ROOT sections, NULL for roots with no sections
+    (mm/sparse.c ``sparse_index_init``); ``layout.mem_section_addr`` is that pointer's
+    value, as VMCOREINFO's SYMBOL(mem_section) gives it. Static: it is the address of the
+    2-D array itself.
+
+    :return: a :class:`SectionTable`; unreadable memory and impossible flag
+        combinations are in its ``findings``.
+    """
+    table = SectionTable(layout)
+    spr = layout.sections_per_root
+    size = layout.mem_section_size
+    nroots = layout.nr_section_roots
+    mask64 = 2**64 - 1
+    roots: List[Tuple[int, int]] = []  # (root index, address of its sections)
+    if layout.sparsemem_extreme:
+        base = layout.mem_section_addr
+        if not base:
+            table.findings.append(Finding("section-flags", "error", "mem_section is NULL: sparse_init never ran or the pointer was overwritten"))
+            return table
+        try:
+            raw = mem.read(base, nroots * 8)
+        except FaultError:
+            table.findings.append(Finding("unreadable", "warning", f"the mem_section root array at {base:#x} could not be read", vaddr=base))
+            return table
+        for i, p in enumerate(struct.unpack(f"<{nroots}Q", raw)):
+            if p:
+                roots.append((i, p))
+    else:
+        roots = [(i, layout.mem_section_addr + i * spr * size) for i in range(nroots)]
+
+    fmt = struct.Struct("<QQ")
+    for ri, addr in roots:
+        try:
+            raw = mem.read(addr, spr * size)
+        except FaultError:
+            table.findings.append(Finding(
+                "unreadable", "warning",
+                f"mem_section root {ri} at {addr:#x} could not be read: sections {ri * spr}-{ri * spr + spr - 1} unknown",
+                vaddr=addr, section=ri * spr))
+            continue
+        for j in range(spr):
+            smm, usage = fmt.unpack_from(raw, j * size + 0)
+            if layout.usage_offset != 8:
+                (usage,) = struct.unpack_from("<Q", raw, j * size + layout.usage_offset)
+            if not smm and not usage:
+                continue
+            nr = ri * spr + j
+            table.sections[nr] = Section(nr, addr + j * size, smm & mask64, usage, layout)
+
+    for s in table.sections.values():
+        _check_flags(table, s)
+        if read_usage and s.usage and s.valid:
+            try:
+                (bits,) = struct.unpack("<Q", mem.read(s.usage + layout.subsection_map_offset, 8))
+                s.subsection_map = bits
+            except FaultError:
+                if not s.early:
+                    table.findings.append(Finding(
+                        "unreadable", "warning",
+                        f"section {s.nr}: usage at {s.usage:#x} could not be read; its subsection map is unknown",
+                        section=s.nr, vaddr=s.usage))
+    return table
+
+
+def _check_flags(table: SectionTable, s: Section) -> None:
+    layout = table.layout
+    start = s.start_pfn(layout)
+    end = start + layout.pages_per_section - 1
+    where = dict(section=s.nr, pfn_start=start, pfn_end=end, vaddr=s.addr)
+    if s.unknown_flags:
+        table.findings.append(Finding("section-flags", "error",
+                                      f"section {s.nr}: unknown flag bits {s.unknown_flags:#x} in section_mem_map {s.section_mem_map:#x}", **where))
+    if s.valid and not s.present:
+        table.findings.append(Finding("section-flags", "error",
+                                      f"section {s.nr}: has a mem_map but is not present (section_mem_map {s.section_mem_map:#x})", **where))
+    if "ZONE_DEVICE" in s.flags and "ONLINE" in s.flags:
+        table.findings.append(Finding("section-flags", "error",
+                                      f"section {s.nr}: ZONE_DEVICE-tainted and online at once", **where))
+    if s.early and not s.valid and s.present:
+        table.findings.append(Finding("section-flags", "error",
+                                      f"section {s.nr}: early but without a mem_map", **where))
+    if not s.present and s.section_mem_map and not s.flags and not s.unknown_flags:
+        table.findings.append(Finding("section-flags", "error",
+                                      f"section {s.nr}: section_mem_map {s.section_mem_map:#x} is set on a section that is not present", **where))

@@ -1,0 +1,433 @@
+"""The drgn adapter: the only module that imports drgn.
+
+It opens a target (the running kernel, a crash dump or a QEMU guest), decides the
+kernel's :class:`~inspect_vmemmap.layout.KernelLayout` and hands the rest of the tool a
+:class:`~inspect_vmemmap.memory.Memory` plus plain data (node spans, RAM ranges).
+
+Layout decisions go from VMCOREINFO first (it is in every dump and every live kernel,
+and it is what makedumpfile trusts) and use debug info only for what VMCOREINFO lacks.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Dict, List, Optional, Tuple
+
+from inspect_vmemmap.layout import (
+    HISTORICAL_SECTION_FLAGS,
+    HISTORICAL_SECTION_MAP_LAST_BIT,
+    KernelLayout,
+    flag_bits_from_enumerators,
+)
+from inspect_vmemmap.memory import FaultError, PhysRanges
+
+# arch/x86/include/asm/page_64_types.h
+_START_KERNEL_MAP = 0xFFFFFFFF80000000
+
+
+class AnalysisError(Exception):
+    """The target cannot be analysed; the message is the one line the user sees."""
+
+
+def parse_vmcoreinfo(text: str) -> Dict[str, str]:
+    """``KEY=VALUE`` lines of a VMCOREINFO note.
+
+    :return: key -> value string (``SYMBOL(x)`` and ``NUMBER(x)`` keys as written).
+    """
+    out: Dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+class VmcoreInfo:
+    """Typed access to VMCOREINFO values."""
+
+    def __init__(self, entries: Dict[str, str]) -> None:
+        self.entries = entries
+
+    def get(self, key: str) -> Optional[str]:
+        return self.entries.get(key)
+
+    def symbol(self, name: str) -> Optional[int]:
+        v = self.entries.get(f"SYMBOL({name})")
+        return int(v, 16) if v else None
+
+    def number(self, name: str) -> Optional[int]:
+        v = self.entries.get(f"NUMBER({name})")
+        return int(v, 0) if v else None
+
+    def size(self, name: str) -> Optional[int]:
+        v = self.entries.get(f"SIZE({name})")
+        return int(v) if v else None
+
+    def length(self, name: str) -> Optional[int]:
+        v = self.entries.get(f"LENGTH({name})")
+        return int(v) if v else None
+
+    def offset(self, name: str) -> Optional[int]:
+        v = self.entries.get(f"OFFSET({name})")
+        return int(v) if v else None
+
+
+class DrgnMemory:
+    """:class:`~inspect_vmemmap.memory.Memory` over a drgn program."""
+
+    def __init__(self, prog) -> None:
+        import drgn
+
+        self._read = prog.read
+        self._fault = drgn.FaultError
+
+    def read(self, address: int, size: int, physical: bool = False) -> bytes:
+        try:
+            return self._read(address, size, physical)
+        except self._fault as e:
+            raise FaultError(address, physical, str(e)) from None
+        except (ValueError, OverflowError) as e:
+            raise FaultError(address, physical, str(e)) from None
+
+
+class Target:
+    """An opened kernel: its layout, memory and the plain facts the checks need."""
+
+    def __init__(self, prog, source: str, vmcoreinfo: VmcoreInfo, has_dwarf: bool) -> None:
+        self.prog = prog
+        self.source = source
+        self.vmcoreinfo = vmcoreinfo
+        self.has_dwarf = has_dwarf
+        self.memory = DrgnMemory(prog)
+        self.layout = decide_layout(prog, vmcoreinfo, has_dwarf, self.memory)
+        self._nodes: Optional[List[Tuple[int, int, int]]] = None
+        self._ram: Optional[PhysRanges] = None
+
+    # -- plain facts ---------------------------------------------------------------
+
+    def node_spans(self) -> List[Tuple[int, int, int]]:
+        """:return: ``[(nid, start_pfn, end_pfn)]`` of each online node (pglist_data spans)."""
+        if self._nodes is None:
+            self._nodes = _node_spans(self)
+        return self._nodes
+
+    def ram(self) -> PhysRanges:
+        """:return: physical RAM ranges ("System RAM" in iomem, else the node spans)."""
+        if self._ram is None:
+            ranges = _system_ram(self) if self.has_dwarf else []
+            if not ranges:
+                shift = self.layout.page_shift
+                ranges = [(s << shift, e << shift) for _, s, e in self.node_spans()]
+            self._ram = PhysRanges(ranges)
+        return self._ram
+
+    def to_json(self) -> dict:
+        lay = self.layout
+        return {
+            "source": self.source,
+            "kernel_release": lay.kernel_release,
+            "arch": lay.arch,
+            "page_size": lay.page_size,
+            "pgtable_levels": lay.pgtable_levels,
+            "vmemmap_base": hex(lay.vmemmap_base),
+            "struct_page_size": lay.struct_page_size,
+            "section_size_bits": lay.section_size_bits,
+            "type_source": lay.type_source,
+        }
+
+
+def open_target(core: Optional[str] = None, qemu: Optional[str] = None, vmlinux: Optional[str] = None,
+                no_debuginfo: bool = False) -> Target:
+    """Open the running kernel (neither ``core`` nor ``qemu``), a crash dump or a QEMU guest.
+
+    :raises AnalysisError: with a one-line reason when the target cannot be analysed.
+    """
+    import drgn
+
+    if core and qemu:
+        raise AnalysisError("--core and --qemu are two different targets: give one")
+    prog = drgn.Program()
+    if core:
+        if not os.path.exists(core):
+            raise AnalysisError(f"{core}: no such file")
+        if not os.access(core, os.R_OK):
+            raise AnalysisError(f"{core}: not readable (permission denied)")
+        if os.path.isdir(core):
+            raise AnalysisError(f"{core}: is a directory, not a crash dump")
+        try:
+            prog.set_core_dump(core)
+        except (drgn.FaultError, ValueError, OSError, Exception) as e:  # drgn raises several kinds
+            raise AnalysisError(f"{core}: not a kernel crash dump drgn can open ({_one_line(e)})") from None
+        source = "vmcore"
+    elif qemu:
+        try:
+            prog.set_qemu_qmp(qemu)
+        except Exception as e:
+            raise AnalysisError(f"{qemu}: cannot attach to the QEMU guest through QMP ({_one_line(e)})") from None
+        source = "qemu"
+    else:
+        if os.geteuid() != 0:
+            raise AnalysisError("reading the running kernel needs root (it reads /proc/kcore); run as root or give --core/--qemu")
+        if not os.path.exists("/proc/kcore"):
+            raise AnalysisError("/proc/kcore does not exist (kernel built without CONFIG_PROC_KCORE)")
+        try:
+            prog.set_kernel()
+        except PermissionError as e:
+            raise AnalysisError(f"/proc/kcore: permission denied ({_one_line(e)}); kernel lockdown may forbid it") from None
+        except Exception as e:
+            raise AnalysisError(f"cannot open the running kernel: {_one_line(e)}") from None
+        source = "live"
+    if not prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL:
+        raise AnalysisError(f"{core or qemu}: not a Linux kernel core (no VMCOREINFO note)")
+
+    has_dwarf = False
+    if not no_debuginfo:
+        try:
+            if vmlinux:
+                if not os.path.exists(vmlinux):
+                    raise AnalysisError(f"{vmlinux}: no such file")
+                prog.load_debug_info([vmlinux], main=True)
+            else:
+                prog.load_debug_info(main=True)
+        except drgn.MissingDebugInfoError:
+            pass
+        except AnalysisError:
+            raise
+        except Exception as e:
+            raise AnalysisError(f"cannot load debug info: {_one_line(e)}") from None
+        has_dwarf = _main_has_dwarf(prog)
+        if vmlinux and not has_dwarf:
+            raise AnalysisError(f"{vmlinux}: does not match this kernel (build IDs differ) or has no debug info")
+
+    try:
+        text = prog["VMCOREINFO"].string_().decode(errors="replace")
+    except Exception:
+        text = ""
+    info = VmcoreInfo(parse_vmcoreinfo(text))
+    return Target(prog, source, info, has_dwarf)
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _main_has_dwarf(prog) -> bool:
+    try:
+        prog.type("struct mem_section")
+        return True
+    except LookupError:
+        return False
+
+
+# -- the layout decision -------------------------------------------------------------
+
+
+def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem) -> KernelLayout:
+    """Every layout constant, from VMCOREINFO first and debug info second.
+
+    :raises AnalysisError: for kernels out of scope (not SPARSEMEM_VMEMMAP, foreign arch).
+    """
+    import drgn
+
+    arch = {drgn.Architecture.X86_64: "x86_64", drgn.Architecture.AARCH64: "aarch64"}.get(prog.platform.arch)
+    if arch is None:
+        raise AnalysisError(f"architecture {prog.platform.arch.name} is not supported (x86_64 only for now)")
+    if arch != "x86_64":
+        raise AnalysisError("aarch64 is not supported yet")
+    notes: Dict[str, str] = {}
+    release = info.get("OSRELEASE") or ""
+    page_size = int(info.get("PAGESIZE") or 4096)
+
+    def need(value, what: str):
+        if value is None:
+            raise AnalysisError(f"VMCOREINFO lacks {what}; is this a SPARSEMEM_VMEMMAP kernel?")
+        return value
+
+    mem_section = info.symbol("mem_section")
+    nr_roots = info.length("mem_section")
+    ms_size = info.size("mem_section")
+    if mem_section is None and has_dwarf:
+        try:
+            obj = prog["mem_section"]
+        except KeyError:
+            raise AnalysisError("this kernel has no mem_section: it is not SPARSEMEM (FLATMEM is out of scope)") from None
+        mem_section = obj.value_() if obj.type_.unaliased_kind() == drgn.TypeKind.POINTER else obj.address_
+    need(mem_section, "SYMBOL(mem_section)")
+    if has_dwarf:
+        ms_type = prog.type("struct mem_section")
+        ms_size = ms_size or ms_type.size
+        extreme = prog["mem_section"].type_.unaliased_kind() == drgn.TypeKind.POINTER
+        if not extreme and nr_roots is None:
+            nr_roots = len(prog["mem_section"])
+        usage_off = _offsetof(ms_type, "usage", 8)
+        try:
+            msu = prog.type("struct mem_section_usage")
+            sub_off = _offsetof(msu, "subsection_map", 16)
+        except LookupError:
+            sub_off = 16
+    else:
+        # Static arrays live in the kernel image; SPARSEMEM_EXTREME roots are memblock
+        # allocations in the direct map (mm/sparse.c sparse_index_alloc).
+        extreme = mem_section < _START_KERNEL_MAP
+        usage_off, sub_off = 8, 16
+        notes["mem_section_usage"] = "assumed usage at offset 8, subsection_map at 16 (no debug info)"
+    need(ms_size, "SIZE(mem_section)")
+    need(nr_roots, "LENGTH(mem_section)")
+    spr = page_size // ms_size if extreme else None
+    section_size_bits = need(info.number("SECTION_SIZE_BITS"), "NUMBER(SECTION_SIZE_BITS)")
+
+    l5 = info.number("pgtable_l5_enabled")
+    if l5 is None and has_dwarf:
+        for name in ("__pgtable_l5_enabled", "pgtable_l5_enabled"):
+            try:
+                l5 = int(prog[name].value_())
+                break
+            except (KeyError, TypeError):
+                continue
+    levels = 5 if l5 else 4
+    max_phys = info.number("MAX_PHYSMEM_BITS") or (52 if levels == 5 else 46)
+    if spr is None:
+        nr_sections = 1 << (max_phys - section_size_bits)
+        spr = nr_sections // nr_roots
+
+    struct_page = info.size("page")
+    if struct_page is None and has_dwarf:
+        struct_page = prog.type("struct page").size
+    need(struct_page, "SIZE(page)")
+
+    # Section flag bits: the kernel's enum since v6.0 (ed7802dd48f7), #defines before.
+    flags = None
+    type_source = "vmcoreinfo"
+    if has_dwarf:
+        type_source = "dwarf"
+        try:
+            enum_t = prog["SECTION_MARKED_PRESENT_BIT"].type_
+            flags = flag_bits_from_enumerators({e.name: e.value for e in enum_t.enumerators})
+        except KeyError:
+            flags = (dict(HISTORICAL_SECTION_FLAGS), HISTORICAL_SECTION_MAP_LAST_BIT)
+            notes["section_flags"] = "pre-6.0 kernel: historical #define values"
+    if flags is None:
+        flags = (dict(HISTORICAL_SECTION_FLAGS), HISTORICAL_SECTION_MAP_LAST_BIT)
+        notes["section_flags"] = "assumed the v5.12-v6.x values P=0 M=1 O=2 E=3 D=4, last bit 5 (no type information)"
+
+    # The vmemmap base: SYMBOL(vmemmap) since 6.12's generic vmcoreinfo, vmemmap_base
+    # otherwise (x86 KASLR, arch/x86/mm/kaslr.c), else the coded mem_map of a valid section.
+    vmemmap = info.symbol("vmemmap")
+    if vmemmap is not None:
+        notes["vmemmap_base"] = "VMCOREINFO SYMBOL(vmemmap)"
+    elif has_dwarf:
+        try:
+            vmemmap = int(prog["vmemmap_base"].value_())
+            notes["vmemmap_base"] = "vmemmap_base (debug info)"
+        except KeyError:
+            pass
+
+    root = None
+    top = info.symbol("init_top_pgt")
+    phys_base = info.number("phys_base")
+    if top is not None and phys_base is not None:
+        root = top - _START_KERNEL_MAP + phys_base
+    elif has_dwarf:
+        try:
+            from drgn.helpers.linux.mm import follow_phys
+
+            addr = prog["init_top_pgt"].address_
+            root = int(follow_phys(prog["init_mm"].address_of_(), addr))
+        except Exception:
+            root = None
+    need(root, "SYMBOL(init_top_pgt) and NUMBER(phys_base)")
+
+    layout = KernelLayout(
+        arch=arch, page_size=page_size, pgtable_levels=levels, vmemmap_base=vmemmap or 0,
+        struct_page_size=struct_page, section_size_bits=section_size_bits, max_physmem_bits=max_phys,
+        section_flags=flags[0], section_map_last_bit=flags[1], mem_section_addr=mem_section,
+        sparsemem_extreme=extreme, nr_section_roots=nr_roots, sections_per_root=spr,
+        mem_section_size=ms_size, usage_offset=usage_off, subsection_map_offset=sub_off,
+        pgtable_root=root, sme_mask=info.number("sme_mask") or 0, kernel_release=release,
+        type_source=type_source, notes=notes,
+    )
+    if vmemmap is None:
+        layout.vmemmap_base = _vmemmap_from_sections(mem, layout)
+        notes["vmemmap_base"] = "decoded from the first valid section's coded mem_map"
+    return layout
+
+
+def _offsetof(type_, member: str, default: int) -> int:
+    import drgn
+
+    try:
+        return drgn.offsetof(type_, member)
+    except (LookupError, ValueError):
+        return default
+
+
+def _vmemmap_from_sections(mem, layout: KernelLayout) -> int:
+    from inspect_vmemmap.sections import read_sections
+
+    for s in read_sections(mem, layout, read_usage=False):
+        if s.valid:
+            return s.coded_mem_map
+    raise AnalysisError("cannot find the vmemmap base: no SYMBOL(vmemmap), no debug info and no valid section")
+
+
+def _node_spans(t: Target) -> List[Tuple[int, int, int]]:
+    """Node spans from node_data and node_online_map, by VMCOREINFO offsets (DWARF if needed)."""
+    info = t.vmcoreinfo
+    mem = t.memory
+    node_data = info.symbol("node_data")
+    n = info.length("node_data")
+    off_start = info.offset("pglist_data.node_start_pfn")
+    off_span = info.offset("pglist_data.node_spanned_pages")
+    online = info.symbol("node_online_map")
+    spans: List[Tuple[int, int, int]] = []
+    if None in (node_data, n, off_start, off_span):
+        # CONFIG_NUMA=n: contig_page_data
+        if t.has_dwarf:
+            try:
+                pg = t.prog["contig_page_data"]
+                s = int(pg.node_start_pfn)
+                return [(0, s, s + int(pg.node_spanned_pages))]
+            except KeyError:
+                pass
+        return spans
+    try:
+        mask_words = (n + 63) // 64
+        mask = 0
+        if online is not None:
+            for i, w in enumerate(struct.unpack(f"<{mask_words}Q", mem.read(online, mask_words * 8))):
+                mask |= w << (64 * i)
+        else:
+            mask = (1 << n) - 1
+        ptrs = struct.unpack(f"<{n}Q", mem.read(node_data, n * 8))
+    except FaultError:
+        return spans
+    for nid in range(n):
+        if not mask >> nid & 1 or not ptrs[nid]:
+            continue
+        try:
+            start, = struct.unpack("<Q", mem.read(ptrs[nid] + off_start, 8))
+            span, = struct.unpack("<Q", mem.read(ptrs[nid] + off_span, 8))
+        except FaultError:
+            continue
+        spans.append((nid, start, start + span))
+    return spans
+
+
+def _system_ram(t: Target) -> List[Tuple[int, int]]:
+    """Top-level "System RAM" resources of iomem_resource (kernel/resource.c)."""
+    prog = t.prog
+    out: List[Tuple[int, int]] = []
+    try:
+        res = prog["iomem_resource"].child
+        seen = 0
+        while res and seen < 100000:
+            seen += 1
+            name = res.name.string_().decode(errors="replace") if res.name else ""
+            if name == "System RAM":
+                out.append((int(res.start), int(res.end) + 1))
+            res = res.sibling
+    except Exception:
+        return []
+    return out

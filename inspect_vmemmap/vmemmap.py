@@ -1,0 +1,236 @@
+"""The vmemmap as the page tables map it: leaves merged into ranges, counted, attributed
+to nodes and to the sections whose struct pages they hold.
+
+Works on plain data: a page-table walk (:func:`inspect_vmemmap.pgtable.walk`), a
+:class:`~inspect_vmemmap.sections.SectionTable` and node spans.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from inspect_vmemmap.findings import Finding
+from inspect_vmemmap.layout import KernelLayout
+from inspect_vmemmap.pgtable import BadEntry, Leaf, PagingFormat, Unreadable, walk
+from inspect_vmemmap.sections import SectionTable
+from inspect_vmemmap.memory import Memory
+
+SIZE_LABELS = {1 << 12: "4K", 1 << 14: "16K", 1 << 16: "64K", 1 << 21: "2M", 1 << 25: "32M", 1 << 29: "512M", 1 << 30: "1G",
+               1 << 36: "64G"}
+
+
+def size_label(size: int) -> str:
+    """4096 -> "4K", 2097152 -> "2M" (ptdump's style)."""
+    if size in SIZE_LABELS:
+        return SIZE_LABELS[size]
+    for unit, suffix in ((1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return f"{size}B" if size < 1024 else f"{size / 1024:.1f}K"
+
+
+class NodeMap:
+    """Physical pfn ranges of NUMA nodes: ``[(nid, start_pfn, end_pfn), ...]``."""
+
+    def __init__(self, spans: Iterable[Tuple[int, int, int]]) -> None:
+        self.spans = sorted(spans, key=lambda s: s[1])
+        self._starts = [s[1] for s in self.spans]
+
+    def nid(self, pfn: int) -> Optional[int]:
+        """:return: the node whose span holds ``pfn``, or None."""
+        i = bisect_right(self._starts, pfn) - 1
+        if i >= 0 and pfn < self.spans[i][2]:
+            return self.spans[i][0]
+        return None
+
+    def nid_of_range(self, start: int, end: int) -> Optional[int]:
+        """:return: the node of ``start``, else of the first span that overlaps
+        ``[start, end)`` (a node span may start inside a section: x86's first node starts
+        at pfn 1)."""
+        nid = self.nid(start)
+        if nid is not None:
+            return nid
+        for n, s, e in self.spans:
+            if s < end and start < e:
+                return n
+        return None
+
+
+class Range:
+    """Consecutive leaves of one size and permission whose backing is contiguous
+    (``stride == size``) or one page repeated (``stride == 0``, HVO tails)."""
+
+    __slots__ = ("start", "end", "page_size", "level", "writable", "attrs", "phys_start", "stride", "count", "nid", "holds",
+                 "first_section", "last_section")
+
+    def __init__(self, leaf: Leaf, holds: str, nid: Optional[int], sec: Tuple[int, int]) -> None:
+        self.start = leaf.vaddr
+        self.end = leaf.vaddr + leaf.size
+        self.page_size = leaf.size
+        self.level = leaf.level
+        self.writable = leaf.writable
+        self.attrs = leaf.attrs
+        self.phys_start = leaf.phys
+        self.stride: Optional[int] = None
+        self.count = 1
+        self.nid = nid
+        self.holds = holds
+        self.first_section, self.last_section = sec
+
+    @property
+    def phys_end(self) -> int:
+        return self.phys_start + (self.count * self.page_size if self.stride else self.page_size)
+
+    def to_json(self) -> dict:
+        d = {
+            "start": hex(self.start), "end": hex(self.end), "page_size": self.page_size,
+            "level": self.level, "writable": self.writable, "attrs": list(self.attrs),
+            "phys_start": hex(self.phys_start),
+            "phys_stride": self.page_size if self.stride is None else self.stride,
+            "leaves": self.count, "nid": self.nid, "holds": self.holds,
+        }
+        if self.first_section is not None:
+            d["sections"] = [self.first_section, self.last_section]
+        return d
+
+
+class VmemmapMap:
+    """What the page tables map in the vmemmap region."""
+
+    def __init__(self) -> None:
+        self.leaves: Dict[str, int] = {}
+        self.split_pmds = 0
+        self.readonly_ptes = 0
+        self.bytes_mapped = 0
+        self.ranges: List[Range] = []
+        self.findings: List[Finding] = []
+        self.start = 0
+        self.end = 0
+
+    def to_json(self) -> dict:
+        return {
+            "start": hex(self.start), "end": hex(self.end),
+            "leaves": dict(self.leaves), "split_pmds": self.split_pmds, "readonly_ptes": self.readonly_ptes,
+            "bytes_mapped": self.bytes_mapped, "ranges": [r.to_json() for r in self.ranges],
+        }
+
+
+def leaf_labels(fmt: PagingFormat) -> Dict[str, int]:
+    """Zeroed leaf counters for every size this format can map, keyed by size label."""
+    labels: Dict[str, int] = {}
+    for depth, shift in enumerate(fmt.shifts):
+        if fmt.can_be_leaf(depth):
+            labels[size_label(1 << shift)] = 0
+    return labels
+
+
+def map_vmemmap(
+    mem: Memory,
+    fmt: PagingFormat,
+    layout: KernelLayout,
+    sections: SectionTable,
+    nodes: NodeMap,
+    phys_ok: Optional[Callable[[int], bool]] = None,
+    start: Optional[int] = None,
+    end: Optional[int] = None,
+    on_leaf: Optional[Callable[[Leaf], None]] = None,
+) -> VmemmapMap:
+    """Walk the vmemmap page tables and summarize them.
+
+    :param on_leaf: called with each leaf too (for checks that need every leaf).
+    :return: a :class:`VmemmapMap`; malformed entries and unreadable tables are in its
+        ``findings`` as ``bad-entry`` and ``unreadable``.
+    """
+    vm = VmemmapMap()
+    vm.start = layout.vmemmap_base if start is None else start
+    vm.end = layout.vmemmap_end if end is None else end
+    vm.leaves = leaf_labels(fmt)
+    sps = layout.struct_page_size
+    base = layout.vmemmap_base
+    pfn_shift = layout.pfn_section_shift
+    page_shift = fmt.page_shift
+    pmd_shift = fmt.shifts[-2]
+    pte_size = 1 << page_shift
+    count_split = fmt.pmd_blocks(layout)
+    split_bases = set()
+    secs = sections.sections
+    ranges = vm.ranges
+    cur: Optional[Range] = None
+    leaves = vm.leaves
+
+    def holds_of(leaf: Leaf) -> Tuple[str, Tuple[Optional[int], Optional[int]]]:
+        p0 = (leaf.vaddr - base) // sps
+        p1 = (leaf.vaddr + leaf.size - base + sps - 1) // sps  # exclusive
+        s0, s1 = p0 >> pfn_shift, (p1 - 1) >> pfn_shift
+        used = False
+        first = last = None
+        for nr in range(s0, s1 + 1):
+            s = secs.get(nr)
+            if s is None or not s.valid:
+                continue
+            for a, b in s.pfn_ranges(layout):
+                if a < p1 and p0 < b:
+                    used = True
+                    break
+            if first is None:
+                first = nr
+            last = nr
+        if not used:
+            return "unused", (first, last)
+        if not leaf.writable and leaf.size == pte_size:
+            return "hvo-tail", (first, last)
+        return "memmap", (first, last)
+
+    for ev in walk(mem, fmt, layout.pgtable_root, vm.start, vm.end, phys_ok):
+        if type(ev) is Leaf:
+            size = ev.size
+            label = SIZE_LABELS.get(size) or size_label(size)
+            leaves[label] = leaves.get(label, 0) + 1
+            vm.bytes_mapped += size
+            if not ev.writable:
+                vm.readonly_ptes += 1
+            if count_split and size == pte_size:
+                split_bases.add(ev.vaddr >> pmd_shift)
+            if on_leaf is not None:
+                on_leaf(ev)
+            holds, sec = holds_of(ev)
+            if cur is not None and cur.end == ev.vaddr and cur.page_size == size and cur.writable == ev.writable \
+                    and cur.attrs == ev.attrs and cur.holds == holds and cur.level == ev.level:
+                delta = ev.phys - (cur.phys_start + (cur.count - 1) * (cur.stride or 0))
+                stride = cur.stride
+                if (stride is None and delta in (size, 0)) or delta == stride:
+                    nid = nodes.nid(ev.phys >> page_shift)
+                    if nid == cur.nid:
+                        cur.stride = delta
+                        cur.count += 1
+                        cur.end += size
+                        if sec[0] is not None:
+                            if cur.first_section is None:
+                                cur.first_section = sec[0]
+                            cur.last_section = sec[1]
+                        continue
+            cur = Range(ev, holds, nodes.nid(ev.phys >> page_shift), sec)
+            ranges.append(cur)
+        elif type(ev) is BadEntry:
+            cur = None
+            p0 = (ev.vaddr - base) // sps
+            p1 = (ev.vaddr + ev.size - base) // sps - 1
+            vm.findings.append(Finding(
+                "bad-entry", "error",
+                f"malformed {ev.level} entry {ev.entry:#018x} for {ev.vaddr:#x}-{ev.vaddr + ev.size:#x} "
+                f"(struct pages of pfn {p0}-{p1}): {ev.reason}",
+                section=p0 >> pfn_shift if p0 >= 0 else None, pfn_start=p0, pfn_end=p1, vaddr=ev.vaddr,
+                vaddr_end=ev.vaddr + ev.size, level=ev.level, entry=ev.entry, table_phys=ev.table_phys, index=ev.index))
+        else:
+            cur = None
+            p0 = (ev.vaddr - base) // sps
+            p1 = (ev.vaddr + ev.size - base) // sps - 1
+            vm.findings.append(Finding(
+                "unreadable", "warning",
+                f"{ev.level} table at phys {ev.table_phys:#x} could not be read: the mapping of "
+                f"{ev.vaddr:#x}-{ev.vaddr + ev.size:#x} (struct pages of pfn {p0}-{p1}) is unknown",
+                section=p0 >> pfn_shift, pfn_start=p0, pfn_end=p1, vaddr=ev.vaddr, vaddr_end=ev.vaddr + ev.size,
+                phys=ev.table_phys, level=ev.level))
+    vm.split_pmds = len(split_bases)
+    return vm

@@ -1,0 +1,112 @@
+"""Hand-built x86_64 page tables and mem_section arrays in synthetic physical memory."""
+
+from __future__ import annotations
+
+import struct
+
+from inspect_vmemmap.layout import KernelLayout
+from inspect_vmemmap.memory import SyntheticMemory
+
+P, RW, USER, A, D, PSE, G = 1, 2, 4, 0x20, 0x40, 0x80, 0x100
+NX = 1 << 63
+PAGE_KERNEL = 0x8000000000000163
+PAGE_KERNEL_LARGE = 0x80000000000001E3
+PAGE_KERNEL_RO = 0x8000000000000161
+TABLE = 0x67
+
+
+class X86Tables:
+    """Builds x86_64 page tables with ``levels`` 4 or 5 in a SyntheticMemory."""
+
+    def __init__(self, mem: SyntheticMemory, levels: int = 4, table_pool: int = 0x100000) -> None:
+        self.mem = mem
+        self.levels = levels
+        self.shifts = (48, 39, 30, 21, 12) if levels == 5 else (39, 30, 21, 12)
+        self.next_table = table_pool
+        self.root = self.alloc()
+
+    def alloc(self) -> int:
+        phys = self.next_table
+        self.next_table += 4096
+        self.mem.page(phys)
+        return phys
+
+    def entry_addr(self, table: int, va: int, depth: int) -> int:
+        return table + ((va >> self.shifts[depth]) & 511) * 8
+
+    def get(self, addr: int) -> int:
+        return struct.unpack("<Q", self.mem.read(addr, 8, True))[0]
+
+    def map(self, va: int, phys: int, size: int, flags: int = None) -> int:
+        """Map one leaf of ``size`` (4K, 2M or 1G); returns the entry's physical address."""
+        leaf_depth = {1 << 12: self.levels - 1, 1 << 21: self.levels - 2, 1 << 30: self.levels - 3}[size]
+        if flags is None:
+            flags = PAGE_KERNEL if size == 4096 else PAGE_KERNEL_LARGE
+        table = self.root
+        for depth in range(leaf_depth):
+            addr = self.entry_addr(table, va, depth)
+            e = self.get(addr)
+            if not e:
+                nt = self.alloc()
+                self.mem.write_u64(addr, nt | TABLE)
+                table = nt
+            else:
+                table = e & 0x000FFFFFFFFFF000
+        addr = self.entry_addr(table, va, leaf_depth)
+        self.mem.write_u64(addr, phys | flags)
+        return addr
+
+    def entry_of(self, va: int, depth: int) -> int:
+        """Physical address of the entry for ``va`` at ``depth`` (tables must exist)."""
+        table = self.root
+        for d in range(depth):
+            table = self.get(self.entry_addr(table, va, d)) & 0x000FFFFFFFFFF000
+        return self.entry_addr(table, va, depth)
+
+
+def x86_layout(levels: int = 4, **kw) -> KernelLayout:
+    defaults = dict(
+        arch="x86_64", page_size=4096, pgtable_levels=levels,
+        vmemmap_base=0xFFD4000000000000 if levels == 5 else 0xFFFFEA0000000000,
+        struct_page_size=64, section_size_bits=27, max_physmem_bits=52 if levels == 5 else 46,
+        section_flags={"PRESENT": 0, "HAS_MEM_MAP": 1, "ONLINE": 2, "EARLY": 3, "ZONE_DEVICE": 4},
+        section_map_last_bit=5, mem_section_addr=0, sparsemem_extreme=True,
+        nr_section_roots=(1 << (46 - 27)) // 128, sections_per_root=128, mem_section_size=32,
+    )
+    defaults.update(kw)
+    return KernelLayout(**defaults)
+
+
+def build_sections(mem: SyntheticMemory, layout: KernelLayout, sections: dict, pool: int = 0x4000000) -> None:
+    """Write a SPARSEMEM_EXTREME mem_section array.
+
+    ``sections``: nr -> (low flag bits, subsection_map or None). Valid sections get the
+    coded mem_map ``vmemmap_base``. ``layout.mem_section_addr`` is set to the variable.
+    """
+    virt = mem.virt_base
+    spr, size = layout.sections_per_root, layout.mem_section_size
+    roots_phys = pool
+    pool += ((layout.nr_section_roots * 8 + 4095) // 4096) * 4096
+    mem.write(roots_phys, bytes(layout.nr_section_roots * 8))
+    root_pages = {}
+    for nr, (flags, submap) in sorted(sections.items()):
+        ri = nr // spr
+        if ri not in root_pages:
+            root_pages[ri] = pool
+            mem.write(pool, bytes(spr * size))
+            mem.write_u64(roots_phys + ri * 8, virt + pool)
+            pool += spr * size
+        smm = flags
+        if flags & 2:
+            smm |= layout.vmemmap_base
+        usage = 0
+        if submap is not None:
+            usage = pool
+            mem.write(usage, bytes(64))
+            mem.write_u64(usage + 16, submap)
+            pool += 64
+            usage += virt
+        at = root_pages[ri] + (nr % spr) * size
+        mem.write_u64(at, smm)
+        mem.write_u64(at + 8, usage)
+    layout.mem_section_addr = virt + roots_phys
