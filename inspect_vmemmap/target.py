@@ -333,7 +333,8 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem) -> KernelLayout:
         try:
             from drgn.helpers.linux.mm import follow_phys
 
-            addr = prog["init_top_pgt"].address_
+            # init_top_pgt is defined in assembly (head_64.S): a symbol without DWARF
+            addr = prog.symbol("init_top_pgt").address
             root = int(follow_phys(prog["init_mm"].address_of_(), addr))
         except Exception:
             root = None

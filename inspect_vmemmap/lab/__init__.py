@@ -1,0 +1,39 @@
+"""The lab: real Debian kernels booted under QEMU, for tests that need crash dumps.
+
+    kernel = fetch_debian_kernel("6.12")
+    with boot_guest(GuestSpec(debian="6.1", mem="1G", hugepages=16, hvo=True, la57=True),
+                    workdir=tmp_path) as guest:
+        guest.account.hugepages_total
+        core = guest.dump(tmp_path / "6.1.core")
+
+Everything fails with :class:`LabError`. Artifacts are cached under
+``$INSPECT_VMEMMAP_CACHE`` (default ``${XDG_CACHE_HOME:-~/.cache}/inspect-vmemmap``).
+"""
+
+from .account import GuestAccount, parse_account
+from .arch import ARCHES, ArchInfo
+from .cache import cache_root
+from .debian import SERIES, DebianKernel, fetch_debian_kernel
+from .errors import LabError
+from .guest import Guest, GuestSpec, boot_guest, kvm_usable
+from .initramfs import build_initramfs
+from .qmp import dump_vmcoreinfo, qmp_command
+
+__all__ = [
+    "ARCHES",
+    "ArchInfo",
+    "DebianKernel",
+    "Guest",
+    "GuestAccount",
+    "GuestSpec",
+    "LabError",
+    "SERIES",
+    "boot_guest",
+    "build_initramfs",
+    "cache_root",
+    "dump_vmcoreinfo",
+    "fetch_debian_kernel",
+    "kvm_usable",
+    "parse_account",
+    "qmp_command",
+]

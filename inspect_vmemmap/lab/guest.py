@@ -1,0 +1,296 @@
+"""Booting a Debian kernel under QEMU and taking crash dumps of it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .account import GuestAccount, parse_account
+from .arch import ArchInfo, arch_info
+from .cache import Progress, reporter, require_tool
+from .debian import DebianKernel, fetch_debian_kernel
+from .errors import LabError
+from .initramfs import MARK_ERROR, MARK_READY, build_initramfs
+from .qmp import dump_vmcoreinfo, qmp_command
+
+DEFAULT_TIMEOUT = 180.0
+_SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes; keep a margin
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    debian: str = "6.1"  # kernel series: '6.1' | '6.12' | '7.2'
+    arch: str = "x86_64"
+    mem: str = "1G"  # QEMU size syntax: '1G', '1536M', ...
+    numa: int = 0  # N > 0: N nodes splitting memory evenly, one CPU each
+    hugepages: int = 0  # 2 MiB pages reserved at boot (hugepages=N)
+    hvo: bool = False  # hugetlb_free_vmemmap=on
+    la57: bool | None = None  # False: CPU without la57; True: CPU with la57 (checked); None: max
+    cmdline: str = ""  # appended to the kernel command line
+    extra_modules: Sequence[str] = ()  # loaded after qemu_fw_cfg, dependencies resolved
+    init_extra: str = ""  # shell run by /init before the account (use `fail MSG` to fail)
+    qemu_args: Sequence[str] = ()  # appended to the QEMU command line (e.g. -virtfs ...)
+    accel: str = "tcg"  # KVM guests hang on some hosts; see kvm_usable()
+    smp: int = 0  # 0: max(1, numa)
+
+
+def kvm_usable() -> bool:
+    """True if /dev/kvm can be opened read-write (it may still not work: default is TCG)."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def parse_size_mib(size: str) -> int:
+    """QEMU-style size ('1G', '512M', '2048', '1.5G') -> MiB."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(size), re.I)
+    if not m:
+        raise LabError(f"bad memory size {size!r}")
+    mult = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[m.group(2).upper()]
+    mib = float(m.group(1)) * mult
+    if mib != int(mib) or mib <= 0:
+        raise LabError(f"memory size {size!r} is not a whole number of MiB")
+    return int(mib)
+
+
+def kernel_cmdline(spec: GuestSpec, info: ArchInfo) -> str:
+    parts = [f"console={info.console}", "panic=-1"]
+    if spec.hugepages:
+        parts.append(f"hugepages={spec.hugepages}")
+    if spec.hvo:
+        parts.append("hugetlb_free_vmemmap=on")
+    if spec.cmdline:
+        parts.append(spec.cmdline.strip())
+    return " ".join(parts)
+
+
+def qemu_argv(
+    spec: GuestSpec, info: ArchInfo, qemu: str, kernel: Path, initrd: Path,
+    qmp_socket: Path, control_socket: Path, console_log: Path,
+) -> list[str]:
+    total = parse_size_mib(spec.mem)
+    smp = spec.smp or max(1, spec.numa)
+    argv = [
+        qemu, "-accel", spec.accel, "-cpu", info.cpu_arg(spec.la57), *info.machine_args,
+        "-m", f"{total}M", "-smp", str(smp),
+        "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", kernel_cmdline(spec, info),
+        "-device", "vmcoreinfo",
+        "-serial", f"file:{console_log}",
+        "-qmp", f"unix:{qmp_socket},server=on,wait=off",
+        "-chardev", f"socket,id=ivmctl,path={control_socket},server=on,wait=off",
+        "-mon", "chardev=ivmctl,mode=control",
+    ]
+    if spec.numa:
+        if spec.numa > smp:
+            raise LabError(f"numa={spec.numa} needs smp >= {spec.numa}")
+        per = total // spec.numa
+        if per <= 0:
+            raise LabError(f"{spec.mem} is too little memory for {spec.numa} nodes")
+        cpus = [list(range(smp))[i :: spec.numa] for i in range(spec.numa)]
+        for n in range(spec.numa):
+            size = per if n < spec.numa - 1 else total - per * (spec.numa - 1)
+            argv += ["-object", f"memory-backend-ram,id=m{n},size={size}M"]
+            node = f"node,nodeid={n},memdev=m{n}"
+            for c in cpus[n]:
+                node += f",cpus={c}"
+            argv += ["-numa", node]
+    argv += list(spec.qemu_args)
+    return argv
+
+
+class Guest:
+    """A running QEMU guest. Use :func:`boot_guest` to get one."""
+
+    def __init__(self, spec: GuestSpec, kernel: DebianKernel, workdir: Path, sockdir: Path):
+        self.spec = spec
+        self.kernel = kernel
+        self.workdir = workdir
+        self.qmp_socket = sockdir / "qmp.sock"  # for other clients (drgn's set_qemu_qmp)
+        self.control_socket = sockdir / "ctl.sock"  # used by this class only
+        self.console_log = workdir / "console.log"
+        self.qemu_log = workdir / "qemu.log"
+        self.initramfs: Path | None = None
+        self.argv: list[str] = []
+        self.process: subprocess.Popen | None = None
+        self.account: GuestAccount | None = None
+        self.boot_seconds: float | None = None
+
+    # -- console -------------------------------------------------------------------------------
+
+    def console_text(self) -> str:
+        try:
+            return self.console_log.read_bytes().decode(errors="replace").replace("\r", "")
+        except FileNotFoundError:
+            return ""
+
+    def console_tail(self, n: int = 30) -> list[str]:
+        lines = self.console_text().rstrip("\n").split("\n")
+        return lines[-n:] if n > 0 else []
+
+    def _qemu_log_tail(self, n: int = 5) -> str:
+        try:
+            return " | ".join(self.qemu_log.read_text(errors="replace").strip().splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    # -- QMP -----------------------------------------------------------------------------------
+
+    def qmp(self, cmd: str, arguments: dict[str, Any] | None = None, /,
+            timeout: float = 60.0, **args: Any) -> Any:
+        """Run a QMP command over the lab's private monitor; returns its ``return`` value.
+
+        Arguments whose names contain dashes go in ``arguments``; others may be keywords.
+        """
+        merged = dict(arguments or {})
+        merged.update(args)
+        return qmp_command(self.control_socket, cmd, merged or None, timeout=timeout)
+
+    def dump(self, path: Path | str, check_vmcoreinfo: bool = True, timeout: float = 900.0) -> Path:
+        """dump-guest-memory (ELF, paging=false) to ``path``; returns it once complete.
+
+        With ``check_vmcoreinfo`` the dump must carry the guest's VMCOREINFO note.
+        """
+        path = Path(path).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")
+        try:
+            self.qmp("dump-guest-memory",
+                     {"paging": False, "protocol": f"file:{tmp}", "format": "elf"},
+                     timeout=timeout)
+            # Synchronous unless detach=true, but be safe about a still-running dump.
+            deadline = time.monotonic() + timeout
+            while True:
+                st = self.qmp("query-dump")
+                if st.get("status") in ("completed", "none"):
+                    break
+                if st.get("status") == "failed":
+                    raise LabError(f"dump-guest-memory to {path} failed")
+                if time.monotonic() > deadline:
+                    raise LabError(f"dump-guest-memory to {path} did not complete in {timeout:.0f}s")
+                time.sleep(0.5)
+            if check_vmcoreinfo and dump_vmcoreinfo(tmp) is None:
+                raise LabError(
+                    f"dump {path.name} has no VMCOREINFO note (qemu_fw_cfg not loaded in the guest?)"
+                )
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return path
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _start(self, qemu: str, timeout: float, report) -> None:
+        info = arch_info(self.spec.arch)
+        self.argv = qemu_argv(
+            self.spec, info, qemu, self.kernel.vmlinuz, self.initramfs,
+            self.qmp_socket, self.control_socket, self.console_log,
+        )
+        (self.workdir / "qemu.cmd").write_text(shlex.join(self.argv) + "\n")
+        for p in (self.console_log, self.qmp_socket, self.control_socket):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        report(f"booting {self.kernel.release} ({self.spec.mem}, {self.spec.accel})")
+        start = time.monotonic()
+        with open(self.qemu_log, "wb") as log:
+            self.process = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = start + timeout
+        while True:
+            text = self.console_text()
+            if re.search(rf"^{MARK_READY}$", text, re.M):
+                break
+            rc = self.process.poll()
+            if rc is not None:
+                raise LabError(
+                    f"QEMU exited (status {rc}) before the guest was ready: {self._qemu_log_tail()}\n"
+                    + "\n".join(self.console_tail(30))
+                )
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"guest {self.kernel.release} not ready after {timeout:.0f}s; last console lines:\n"
+                    + "\n".join(self.console_tail(30))
+                )
+            time.sleep(0.2)
+        self.boot_seconds = time.monotonic() - start
+        errors = [l for l in text.split("\n") if l.startswith(MARK_ERROR)]
+        if errors:
+            raise LabError(f"guest {self.kernel.release}: " + "; ".join(errors))
+        self.account = parse_account(text)
+        if self.spec.la57 is not None and self.account.la57 != self.spec.la57:
+            raise LabError(
+                f"guest {self.kernel.release} runs with la57={self.account.la57}, "
+                f"asked for la57={self.spec.la57}"
+            )
+        report(f"guest {self.kernel.release} ready in {self.boot_seconds:.1f}s")
+
+    def close(self) -> None:
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(LabError, OSError):
+                qmp_command(self.control_socket, "quit", timeout=5)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for p in (self.qmp_socket, self.control_socket):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+@contextlib.contextmanager
+def boot_guest(
+    spec: GuestSpec,
+    workdir: Path | str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    progress: Progress = None,
+    kernel: DebianKernel | None = None,
+) -> Iterator[Guest]:
+    """Boot ``spec`` under QEMU; yields a :class:`Guest` once it printed IVM-READY.
+
+    ``workdir`` receives console.log, qemu.log and qemu.cmd (a temporary directory, removed
+    afterwards, if not given). QEMU is shut down on exit.
+    """
+    report = reporter(progress)
+    info = arch_info(spec.arch)
+    qemu = require_tool(info.qemu, info.qemu_package)
+    if kernel is None:
+        kernel = fetch_debian_kernel(spec.debian, spec.arch, progress=progress)
+    modules = kernel.ensure_modules(["qemu_fw_cfg", *spec.extra_modules], progress=progress)
+    initrd = build_initramfs(modules, spec.init_extra, progress=progress)
+
+    own_workdir = workdir is None
+    wd = Path(tempfile.mkdtemp(prefix="ivm-guest-")) if own_workdir else Path(workdir).absolute()
+    wd.mkdir(parents=True, exist_ok=True)
+    own_sockdir = len(str(wd / "qmp.sock")) > _SUN_PATH_MAX
+    sockdir = Path(tempfile.mkdtemp(prefix="ivm-", dir="/tmp")) if own_sockdir else wd
+
+    guest = Guest(spec, kernel, wd, sockdir)
+    guest.initramfs = initrd
+    try:
+        guest._start(qemu, timeout, report)
+        yield guest
+    finally:
+        guest.close()
+        if own_sockdir:
+            shutil.rmtree(sockdir, ignore_errors=True)
+        if own_workdir:
+            shutil.rmtree(wd, ignore_errors=True)

@@ -1,0 +1,205 @@
+"""Building the guest's initramfs: static busybox, a generated /init and a few modules.
+
+The archive is an uncompressed ``newc`` cpio written in Python and cached under
+``<cache>/initramfs/<sha256>.cpio`` keyed by its content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import struct
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .cache import Progress, atomic_write_bytes, cache_root, reporter
+from .errors import LabError
+
+BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+
+MARK_ACCOUNT_BEGIN = "IVM-ACCOUNT-BEGIN"
+MARK_ACCOUNT_END = "IVM-ACCOUNT-END"
+MARK_READY = "IVM-READY"
+MARK_ERROR = "IVM-ERROR"
+MARK_SECTION = "@@"  # "@@ <section name>" starts a section inside the account
+
+
+def find_static_busybox() -> Path:
+    for cand in BUSYBOX_CANDIDATES:
+        p = Path(cand)
+        if p.is_file():
+            if _elf_is_static(p.read_bytes()[:4096]):
+                return p
+            raise LabError(f"{p} is dynamically linked: apt-get install busybox-static")
+    raise LabError("busybox not found: apt-get install busybox-static")
+
+
+def _elf_is_static(head: bytes) -> bool:
+    """True if the ELF image has no PT_INTERP program header."""
+    if head[:4] != b"\x7fELF":
+        return False
+    end = "<" if head[5] == 1 else ">"
+    if head[4] == 2:
+        phoff, = struct.unpack_from(end + "Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from(end + "HH", head, 0x36)
+    else:
+        phoff, = struct.unpack_from(end + "I", head, 0x1C)
+        phentsize, phnum = struct.unpack_from(end + "HH", head, 0x2A)
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if off + 4 > len(head):
+            break
+        p_type, = struct.unpack_from(end + "I", head, off)
+        if p_type == 3:  # PT_INTERP
+            return False
+    return True
+
+
+# --- /init --------------------------------------------------------------------------------------
+
+_ACCOUNT_SCRIPT = r"""
+echo @@ uname-r
+uname -r
+echo @@ cmdline
+cat /proc/cmdline
+echo @@ meminfo
+cat /proc/meminfo
+echo @@ cpuinfo-flags
+grep -m1 '^flags' /proc/cpuinfo
+echo @@ nodes
+for n in /sys/devices/system/node/node*; do [ -d "$n" ] && echo "${n##*/}"; done
+for n in /sys/devices/system/node/node*; do
+  [ -f "$n/meminfo" ] || continue
+  echo "@@ node-meminfo ${n##*/}"
+  cat "$n/meminfo"
+done
+echo @@ memory-block-size
+cat /sys/devices/system/memory/block_size_bytes 2>/dev/null
+echo @@ memory-blocks
+for b in /sys/devices/system/memory/memory*; do
+  [ -f "$b/state" ] && echo "${b##*/} $(cat $b/state)"
+done
+echo @@ iomem
+grep -v '^ ' /proc/iomem
+echo @@ hugepages
+for h in /sys/kernel/mm/hugepages/hugepages-*; do
+  [ -f "$h/nr_hugepages" ] && echo "${h##*/} $(cat $h/nr_hugepages)"
+done
+"""
+
+
+def make_init(modules: Sequence[str], init_extra: str = "") -> str:
+    """The /init script. ``modules`` are in-initramfs paths, in load order."""
+    lines = [
+        "#!/bin/busybox sh",
+        "/bin/busybox mkdir -p /proc /sys /dev /tmp /run /mnt /sbin /usr/bin /usr/sbin",
+        "/bin/busybox --install -s",
+        "export PATH=/sbin:/bin:/usr/sbin:/usr/bin",
+        "mount -t proc proc /proc",
+        "mount -t sysfs sysfs /sys",
+        "mount -t devtmpfs devtmpfs /dev",
+        f"fail() {{ echo \"{MARK_ERROR} $*\"; }}",
+    ]
+    for m in modules:
+        q = shlex.quote(m)
+        lines.append(f"insmod {q} || fail insmod {q}")
+    lines += [
+        "if [ ! -d /sys/firmware/qemu_fw_cfg ]; then",
+        "  fail 'no /sys/firmware/qemu_fw_cfg: VMCOREINFO will be missing from dumps'",
+        "fi",
+    ]
+    if init_extra:
+        lines += ["# --- init_extra ---", init_extra.rstrip("\n"), "# --- end init_extra ---"]
+    lines += [
+        # Keep kernel messages from interleaving with the account.
+        "echo 1 > /proc/sys/kernel/printk",
+        f"echo {MARK_ACCOUNT_BEGIN}",
+        _ACCOUNT_SCRIPT.strip("\n"),
+        f"echo {MARK_ACCOUNT_END}",
+        f"echo {MARK_READY}",
+        "while true; do sleep 3600; done",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- cpio -------------------------------------------------------------------------------------
+
+
+class Cpio:
+    """Minimal ``newc`` cpio writer."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._ino = 1
+        self._dirs: set[str] = set()
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", nlink: int = 1) -> None:
+        name_b = name.encode() + b"\0"
+        hdr = "070701" + "".join(
+            f"{v:08x}"
+            for v in (self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(name_b), 0)
+        )
+        self._ino += 1
+        buf = hdr.encode() + name_b
+        buf += b"\0" * (-len(buf) % 4)
+        buf += data + b"\0" * (-len(data) % 4)
+        self._parts.append(buf)
+
+    def mkdir(self, name: str) -> None:
+        parts = name.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d and d not in self._dirs:
+                self._dirs.add(d)
+                self._entry(d, 0o040755, nlink=2)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        name = name.strip("/")
+        if "/" in name:
+            self.mkdir(name.rsplit("/", 1)[0])
+        self._entry(name, 0o100000 | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        name = name.strip("/")
+        if "/" in name:
+            self.mkdir(name.rsplit("/", 1)[0])
+        self._entry(name, 0o120777, target.encode())
+
+    def getvalue(self) -> bytes:
+        trailer = Cpio()
+        trailer._ino = 0
+        trailer._entry("TRAILER!!!", 0, nlink=1)
+        data = b"".join(self._parts) + trailer._parts[0]
+        return data + b"\0" * (-len(data) % 512)
+
+
+def build_initramfs(
+    module_files: Iterable[Path] = (),
+    init_extra: str = "",
+    busybox: Path | None = None,
+    progress: Progress = None,
+    cache_dir: Path | None = None,
+) -> Path:
+    """Build (or reuse from the cache) an initramfs loading ``module_files`` in order."""
+    busybox = busybox or find_static_busybox()
+    cio = Cpio()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "mnt", "lib/modules"):
+        cio.mkdir(d)
+    cio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    cio.symlink("bin/sh", "busybox")
+    in_guest = []
+    for i, f in enumerate(module_files):
+        name = f"lib/modules/{i:02d}-{f.name}"
+        cio.file(name, f.read_bytes())
+        in_guest.append("/" + name)
+    cio.file("init", make_init(in_guest, init_extra).encode(), 0o755)
+    data = cio.getvalue()
+    key = hashlib.sha256(data).hexdigest()[:24]
+    out = (cache_dir or cache_root() / "initramfs") / f"{key}.cpio"
+    if not out.exists():
+        reporter(progress)(f"building initramfs {out.name} ({len(in_guest)} modules)")
+        atomic_write_bytes(out, data)
+    else:
+        os.utime(out)  # mark as recently used
+    return out

@@ -1,0 +1,125 @@
+"""Issue 2 on real kernels: sections, map and pfn against drgn and a naive walk."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.kernel import independent as ind
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(scope="session")
+def prog_cache():
+    return {}
+
+
+def _prog(booted, cache):
+    if booted.name not in cache:
+        cache[booted.name] = ind.open_dump(str(booted.core), str(booted.vmlinux))
+    return cache[booted.name]
+
+
+def test_sections_match_drgn_and_guest(booted, prog_cache):
+    prog = _prog(booted, prog_cache)
+    doc = booted.run("sections")
+    assert doc["schema"] == "inspect-vmemmap/1"
+    assert doc["target"]["source"] == "vmcore"
+    assert doc["target"]["kernel_release"] == booted.guest.account.release
+    assert int(doc["target"]["vmemmap_base"], 16) == ind.vmemmap_base(prog)
+    assert doc["target"]["pgtable_levels"] == ind.levels(prog)
+    if booted.spec.la57 is not None:
+        assert doc["target"]["pgtable_levels"] == (5 if booted.spec.la57 else 4)
+    truth = ind.drgn_sections(prog)
+    ours = {s["nr"]: s for s in doc["sections"]["list"] if "present" in s["flags"]}
+    assert sorted(ours) == sorted(truth)
+    assert doc["sections"]["present"] == len(truth)
+    for nr, (flags, coded) in truth.items():
+        s = ours[nr]
+        assert int(s["coded_mem_map"], 16) == coded
+        expected = {"SECTION_MARKED_PRESENT": "present", "SECTION_HAS_MEM_MAP": "has_mem_map",
+                    "SECTION_IS_ONLINE": "online", "SECTION_IS_EARLY": "early",
+                    "SECTION_TAINT_ZONE_DEVICE": "zone_device"}
+        assert set(s["flags"]) >= {expected[f] for f in flags.split("|") if f in expected}
+        assert s["state"].startswith("PM")
+    # the guest's own account: its RAM fits in the present sections, and every node has some
+    acct = booted.guest.account
+    assert len(truth) * 128 * 1024 >= acct.mem_total_kb
+    assert {s["nid"] for s in ours.values()} == set(acct.nodes)
+    assert not [f for f in doc["findings"] if f["severity"] == "error"]
+
+
+def test_map_matches_naive_walk(booted, prog_cache):
+    prog = _prog(booted, prog_cache)
+    doc = booted.run("map")
+    vm = doc["vmemmap"]
+    base = ind.vmemmap_base(prog)
+    last = max(ind.drgn_sections(prog))
+    end = base + ((last + 1) << 15) * 64
+    leaves = ind.naive_walk(prog, base, end)
+    truth = ind.summarize(leaves)
+    assert {k: vm["leaves"].get(k, 0) for k in ("1G", "2M", "4K")} == truth["leaves"]
+    assert vm["split_pmds"] == truth["split_pmds"]
+    assert vm["readonly_ptes"] == truth["readonly_ptes"]
+    assert vm["bytes_mapped"] == truth["bytes_mapped"]
+    # the ranges cover exactly the leaves, with the same backing
+    covered = sum(int(r["end"], 16) - int(r["start"], 16) for r in vm["ranges"])
+    assert covered == truth["bytes_mapped"]
+    by_va = {va: (size, phys, w) for va, size, phys, w in leaves}
+    for r in vm["ranges"]:
+        size = r["page_size"]
+        for k in range(r["leaves"]):
+            va = int(r["start"], 16) + k * size
+            phys = int(r["phys_start"], 16) + k * r["phys_stride"]
+            assert by_va[va] == (size, phys, r["writable"])
+    # sampled addresses agree with drgn's follow_phys
+    rng = random.Random(1)
+    for va, size, phys, _ in rng.sample(leaves, min(40, len(leaves))):
+        off = rng.randrange(0, size, 64)
+        assert ind.follow(prog, va + off) == phys + off
+    # every range's node is the node whose memory backs it
+    nodes = set(booted.guest.account.nodes)
+    assert {r["nid"] for r in vm["ranges"]} <= nodes
+    assert not [f for f in doc["findings"] if f["severity"] == "error"]
+
+
+def test_hvo_folios_are_split_readonly(booted):
+    if not booted.spec.hvo:
+        pytest.skip("scenario without HVO")
+    doc = booted.run("map")
+    vm = doc["vmemmap"]
+    folios = booted.guest.account.hugepages_total
+    assert folios == booted.spec.hugepages
+    # 2M folio: 8 vmemmap pages, 7 of them remapped read-only onto the first (mm/hugetlb_vmemmap.c)
+    assert vm["readonly_ptes"] == 7 * folios
+    tails = [r for r in vm["ranges"] if r["holds"] == "hvo-tail"]
+    assert len(tails) == folios
+    assert all(r["leaves"] == 7 and r["phys_stride"] == 0 and not r["writable"] and r["page_size"] == 4096 for r in tails)
+    assert vm["split_pmds"] >= 1
+
+
+def test_pfn_agrees_with_follow_phys(booted, prog_cache):
+    prog = _prog(booted, prog_cache)
+    base = ind.vmemmap_base(prog)
+    present = sorted(ind.drgn_sections(prog))
+    rng = random.Random(2)
+    for nr in rng.sample(present, min(3, len(present))):
+        pfn = (nr << 15) + rng.randrange(1 << 15)
+        doc = booted.run("pfn", str(pfn))
+        info = doc["pfn"]
+        assert info["section"] == nr and info["valid"]
+        assert int(info["struct_page"], 16) == base + pfn * 64
+        assert int(info["struct_page_phys"], 16) == ind.follow(prog, base + pfn * 64)
+        assert info["walk"][-1]["kind"] == "leaf"
+        assert len(info["walk"]) == {"1G": ind.levels(prog) - 2, "2M": ind.levels(prog) - 1, "4K": ind.levels(prog)}[info["backing"]["size"]]
+
+
+def test_live_qemu_matches_dump(booted):
+    dump = booted.run("map")
+    live = booted.run("map", target="qemu")
+    assert live["target"]["source"] == "qemu"
+    assert live["vmemmap"] == dump["vmemmap"]
+    assert booted.run("sections", target="qemu")["sections"] == booted.run("sections")["sections"]
+
