@@ -42,7 +42,8 @@ def load_sections(mem: Memory, layout: KernelLayout, nodes: NodeMap) -> SectionT
     return table
 
 
-def load_map(mem: Memory, layout: KernelLayout, sections: SectionTable, nodes: NodeMap, ram: Optional[PhysRanges]) -> VmemmapMap:
+def load_map(mem: Memory, layout: KernelLayout, sections: SectionTable, nodes: NodeMap, ram: Optional[PhysRanges],
+             on_leaf=None) -> VmemmapMap:
     """Walk the vmemmap page tables (only up to the end of the highest section's struct pages)."""
     fmt = paging_format(layout)
     phys_ok = None
@@ -58,7 +59,7 @@ def load_map(mem: Memory, layout: KernelLayout, sections: SectionTable, nodes: N
         # round up to the largest leaf the format can have in the vmemmap (PUD)
         gran = 1 << fmt.shifts[-3]
         end = min(layout.vmemmap_end, (end + gran - 1) // gran * gran)
-    return map_vmemmap(mem, fmt, layout, sections, nodes, phys_ok, layout.vmemmap_base, end)
+    return map_vmemmap(mem, fmt, layout, sections, nodes, phys_ok, layout.vmemmap_base, end, on_leaf)
 
 
 def explain_pfn(mem: Memory, layout: KernelLayout, sections: SectionTable, nodes: NodeMap, pfn: int) -> Tuple[dict, List[Finding]]:

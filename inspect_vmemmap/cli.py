@@ -169,3 +169,72 @@ def pfn(pfn_text, core, qemu, vmlinux, no_debuginfo, as_json):
         report.print_pfn(con, info)
         report.print_findings(con, findings)
     sys.exit(exit_status(findings))
+
+
+@main.command()
+@target_options
+@click.option("--save-layout", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Also write the model's inputs read from this kernel (replay with `model FILE`).")
+@_guard
+def check(core, qemu, vmlinux, no_debuginfo, as_json, save_layout):
+    """Everything: sections, vmemmap page tables, the reference model, and what backs the vmemmap."""
+    import json as _json
+
+    from inspect_vmemmap import report
+    from inspect_vmemmap.analysis import load_map
+    from inspect_vmemmap.check import run_check
+    from inspect_vmemmap.target import buddy_checker, gather_inputs
+
+    ld = _load(core, qemu, vmlinux, no_debuginfo)
+    t = ld.t
+    leaves = []
+    vm = load_map(t.memory, t.layout, ld.sections, ld.nodes, t.ram(),
+                  on_leaf=lambda l: leaves.append((l.vaddr, l.size, l.phys, l.writable)))
+    notes: list = []
+    inputs = gather_inputs(t, notes)
+    if save_layout:
+        try:
+            with open(save_layout, "w") as f:
+                _json.dump(inputs.to_json(), f, indent=1)
+        except OSError as e:
+            _fail(f"{save_layout}: {e.strerror}")
+    res = run_check(inputs, ld.sections, leaves, buddy_checker(t))
+    findings = list(ld.sections.findings) + vm.findings + res.findings
+    if as_json:
+        doc = report.document(t.to_json(), findings, sections=report.sections_json(ld.sections),
+                              vmemmap=vm.to_json(), hvo=res.hvo)
+        doc["assumptions"] = notes + [f"{k}: {v}" for k, v in t.layout.notes.items()]
+        report.print_json(doc)
+    else:
+        con = _console()
+        report.print_check(con, t.to_json(), t.layout, ld.sections, vm, res.hvo, findings, notes, ld.nodes)
+    sys.exit(exit_status(findings))
+
+
+@main.command()
+@click.argument("layout_file", metavar="LAYOUT", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@_guard
+def model(layout_file, as_json):
+    """The reference model alone, offline: what the kernel should have built for LAYOUT
+    (a JSON file written by `check --save-layout`)."""
+    import json as _json
+
+    from inspect_vmemmap import report
+    from inspect_vmemmap.model import Inputs, predict
+
+    try:
+        with open(layout_file) as f:
+            inputs = Inputs.from_json(_json.load(f))
+    except OSError as e:
+        _fail(f"{layout_file}: {e.strerror}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        _fail(f"{layout_file}: not a layout description ({type(e).__name__}: {e})")
+    pred = predict(inputs)
+    if as_json:
+        doc = {"schema": report.SCHEMA, "target": {"source": "layout", "kernel_release": inputs.layout.kernel_release,
+                                                   "arch": inputs.layout.arch}, "model": pred.to_json()}
+        report.print_json(doc)
+    else:
+        report.print_model(_console(), inputs, pred)
+    sys.exit(0)

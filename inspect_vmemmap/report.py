@@ -131,3 +131,58 @@ def print_pfn(console: Console, info: dict) -> None:
         console.print(f"  backed by a {b['size']} page at {b['phys']} ({'RW' if b['writable'] else 'ro'} "
                       f"{' '.join(b['attrs'])}, {b['level']}), node {b['nid'] if b['nid'] is not None else '-'}; "
                       f"the struct page is at phys {info['struct_page_phys']}")
+
+
+def print_check(console: Console, target: dict, layout: KernelLayout, sections: SectionTable, vm: VmemmapMap,
+                hvo: dict, findings: List[Finding], notes: List[str], nodes) -> None:
+    s = summarize(findings)
+    target_line(console, target, layout)
+    if s["errors"]:
+        console.print(f"[bold red]INCONSISTENT[/]: {s['errors']} error(s), {s['warnings']} warning(s)")
+    elif s["warnings"]:
+        console.print(f"[bold yellow]consistent, with {s['warnings']} warning(s)[/]")
+    else:
+        console.print("[bold green]consistent[/]: the vmemmap is what the kernel's rules say it should be")
+    c = sections.counts()
+    console.print(f"sections: {c['present']} present, {c['online']} online, {c['early']} early, {c['zone_device']} zone-device")
+    # backing per node and page size
+    per: dict = {}
+    for r in vm.ranges:
+        key = (r.nid, size_label(r.page_size))
+        per[key] = per.get(key, 0) + (r.end - r.start)
+    t = Table(box=None, header_style="bold", pad_edge=False)
+    t.add_column("NODE", justify="right")
+    labels = [k for k in vm.leaves]
+    for k in labels:
+        t.add_column(f"ON {k}", justify="right")
+    t.add_column("TOTAL", justify="right")
+    for nid in sorted({k[0] for k in per}, key=lambda n: -1 if n is None else n):
+        row = [per.get((nid, k), 0) for k in labels]
+        t.add_row("-" if nid is None else str(nid), *[size_label(v) if v else "0" for v in row], size_label(sum(row)))
+    console.print(t)
+    console.print(f"{vm.split_pmds} split PMDs, {vm.readonly_ptes} read-only leaves; HVO: {hvo['optimized_folios']} "
+                  f"optimized folios, {hvo['remapped_ptes']} remapped PTEs, {size_label(hvo['freed_bytes']) if hvo['freed_bytes'] else '0'} freed")
+    for n in notes:
+        console.print(f"[dim]assumed: {n}[/]")
+    by_kind: dict = {}
+    for f in findings:
+        by_kind.setdefault(f.kind, []).append(f)
+    for kind in sorted(by_kind, key=lambda k: _finding_order(by_kind[k][0])):
+        fs = by_kind[kind]
+        console.print(f"\n[bold]{kind}[/] ({len(fs)})")
+        print_findings(console, fs)
+
+
+def print_model(console: Console, inputs, pred) -> None:
+    lay = inputs.layout
+    console.print(f"[bold]{lay.kernel_release or 'layout'}[/] {lay.arch}: {len(pred.sections)} sections should be present")
+    for sp in sorted(pred.sections.values(), key=lambda s: s.nr):
+        runs = ", ".join(f"{a}-{b - 1}" for a, b in sp.valid)
+        console.print(f"  section {sp.nr:6}  {'+'.join(sp.flags):35} node {sp.nid if sp.nid is not None else '-'}  valid pfns {runs}")
+    total = sum(b - a for a, b in pred.required)
+    console.print(f"vmemmap that must be mapped: {size_label(total) if total else '0'} in {len(pred.required)} range(s)")
+    for a, b in pred.required:
+        console.print(f"  {a:#018x}-{b:#018x}  {size_label(b - a)}")
+    if pred.hvo:
+        console.print(f"HVO: {len(pred.hvo)} optimized folios; each keeps 1 writable vmemmap page and maps "
+                      f"the rest read-only onto {'its first page' if pred.hvo[0].tail_target == 'head' else 'the zone shared tail page'}")

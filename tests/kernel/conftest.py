@@ -20,8 +20,8 @@ from inspect_vmemmap.lab import GuestSpec, boot_guest
 #: the scenarios of issue 2, by name
 SCENARIOS = {
     "6.1-la57-hvo": GuestSpec(debian="6.1", mem="1G", hugepages=16, hvo=True, la57=True),
-    "6.12-numa2": GuestSpec(debian="6.12", mem="1G", numa=2, la57=False),
-    "7.2": GuestSpec(debian="7.2", mem="1G"),
+    "6.12-numa2-hvo": GuestSpec(debian="6.12", mem="1G", numa=2, la57=False, hugepages=8, hvo=True),
+    "7.2-hvo": GuestSpec(debian="7.2", mem="1G", hugepages=8, hvo=True),
 }
 
 
@@ -32,6 +32,15 @@ class Booted:
     guest: object
     core: Path
     vmlinux: Path
+    _prog: object = None
+
+    def prog(self):
+        """drgn on this guest's dump with its debug info (ground truth for the tests)."""
+        if self._prog is None:
+            from tests.kernel.independent import open_dump
+
+            self._prog = open_dump(str(self.core), str(self.vmlinux))
+        return self._prog
 
     def run(self, *args: str, target: str = "core", core: Path = None, check_status: bool = True) -> dict:
         """Run the CLI with --json against this guest's dump (another dump with ``core``,

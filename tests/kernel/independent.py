@@ -84,3 +84,59 @@ def summarize(leaves, pmd_shift: int = 21) -> dict:
 
 def follow(prog: drgn.Program, vaddr: int) -> int:
     return int(follow_phys(prog["init_mm"].address_of_(), vaddr))
+
+
+def entry_addr(prog: drgn.Program, vaddr: int, depth: int) -> Tuple[int, int]:
+    """Physical address and value of the page-table entry for ``vaddr`` at ``depth``
+    (0 = top level), walking by hand."""
+    n = levels(prog)
+    shifts = [48, 39, 30, 21, 12][5 - n:]
+    table = follow(prog, prog.symbol("init_top_pgt").address)
+    for d in range(depth + 1):
+        addr = table + ((vaddr >> shifts[d]) & 511) * 8
+        e = prog.read_u64(addr, True)
+        if d == depth:
+            return addr, e
+        table = e & ADDR
+    raise AssertionError("unreachable")
+
+
+class ElfCore:
+    """Patch guest-physical memory in an ELF vmcore in place, remembering what to restore."""
+
+    def __init__(self, path: str) -> None:
+        import struct
+
+        self.path = path
+        self.loads = []
+        with open(path, "rb") as f:
+            ehdr = f.read(64)
+            phoff, = struct.unpack_from("<Q", ehdr, 32)
+            phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
+            f.seek(phoff)
+            for _ in range(phnum):
+                p_type, _flags, off, _va, pa, filesz, _memsz, _align = struct.unpack("<IIQQQQQQ", f.read(phentsize)[:56])
+                if p_type == 1:
+                    self.loads.append((pa, filesz, off))
+        self.saved = []
+
+    def offset(self, phys: int) -> int:
+        for pa, size, off in self.loads:
+            if pa <= phys < pa + size:
+                return off + phys - pa
+        raise KeyError(hex(phys))
+
+    def write_u64(self, phys: int, value: int) -> None:
+        off = self.offset(phys)
+        with open(self.path, "r+b") as f:
+            f.seek(off)
+            self.saved.append((off, f.read(8)))
+            f.seek(off)
+            f.write(value.to_bytes(8, "little"))
+
+    def restore(self) -> None:
+        with open(self.path, "r+b") as f:
+            for off, old in reversed(self.saved):
+                f.seek(off)
+                f.write(old)
+        self.saved.clear()

@@ -11,19 +11,8 @@ from tests.kernel import independent as ind
 pytestmark = pytest.mark.kernel
 
 
-@pytest.fixture(scope="session")
-def prog_cache():
-    return {}
-
-
-def _prog(booted, cache):
-    if booted.name not in cache:
-        cache[booted.name] = ind.open_dump(str(booted.core), str(booted.vmlinux))
-    return cache[booted.name]
-
-
-def test_sections_match_drgn_and_guest(booted, prog_cache):
-    prog = _prog(booted, prog_cache)
+def test_sections_match_drgn_and_guest(booted):
+    prog = booted.prog()
     doc = booted.run("sections")
     assert doc["schema"] == "inspect-vmemmap/1"
     assert doc["target"]["source"] == "vmcore"
@@ -51,8 +40,8 @@ def test_sections_match_drgn_and_guest(booted, prog_cache):
     assert not [f for f in doc["findings"] if f["severity"] == "error"]
 
 
-def test_map_matches_naive_walk(booted, prog_cache):
-    prog = _prog(booted, prog_cache)
+def test_map_matches_naive_walk(booted):
+    prog = booted.prog()
     doc = booted.run("map")
     vm = doc["vmemmap"]
     base = ind.vmemmap_base(prog)
@@ -100,8 +89,8 @@ def test_hvo_folios_are_split_readonly(booted):
     assert vm["split_pmds"] >= 1
 
 
-def test_pfn_agrees_with_follow_phys(booted, prog_cache):
-    prog = _prog(booted, prog_cache)
+def test_pfn_agrees_with_follow_phys(booted):
+    prog = booted.prog()
     base = ind.vmemmap_base(prog)
     present = sorted(ind.drgn_sections(prog))
     rng = random.Random(2)
