@@ -110,3 +110,89 @@ def build_sections(mem: SyntheticMemory, layout: KernelLayout, sections: dict, p
         mem.write_u64(at, smm)
         mem.write_u64(at + 8, usage)
     layout.mem_section_addr = virt + roots_phys
+
+
+# -- a whole synthetic kernel, built by the kernel's rules from model inputs ------------------
+
+BACKING_BASE = 0x40_0000_0000  # 256 GiB: RAM ranges, one per node, that back the vmemmap
+BACKING_SIZE = 1 << 30
+
+
+class SynthKernel:
+    """Sections and vmemmap page tables for :class:`inspect_vmemmap.model.Inputs`,
+    populated the way x86_64 does it (PMD blocks for whole sections, base pages for
+    sub-sections, HVO splitting the PMD and remapping tails read-only)."""
+
+    def __init__(self, inputs, shared_tails: bool = False) -> None:
+        from inspect_vmemmap.model import predict
+
+        self.inputs = inputs
+        lay = self.layout = inputs.layout
+        self.mem = SyntheticMemory()
+        self.tables = X86Tables(self.mem, lay.pgtable_levels)
+        lay.pgtable_root = self.tables.root
+        self._next = {}
+        self.pred = predict(inputs)
+        flags = {}
+        for nr, sp in self.pred.sections.items():
+            f = 0x3 | (0x4 if sp.online else 0) | (0x8 if sp.early else 0)
+            bits = 0
+            for a, b in sp.valid:
+                for k in range((a - nr * lay.pages_per_section) // lay.pages_per_subsection,
+                               (b - nr * lay.pages_per_section) // lay.pages_per_subsection):
+                    bits |= 1 << k
+            flags[nr] = (f, bits)
+        build_sections(self.mem, lay, flags)
+        self.leaves = {}  # vaddr -> (size, entry address)
+        for nr, sp in sorted(self.pred.sections.items()):
+            for a, b in sp.valid:
+                va, end = lay.pfn_to_page(a), lay.pfn_to_page(b)
+                if end - va >= 1 << 21 and va % (1 << 21) == 0:
+                    for v in range(va, end, 1 << 21):
+                        self.leaves[v] = (1 << 21, self.tables.map(v, self.alloc(1 << 21, sp.nid), 1 << 21))
+                else:
+                    for v in range(va // 4096 * 4096, end, 4096):
+                        self.leaves[v] = (4096, self.tables.map(v, self.alloc(4096, sp.nid), 4096))
+        shared = {}
+        for h in self.pred.hvo:
+            self.split(h.start)
+            pages = [self.tables.get(self.leaves[h.start + k * 4096][1]) & 0x000FFFFFFFFFF000 for k in range(h.pages)]
+            if h.tail_target == "head":
+                target = pages[0]
+            else:
+                key = (h.folio.nid, h.folio.zone, h.folio.order)
+                target = shared.setdefault(key, self.alloc(4096, h.folio.nid))
+            for k in range(1, h.pages):
+                self.tables.map(h.start + k * 4096, target, 4096, PAGE_KERNEL_RO)
+
+    def alloc(self, size: int, nid) -> int:
+        """Backing from node ``nid``'s backing range (vmemmap_alloc_block_buf on the node)."""
+        nid = nid or 0
+        base = backing_range(nid)[0]
+        nxt = self._next.get(nid, base)
+        nxt = (nxt + size - 1) // size * size
+        self._next[nid] = nxt + size
+        assert nxt + size <= base + BACKING_SIZE
+        return nxt
+
+    def split(self, va: int) -> None:
+        """vmemmap_split_pmd(): the PMD leaf over ``va`` becomes 512 PTEs to the same pages."""
+        base = va & ~((1 << 21) - 1)
+        if base not in self.leaves or self.leaves[base][0] != 1 << 21:
+            return
+        _, addr = self.leaves.pop(base)
+        phys = self.tables.get(addr) & 0x000FFFFFFFE00000
+        self.mem.write_u64(addr, 0)
+        for k in range(512):
+            self.leaves[base + k * 4096] = (4096, self.tables.map(base + k * 4096, phys + k * 4096, 4096))
+
+
+def backing_range(nid: int):
+    """Physical [start, end) of node ``nid``'s vmemmap backing RAM."""
+    start = BACKING_BASE + nid * BACKING_SIZE
+    return start, start + BACKING_SIZE
+
+
+def with_backing_ram(ram, nr_nodes: int = 1):
+    """The RAM list plus the ranges the synthetic vmemmap is backed from."""
+    return sorted(list(ram) + [backing_range(n) for n in range(nr_nodes)])
