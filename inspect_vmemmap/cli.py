@@ -90,16 +90,29 @@ def _load(core, qemu, vmlinux, no_debuginfo) -> _Loaded:
     return _Loaded(t, sections, nodes)
 
 
+def main() -> None:
+    """Entry point: click's usage errors become one line and exit status 2 too."""
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("interrupted")
+    except click.ClickException as e:
+        _fail(e.format_message())
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(0)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="inspect-vmemmap")
-def main() -> None:
+def cli() -> None:
     """Check that a kernel's struct page array (the vmemmap) is where the kernel thinks it is.
 
     Without --core or --qemu, reads the running kernel through /proc/kcore (as root).
     """
 
 
-@main.command()
+@cli.command()
 @target_options
 @_guard
 def sections(core, qemu, vmlinux, no_debuginfo, as_json):
@@ -118,7 +131,7 @@ def sections(core, qemu, vmlinux, no_debuginfo, as_json):
     sys.exit(exit_status(findings))
 
 
-@main.command("map")
+@cli.command("map")
 @target_options
 @_guard
 def map_(core, qemu, vmlinux, no_debuginfo, as_json):
@@ -139,7 +152,7 @@ def map_(core, qemu, vmlinux, no_debuginfo, as_json):
     sys.exit(exit_status(findings))
 
 
-@main.command()
+@cli.command()
 @click.argument("pfn_text", metavar="PFN")
 @target_options
 @_guard
@@ -171,7 +184,7 @@ def pfn(pfn_text, core, qemu, vmlinux, no_debuginfo, as_json):
     sys.exit(exit_status(findings))
 
 
-@main.command()
+@cli.command()
 @target_options
 @click.option("--save-layout", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the model's inputs read from this kernel (replay with `model FILE`).")
@@ -211,7 +224,7 @@ def check(core, qemu, vmlinux, no_debuginfo, as_json, save_layout):
     sys.exit(exit_status(findings))
 
 
-@main.command()
+@cli.command()
 @click.argument("layout_file", metavar="LAYOUT", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @_guard

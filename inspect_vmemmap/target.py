@@ -143,8 +143,12 @@ def open_target(core: Optional[str] = None, qemu: Optional[str] = None, vmlinux:
 
     :raises AnalysisError: with a one-line reason when the target cannot be analysed.
     """
+    import logging
+
     import drgn
 
+    # drgn logs its debug-info search to stderr; the tool says what matters in one line
+    logging.getLogger("drgn").setLevel(logging.CRITICAL)
     if core and qemu:
         raise AnalysisError("--core and --qemu are two different targets: give one")
     prog = drgn.Program()
