@@ -162,6 +162,7 @@ def print_check(console: Console, target: dict, layout: KernelLayout, sections: 
     console.print(t)
     console.print(f"{vm.split_pmds} split PMDs, {vm.readonly_ptes} read-only leaves; HVO: {hvo['optimized_folios']} "
                   f"optimized folios, {hvo['remapped_ptes']} remapped PTEs, {size_label(hvo['freed_bytes']) if hvo['freed_bytes'] else '0'} freed")
+    print_node_pictures(console, layout, sections, vm, findings, nodes)
     for n in notes:
         console.print(f"[dim]assumed: {n}[/]")
     by_kind: dict = {}
@@ -186,3 +187,39 @@ def print_model(console: Console, inputs, pred) -> None:
     if pred.hvo:
         console.print(f"HVO: {len(pred.hvo)} optimized folios; each keeps 1 writable vmemmap page and maps "
                       f"the rest read-only onto {'its first page' if pred.hvo[0].tail_target == 'head' else 'the zone shared tail page'}")
+
+
+def print_node_pictures(console: Console, layout: KernelLayout, sections: SectionTable, vm: VmemmapMap,
+                        findings: List[Finding], nodes, width: int = 64) -> None:
+    """One character per section of each node's physical address space: ``#`` memmap on
+    PMD blocks, ``+`` on base pages, ``%`` both, ``?`` present but unmapped, ``.`` no
+    section; green early, cyan hot-added, dim offline, red where a finding points."""
+    sizes: dict = {}
+    for r in vm.ranges:
+        if r.first_section is None or r.holds == "unused":
+            continue
+        for nr in range(r.first_section, r.last_section + 1):
+            sizes.setdefault(nr, set()).add(r.page_size)
+    bad = {f.section for f in findings if f.severity == "error" and f.section is not None}
+    pps = layout.pages_per_section
+    spans: dict = {}
+    for nid, s, e in nodes.spans:
+        a, b = spans.get(nid, (s, e))
+        spans[nid] = (min(a, s), max(b, e))
+    for nid in sorted(spans):
+        s, e = spans[nid]
+        first, last = s // pps, (e - 1) // pps
+        console.print(f"node {nid}: sections {first}-{last}  [dim](# PMD blocks, + base pages, % both, ? unmapped, . none; "
+                      f"green early, cyan hot-added, red error)[/]")
+        for row in range(first, last + 1, width):
+            text = Text(f"  {(row * pps) << layout.page_shift:#014x} ")
+            for nr in range(row, min(row + width, last + 1)):
+                sec = sections.get(nr)
+                if sec is None or not sec.present:
+                    text.append(".", style="dim")
+                    continue
+                sz = sizes.get(nr, set())
+                ch = "?" if not sz else "#" if sz == {1 << (2 * layout.page_shift - 3)} else "+" if max(sz) == layout.page_size else "%"
+                style = "bold red" if nr in bad else "green" if sec.early else "cyan" if "ONLINE" in sec.flags else "dim"
+                text.append(ch, style=style)
+            console.print(text)
