@@ -38,7 +38,8 @@ _VLEN_EXTRA = (0, 0, 0, 0, 12, 12, 8, 0, 0, 0, 0, 0, 0, 8, 0, 12, 0, 0, 0, 12)
 # kinds that only qualify or rename another type (followed by sizeof and friends)
 _MODIFIERS = frozenset((_TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG))
 # which kind a bare name ("mem_section_usage") means, best first
-_BARE_NAME_ORDER = (_TYPEDEF, _INT, _FLOAT, _STRUCT, _UNION, _ENUM, _ENUM64, _VAR, _DATASEC, _FUNC, _FWD)
+_BARE_NAME_ORDER = (_TYPEDEF, _INT, _FLOAT, _STRUCT, _UNION, _ENUM, _ENUM64, _VAR, _DATASEC, _FUNC, _FWD,
+                    _DECL_TAG, _TYPE_TAG)
 _PREFIXES = {"struct": _STRUCT, "union": _UNION, "enum": _ENUM}
 _MAX_DEPTH = 64  # typedef chains, array nesting and anonymous-member nesting; garbage can loop
 _PATH_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
@@ -79,7 +80,6 @@ class Btf:
         self._names = names  # name -> type id, or list of ids when several types share the name
         self._u32 = struct.Struct(endian + "I").unpack_from
         self._3u32 = struct.Struct(endian + "III").unpack_from
-        self._i32 = struct.Struct(endian + "i").unpack_from
         self._members: Dict[int, List[Member]] = {}
         self._enumerators: Optional[Dict[str, Tuple[int, int]]] = None
         self._ptr_size: Optional[int] = None
@@ -198,8 +198,8 @@ class Btf:
         ``name`` may carry a ``struct ``/``union ``/``enum `` prefix instead of ``kind``.
         ``kind`` is a kind name ("struct", "union", "enum", "typedef", "int", "fwd", "var",
         "func", ...); "enum" matches both ENUM and ENUM64. Without a kind, a bare name means
-        the first of typedef, int, float, struct, union, enum, var, datasec, func, fwd that
-        has it. Among several types of the same name and kind, the lowest id wins.
+        the first of typedef, int, float, struct, union, enum, var, datasec, func, fwd,
+        decl_tag, type_tag that has it. Among several types of the same name and kind, the lowest id wins.
 
         :return: the type id, or ``None`` if there is no such type.
         :raises ValueError: for an unknown kind name.
@@ -267,11 +267,10 @@ class Btf:
     def members(self, struct_name_or_id: Union[str, int]) -> List[Member]:
         """:return: the direct members of a struct or union (typedefs followed), anonymous
         ones included with name "".
-        :raises KeyError: if there is no such type.
-        :raises BtfError: if it is not a struct or union."""
+        :raises KeyError: if there is no such type, or it is not a struct or union."""
         tid = self.resolve(self._type_id(struct_name_or_id, default_kind=_STRUCT))
         if tid == 0 or self._kinds[tid] not in (_STRUCT, _UNION):
-            raise BtfError(f"{struct_name_or_id!r} is {self._describe(tid)}, not a struct or union")
+            raise KeyError(f"{struct_name_or_id!r} is {self._describe(tid)}, not a struct or union")
         return list(self._member_list(tid))
 
     def bit_offsetof(self, struct_name: str, member_path: str) -> int:
@@ -287,7 +286,8 @@ class Btf:
             as C finds them (``compound_head`` in ``struct page``); ``a.b`` goes into a
             nested member and ``a[3]`` indexes an array member.
         :return: the offset in bytes from the start of the struct.
-        :raises KeyError: if the struct or a member on the path is absent.
+        :raises KeyError: if the struct or a member on the path is absent (a path into a
+            type that is not a struct or union has no members, so is absent too).
         :raises BtfError: if the member is a bitfield not starting on a byte (use
             :meth:`bit_offsetof`), or the types are broken.
         """
