@@ -94,13 +94,14 @@ class DrgnMemory:
 class Target:
     """An opened kernel: its layout, memory and the plain facts the checks need."""
 
-    def __init__(self, prog, source: str, vmcoreinfo: VmcoreInfo, has_dwarf: bool) -> None:
+    def __init__(self, prog, source: str, vmcoreinfo: VmcoreInfo, has_dwarf: bool, btf=None) -> None:
         self.prog = prog
         self.source = source
         self.vmcoreinfo = vmcoreinfo
         self.has_dwarf = has_dwarf
+        self.btf = btf
         self.memory = DrgnMemory(prog)
-        self.layout = decide_layout(prog, vmcoreinfo, has_dwarf, self.memory)
+        self.layout = decide_layout(prog, vmcoreinfo, has_dwarf, self.memory, btf)
         self._nodes: Optional[List[Tuple[int, int, int]]] = None
         self._ram: Optional[PhysRanges] = None
 
@@ -209,7 +210,33 @@ def open_target(core: Optional[str] = None, qemu: Optional[str] = None, vmlinux:
     except Exception:
         text = ""
     info = VmcoreInfo(parse_vmcoreinfo(text))
-    return Target(prog, source, info, has_dwarf)
+    btf = None if has_dwarf else load_btf(prog, source)
+    return Target(prog, source, info, has_dwarf, btf)
+
+
+def load_btf(prog, source: str):
+    """The kernel's own BTF: /sys/kernel/btf/vmlinux live, else the .BTF data between
+    ``__start_BTF`` and ``__stop_BTF`` in kernel memory, found through kallsyms
+    (VMCOREINFO's kallsyms_* entries, v6.0+).
+
+    :return: a :class:`inspect_vmemmap.btf.Btf`, or None where there is none.
+    """
+    from inspect_vmemmap.btf import Btf, BtfError
+
+    try:
+        if source == "live" and os.path.exists("/sys/kernel/btf/vmlinux"):
+            with open("/sys/kernel/btf/vmlinux", "rb") as f:
+                return Btf.parse(f.read())
+        from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
+
+        prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
+        start = prog.symbol("__start_BTF").address
+        size = prog.symbol("__stop_BTF").address - start
+        if not 0 < size < 1 << 28:
+            return None
+        return Btf.parse(prog.read(start, size))
+    except (BtfError, LookupError, ValueError, OSError, Exception):
+        return None
 
 
 def _one_line(e: BaseException) -> str:
@@ -228,7 +255,7 @@ def _main_has_dwarf(prog) -> bool:
 # -- the layout decision -------------------------------------------------------------
 
 
-def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem) -> KernelLayout:
+def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> KernelLayout:
     """Every layout constant, from VMCOREINFO first and debug info second.
 
     :raises AnalysisError: for kernels out of scope (not SPARSEMEM_VMEMMAP, foreign arch).
@@ -276,7 +303,14 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem) -> KernelLayout:
         # allocations in the direct map (mm/sparse.c sparse_index_alloc).
         extreme = mem_section < _START_KERNEL_MAP
         usage_off, sub_off = 8, 16
-        notes["mem_section_usage"] = "assumed usage at offset 8, subsection_map at 16 (no debug info)"
+        if btf is not None:
+            try:
+                usage_off = btf.offsetof("struct mem_section", "usage")
+                sub_off = btf.offsetof("struct mem_section_usage", "subsection_map")
+            except (KeyError, Exception):
+                notes["mem_section_usage"] = "assumed usage at offset 8, subsection_map at 16 (not in BTF)"
+        else:
+            notes["mem_section_usage"] = "assumed usage at offset 8, subsection_map at 16 (no type information)"
     need(ms_size, "SIZE(mem_section)")
     need(nr_roots, "LENGTH(mem_section)")
     spr = page_size // ms_size if extreme else None
@@ -312,6 +346,13 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem) -> KernelLayout:
         except KeyError:
             flags = (dict(HISTORICAL_SECTION_FLAGS), HISTORICAL_SECTION_MAP_LAST_BIT)
             notes["section_flags"] = "pre-6.0 kernel: historical #define values"
+    if flags is None and btf is not None:
+        type_source = "btf"
+        try:
+            enums = btf.enumerators(containing="SECTION_MARKED_PRESENT_BIT")
+        except Exception:
+            enums = {}
+        flags = flag_bits_from_enumerators(enums)
     if flags is None:
         flags = (dict(HISTORICAL_SECTION_FLAGS), HISTORICAL_SECTION_MAP_LAST_BIT)
         notes["section_flags"] = "assumed the v5.12-v6.x values P=0 M=1 O=2 E=3 D=4, last bit 5 (no type information)"

@@ -112,3 +112,25 @@ def test_live_qemu_matches_dump(booted):
     assert live["vmemmap"] == dump["vmemmap"]
     assert booted.run("sections", target="qemu")["sections"] == booted.run("sections")["sections"]
 
+
+
+def test_without_debuginfo_same_sections_and_map(booted):
+    """VMCOREINFO plus the kernel's own BTF (found through kallsyms in the dump) give the
+    same sections and map as DWARF (issue 4, first part)."""
+    import json
+    import subprocess
+    import sys
+
+    def nodebug(cmd):
+        p = subprocess.run([sys.executable, "-m", "inspect_vmemmap", cmd, "--core", str(booted.core), "--no-debuginfo",
+                            "--json"], capture_output=True, text=True, timeout=600)
+        assert p.returncode in (0, 1), p.stderr
+        return json.loads(p.stdout)
+
+    for cmd, part in (("sections", "sections"), ("map", "vmemmap")):
+        ours, dwarf = nodebug(cmd), booted.run(cmd)
+        assert ours["target"]["type_source"] == "btf"
+        assert dwarf["target"]["type_source"] == "dwarf"
+        assert {k: v for k, v in ours["target"].items() if k != "type_source"} == \
+            {k: v for k, v in dwarf["target"].items() if k != "type_source"}
+        assert ours[part] == dwarf[part]
