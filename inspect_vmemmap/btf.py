@@ -302,6 +302,10 @@ class Btf:
         :raises KeyError: if the struct or member is absent."""
         return self._walk(struct_name, member)[1]
 
+    def member_size(self, struct_name: str, member: str) -> int:
+        """:return: the size in bytes of ``member``'s type (an array member: all of it)."""
+        return self.sizeof(self.member_type(struct_name, member))
+
     def has_member(self, struct_name: str, member_path: str) -> bool:
         """:return: whether the struct (exists and) has that member (path as for :meth:`offsetof`)."""
         try:

@@ -59,6 +59,12 @@ def _guard(f: Callable) -> Callable:
             sys.exit(0)
         except MemoryError:
             _fail("out of memory")
+        except Exception as e:  # a bug: still one line, the traceback on request
+            import os
+
+            if os.environ.get("INSPECT_VMEMMAP_DEBUG"):
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e} (set INSPECT_VMEMMAP_DEBUG=1 for the traceback)")
 
     return wrapper
 

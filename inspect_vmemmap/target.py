@@ -116,12 +116,20 @@ class Target:
     def ram(self) -> PhysRanges:
         """:return: physical RAM ranges ("System RAM" in iomem, else the node spans)."""
         if self._ram is None:
-            ranges = _system_ram(self) if self.has_dwarf else []
+            ranges = self._system_ram()
             if not ranges:
                 shift = self.layout.page_shift
                 ranges = [(s << shift, e << shift) for _, s, e in self.node_spans()]
             self._ram = PhysRanges(ranges)
         return self._ram
+
+    def _system_ram(self) -> List[Tuple[int, int]]:
+        from inspect_vmemmap import kstructs
+
+        if not hasattr(self, "_sysram"):
+            types = _types(self)
+            self._sysram = kstructs.system_ram(self.memory, types, _symbol(self)) if types is not None else []
+        return self._sysram
 
     def to_json(self) -> dict:
         lay = self.layout
@@ -368,6 +376,13 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> Ker
             notes["vmemmap_base"] = "vmemmap_base (debug info)"
         except KeyError:
             pass
+    else:
+        # x86 KASLR's variable, through kallsyms (registered by load_btf when present)
+        try:
+            vmemmap = struct.unpack("<Q", mem.read(prog.symbol("vmemmap_base").address, 8))[0]
+            notes["vmemmap_base"] = "vmemmap_base (kallsyms)"
+        except (LookupError, FaultError):
+            vmemmap = None
 
     root = None
     top = info.symbol("init_top_pgt")
@@ -418,6 +433,53 @@ def _vmemmap_from_sections(mem, layout: KernelLayout) -> int:
     raise AnalysisError("cannot find the vmemmap base: no SYMBOL(vmemmap), no debug info and no valid section")
 
 
+# -- the model's inputs ----------------------------------------------------------------
+
+
+class DwarfTypes:
+    """DWARF type information through drgn, with the interface of
+    :class:`inspect_vmemmap.btf.Btf` that :mod:`inspect_vmemmap.kstructs` uses."""
+
+    source = "dwarf"
+
+    def __init__(self, prog) -> None:
+        self.prog = prog
+
+    def sizeof(self, name: str) -> int:
+        import drgn
+
+        return drgn.sizeof(self.prog.type(name))
+
+    def offsetof(self, name: str, member: str) -> int:
+        import drgn
+
+        try:
+            return drgn.offsetof(self.prog.type(name), member)
+        except LookupError as e:
+            raise KeyError(f"{name}.{member}") from e
+
+    def member_size(self, name: str, member: str) -> int:
+        try:
+            import drgn
+
+            return drgn.sizeof(self.prog.type(name).member(member).type)
+        except LookupError as e:
+            raise KeyError(f"{name}.{member}") from e
+
+    def has_member(self, name: str, member: str) -> bool:
+        try:
+            self.prog.type(name).member(member)
+            return True
+        except LookupError:
+            return False
+
+    def enum_value(self, name: str) -> Optional[int]:
+        try:
+            return int(self.prog[name].value_())
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
 def _node_spans(t: Target) -> List[Tuple[int, int, int]]:
     """Node spans from node_data and node_online_map, by VMCOREINFO offsets (DWARF if needed)."""
     info = t.vmcoreinfo
@@ -461,190 +523,90 @@ def _node_spans(t: Target) -> List[Tuple[int, int, int]]:
     return spans
 
 
-def _system_ram(t: Target) -> List[Tuple[int, int]]:
-    """Top-level "System RAM" resources of iomem_resource (kernel/resource.c)."""
-    prog = t.prog
-    out: List[Tuple[int, int]] = []
-    try:
-        res = prog["iomem_resource"].child
-        seen = 0
-        while res and seen < 100000:
-            seen += 1
-            name = res.name.string_().decode(errors="replace") if res.name else ""
-            if name == "System RAM":
-                out.append((int(res.start), int(res.end) + 1))
-            res = res.sibling
-    except Exception:
-        return []
-    return out
 
 
 # -- the model's inputs ----------------------------------------------------------------
 
 
-def gather_inputs(t: Target, notes: Optional[List[str]] = None):
+def _types(t: "Target"):
+    """:return: DWARF or BTF type information (one interface), or None."""
+    if t.has_dwarf:
+        return DwarfTypes(t.prog)
+    return t.btf
+
+
+def _symbol(t: "Target"):
+    def symbol(name: str) -> Optional[int]:
+        try:
+            return t.prog.symbol(name).address
+        except LookupError:
+            return None
+
+    return symbol
+
+
+def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
     """The reference model's inputs, read from sources independent of what is checked:
-    iomem "System RAM", the firmware's e820 table, node spans, the HugeTLB pools.
+    iomem "System RAM", the firmware's e820 table, node spans, the HugeTLB pools, with
+    DWARF or BTF type information (the same code for both).
 
     :param notes: receives a line for each input that could not be read (and was assumed).
     :return: :class:`inspect_vmemmap.model.Inputs`.
     """
-    from inspect_vmemmap.model import Folio, Inputs
+    from inspect_vmemmap import kstructs
+    from inspect_vmemmap.model import Inputs
 
     notes = notes if notes is not None else []
-    prog = t.prog
-    ram = _system_ram(t) if t.has_dwarf else []
-    if not ram:
-        shift = t.layout.page_shift
-        ram = [(s << shift, e << shift) for _, s, e in t.node_spans()]
-        notes.append("RAM ranges: node spans (no iomem without type information)")
+    types = _types(t)
+    symbol = _symbol(t)
+    ram = t.ram()
+    if not t._system_ram():
+        notes.append("RAM ranges: node spans (iomem could not be read)")
     boot_ram = None
     folios: List = []
     shared_tails = False
-    if t.has_dwarf:
-        boot_ram = _e820_ram(prog)
-        if boot_ram is None:
-            notes.append("boot RAM: not found (no e820_table); all RAM treated as boot memory")
-        try:
-            folios = _hugetlb_folios(t, Folio)
-        except Exception as e:  # a damaged pool list must not stop the check
-            notes.append(f"HugeTLB pools could not be read ({_one_line(e)})")
-        try:
-            shared_tails = any(m.name == "vmemmap_tails" for m in prog.type("struct zone").members)
-        except LookupError:
-            pass
+    if types is None:
+        notes.append("no type information (no DWARF, no BTF): boot RAM, HugeTLB pools unknown; "
+                     "HVO remaps will show as unexplained")
     else:
-        notes.append("HugeTLB pools: not read without type information; HVO remaps will show as unexplained")
-    return Inputs(layout=t.layout, ram=ram, boot_ram=boot_ram, nodes=t.node_spans(), folios=folios,
+        boot_ram = kstructs.e820_ram(t.memory, types, symbol)
+        if boot_ram is None:
+            notes.append("boot RAM: no e820 table; all RAM treated as boot memory")
+        zones = kstructs.ZoneSpans(t.memory, types, _node_pgdats(t))
+        nodes = t.node_spans()
+
+        def nid_of(pfn: int) -> Optional[int]:
+            for nid, s, e in nodes:
+                if s <= pfn < e:
+                    return nid
+            return None
+
+        try:
+            folios = kstructs.hugetlb_folios(t.memory, types, symbol, t.layout, nid_of, zones.zone)
+        except (FaultError, KeyError) as e:
+            notes.append(f"HugeTLB pools could not be read ({_one_line(e)})")
+        shared_tails = types.has_member("struct zone", "vmemmap_tails")
+    return Inputs(layout=t.layout, ram=ram.ranges, boot_ram=boot_ram, nodes=t.node_spans(), folios=folios,
                   hvo_shared_tails=shared_tails)
 
 
-def _e820_ram(prog) -> Optional[List[Tuple[int, int]]]:
-    """E820_TYPE_RAM entries of the firmware's table (arch/x86/kernel/e820.c e820_table_firmware)."""
-    for name in ("e820_table_firmware", "e820_table"):
-        try:
-            tbl = prog[name]
-        except KeyError:
-            continue
-        out = []
-        n = int(tbl.nr_entries)
-        for i in range(min(n, len(tbl.entries))):
-            e = tbl.entries[i]
-            if int(e.type) == 1:  # E820_TYPE_RAM
-                out.append((int(e.addr), int(e.addr) + int(e.size)))
-        return out
-    return None
-
-
-def _hugetlb_folios(t: Target, Folio) -> List:
-    """Every HugeTLB folio on the hstates' free and active lists (mm/hugetlb.c), with its
-    HPG_vmemmap_optimized bit (head page ->private in 6.1, folio->private in 6.12+:
-    the same word)."""
-    from drgn.helpers.linux.list import list_for_each_entry
-    from drgn.helpers.linux.mm import page_to_pfn
-
-    prog = t.prog
-    try:
-        bit = prog["HPG_vmemmap_optimized"].value_()
-    except KeyError:
+def _node_pgdats(t: "Target") -> List[Tuple[int, int]]:
+    """(nid, address of pglist_data) of each node in node_spans()."""
+    info = t.vmcoreinfo
+    node_data = info.symbol("node_data")
+    n = info.length("node_data")
+    if node_data is None or n is None:
         return []
-    nodes = NodeSpansCache(t)
-    out = []
-    seen = set()
-    n = int(prog["hugetlb_max_hstate"])
-    for h in prog["hstates"][:n]:
-        order = int(h.order)
-        heads = []
-        for nid in range(len(h.hugepage_freelists)):
-            lst = h.hugepage_freelists[nid]
-            if not lst.next:
-                continue
-            heads.append(lst.address_of_())
-        heads.append(h.hugepage_activelist.address_of_())
-        for head in heads:
-            for page in list_for_each_entry("struct page", head, "lru"):
-                pfn = int(page_to_pfn(page))
-                if pfn in seen or len(seen) > 1 << 24:
-                    break
-                seen.add(pfn)
-                opt = bool(int(page.private) >> bit & 1)
-                out.append(Folio(pfn, order, opt, nodes.nid(pfn), nodes.zone(pfn)))
-    return out
-
-
-class NodeSpansCache:
-    """nid and zone index of a pfn, from pglist_data and its zones."""
-
-    def __init__(self, t: Target) -> None:
-        self.spans = t.node_spans()
-        self.zones: List[Tuple[int, int, int]] = []
-        try:
-            from drgn.helpers.linux.mmzone import NODE_DATA
-
-            for nid, _, _ in self.spans:
-                pg = NODE_DATA(t.prog, nid)
-                for z in range(int(pg.nr_zones)):
-                    zone = pg.node_zones[z]
-                    s = int(zone.zone_start_pfn)
-                    self.zones.append((s, s + int(zone.spanned_pages), z))
-        except Exception:
-            self.zones = []
-
-    def nid(self, pfn: int) -> Optional[int]:
-        for nid, s, e in self.spans:
-            if s <= pfn < e:
-                return nid
-        return None
-
-    def zone(self, pfn: int) -> Optional[int]:
-        for s, e, z in self.zones:
-            if s <= pfn < e:
-                return z
-        return None
-
-
-def buddy_checker(t: Target):
-    """:return: a function pfn -> whether it is free in the buddy allocator (PageBuddy
-    on the pfn or on an aligned block head whose order covers it), or None without types.
-
-    PageBuddy: 6.1 ``(page_type & (PAGE_TYPE_BASE | PG_buddy)) == PAGE_TYPE_BASE``
-    (0xf0000000, 0x80); since 6.12 ``page_type >> 24 == PGTY_buddy`` (enum pagetype).
-    buddy_order() is page_private() (mm/internal.h).
-    """
-    if not t.has_dwarf:
-        return None
-    import drgn
-
-    prog = t.prog
     try:
-        page_t = prog.type("struct page")
-        off_type = drgn.offsetof(page_t, "page_type")
-        off_priv = drgn.offsetof(page_t, "private")
-    except (LookupError, ValueError):
-        return None
-    try:
-        pgty = prog["PGTY_buddy"].value_()
+        ptrs = struct.unpack(f"<{n}Q", t.memory.read(node_data, n * 8))
+    except FaultError:
+        return []
+    return [(nid, ptrs[nid]) for nid, _, _ in t.node_spans() if nid < n and ptrs[nid]]
 
-        def is_buddy(pt: int) -> bool:
-            return pt >> 24 == pgty
-    except KeyError:
-        def is_buddy(pt: int) -> bool:
-            return pt & (0xF0000000 | 0x80) == 0xF0000000
-    lay = t.layout
-    read = t.memory.read
-    max_order = 10
 
-    def free(pfn: int) -> bool:
-        for o in range(max_order + 1):
-            head = pfn & ~((1 << o) - 1)
-            addr = lay.pfn_to_page(head)
-            try:
-                raw = read(addr + off_priv, 8)
-                pt = int.from_bytes(read(addr + off_type, 4), "little")
-            except FaultError:
-                return False
-            if is_buddy(pt) and int.from_bytes(raw, "little") >= o:
-                return True
-        return False
+def buddy_checker(t: "Target"):
+    """:return: pfn -> free in the buddy allocator (see kstructs.buddy_checker), or None."""
+    from inspect_vmemmap import kstructs
 
-    return free
+    types = _types(t)
+    return None if types is None else kstructs.buddy_checker(t.memory, types, t.layout)

@@ -116,7 +116,7 @@ def test_live_qemu_matches_dump(booted):
 
 def test_without_debuginfo_same_sections_and_map(booted):
     """VMCOREINFO plus the kernel's own BTF (found through kallsyms in the dump) give the
-    same sections and map as DWARF (issue 4, first part)."""
+    same sections, map, HVO counts and findings as DWARF."""
     import json
     import subprocess
     import sys
@@ -127,7 +127,7 @@ def test_without_debuginfo_same_sections_and_map(booted):
         assert p.returncode in (0, 1), p.stderr
         return json.loads(p.stdout)
 
-    for cmd, part in (("sections", "sections"), ("map", "vmemmap")):
+    for cmd, part in (("sections", "sections"), ("map", "vmemmap"), ("check", "hvo"), ("check", "findings")):
         ours, dwarf = nodebug(cmd), booted.run(cmd)
         assert ours["target"]["type_source"] == "btf"
         assert dwarf["target"]["type_source"] == "dwarf"

@@ -1,0 +1,211 @@
+"""Kernel structures the reference model reads as inputs, decoded from raw memory with
+type information from either DWARF or the kernel's own BTF. No drgn here.
+
+``types`` is anything with ``sizeof(type)``, ``offsetof(type, member)``,
+``member_size(type, member)``, ``has_member(type, member)`` and ``enum_value(name)``
+(:class:`inspect_vmemmap.btf.Btf` has them; the drgn adapter wraps DWARF to match).
+``symbol(name)`` returns a symbol's address or None.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable, List, Optional, Tuple
+
+from inspect_vmemmap.layout import KernelLayout
+from inspect_vmemmap.memory import FaultError, Memory
+
+_MAX_LIST = 1 << 22  # a corrupt list must end: at most this many entries (4M folios)
+
+
+def _u64(mem: Memory, addr: int) -> int:
+    return struct.unpack("<Q", mem.read(addr, 8))[0]
+
+
+def _u32(mem: Memory, addr: int) -> int:
+    return struct.unpack("<I", mem.read(addr, 4))[0]
+
+
+def read_cstring(mem: Memory, addr: int, limit: int = 64) -> str:
+    """:return: the NUL-terminated string at ``addr`` (at most ``limit`` bytes)."""
+    try:
+        raw = mem.read(addr, limit)
+    except FaultError:
+        # a short string near the end of a page: read byte-wise up to the boundary
+        raw = bytearray()
+        for i in range(limit):
+            try:
+                raw += mem.read(addr + i, 1)
+            except FaultError:
+                break
+    return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> List[Tuple[int, int]]:
+    """Top-level "System RAM" resources under ``iomem_resource`` (kernel/resource.c):
+    what ``/proc/iomem`` lists, hot-added memory included.
+
+    :return: physical ``[start, end)`` ranges, or [] if they cannot be read.
+    """
+    root = symbol("iomem_resource")
+    if root is None:
+        return []
+    o_start = types.offsetof("struct resource", "start")
+    o_end = types.offsetof("struct resource", "end")
+    o_name = types.offsetof("struct resource", "name")
+    o_sib = types.offsetof("struct resource", "sibling")
+    o_child = types.offsetof("struct resource", "child")
+    out: List[Tuple[int, int]] = []
+    try:
+        res = _u64(mem, root + o_child)
+        seen = set()
+        while res and res not in seen and len(seen) < 100000:
+            seen.add(res)
+            name_ptr = _u64(mem, res + o_name)
+            if name_ptr and read_cstring(mem, name_ptr, 16) == "System RAM":
+                out.append((_u64(mem, res + o_start), _u64(mem, res + o_end) + 1))
+            res = _u64(mem, res + o_sib)
+    except FaultError:
+        return []
+    return out
+
+
+def e820_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> Optional[List[Tuple[int, int]]]:
+    """E820_TYPE_RAM entries of the firmware's memory map (arch/x86/kernel/e820.c
+    ``e820_table_firmware``): the RAM there was at boot, before any hot-add.
+
+    :return: physical ``[start, end)`` ranges, or None where there is no such table.
+    """
+    var = symbol("e820_table_firmware")
+    if var is None:
+        return None
+    try:
+        table = _u64(mem, var)
+        n = _u32(mem, table + types.offsetof("struct e820_table", "nr_entries"))
+        entries = table + types.offsetof("struct e820_table", "entries")
+        esize = types.sizeof("struct e820_entry")
+        cap = types.member_size("struct e820_table", "entries") // esize
+        o_addr = types.offsetof("struct e820_entry", "addr")
+        o_size = types.offsetof("struct e820_entry", "size")
+        o_type = types.offsetof("struct e820_entry", "type")
+        out = []
+        for i in range(min(n, cap)):
+            e = entries + i * esize
+            if _u32(mem, e + o_type) == 1:  # E820_TYPE_RAM
+                a = _u64(mem, e + o_addr)
+                out.append((a, a + _u64(mem, e + o_size)))
+        return out
+    except (FaultError, KeyError):
+        return None
+
+
+class ZoneSpans:
+    """Zone spans of every node: ``(start_pfn, end_pfn, zone index)`` (struct zone)."""
+
+    def __init__(self, mem: Memory, types, node_pgdats: List[Tuple[int, int]]) -> None:
+        self.spans: List[Tuple[int, int, int]] = []
+        try:
+            zsize = types.sizeof("struct zone")
+            o_zones = types.offsetof("struct pglist_data", "node_zones")
+            o_nr = types.offsetof("struct pglist_data", "nr_zones")
+            o_start = types.offsetof("struct zone", "zone_start_pfn")
+            o_span = types.offsetof("struct zone", "spanned_pages")
+            for _nid, pgdat in node_pgdats:
+                for z in range(min(_u32(mem, pgdat + o_nr), 8)):
+                    zone = pgdat + o_zones + z * zsize
+                    s = _u64(mem, zone + o_start)
+                    self.spans.append((s, s + _u64(mem, zone + o_span), z))
+        except (FaultError, KeyError):
+            pass
+
+    def zone(self, pfn: int) -> Optional[int]:
+        for s, e, z in self.spans:
+            if s <= pfn < e:
+                return z
+        return None
+
+
+def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], layout: KernelLayout,
+                   nid_of: Callable[[int], Optional[int]], zone_of: Callable[[int], Optional[int]]) -> list:
+    """Every HugeTLB folio on the hstates' free lists and active list (mm/hugetlb.c),
+    with its HPG_vmemmap_optimized bit: in the head page's ->private on 6.1, in
+    folio->private (the same word) since the folio conversion.
+
+    :return: a list of :class:`inspect_vmemmap.model.Folio`.
+    """
+    from inspect_vmemmap.model import Folio
+
+    hstates = symbol("hstates")
+    nmax = symbol("hugetlb_max_hstate")
+    bit = types.enum_value("HPG_vmemmap_optimized")
+    if hstates is None or nmax is None or bit is None:
+        return []
+    hsize = types.sizeof("struct hstate")
+    o_order = types.offsetof("struct hstate", "order")
+    o_active = types.offsetof("struct hstate", "hugepage_activelist")
+    o_free = types.offsetof("struct hstate", "hugepage_freelists")
+    lh = types.sizeof("struct list_head")
+    nfree = types.member_size("struct hstate", "hugepage_freelists") // lh
+    o_lru = types.offsetof("struct page", "lru")
+    o_priv = types.offsetof("struct page", "private")
+    sps = layout.struct_page_size
+    base = layout.vmemmap_base
+    out = []
+    seen = set()
+    n = _u32(mem, nmax)
+    for i in range(min(n, 16)):
+        h = hstates + i * hsize
+        order = _u32(mem, h + o_order)
+        heads = [h + o_active] + [h + o_free + k * lh for k in range(nfree)]
+        for head in heads:
+            node = _u64(mem, head)
+            steps = 0
+            while node and node != head and steps < _MAX_LIST:
+                steps += 1
+                page = node - o_lru
+                pfn = (page - base) // sps
+                if pfn in seen:
+                    break
+                seen.add(pfn)
+                opt = bool(_u64(mem, page + o_priv) >> bit & 1)
+                out.append(Folio(pfn, order, opt, nid_of(pfn), zone_of(pfn)))
+                node = _u64(mem, node)
+    return out
+
+
+def buddy_checker(mem: Memory, types, layout: KernelLayout, max_order: int = 10) -> Optional[Callable[[int], bool]]:
+    """:return: a function pfn -> whether it is free in the buddy allocator: PageBuddy on
+    the pfn or on an aligned block head whose order (page_private, buddy_order() in
+    mm/internal.h) covers it; None without the needed types.
+
+    PageBuddy: since 6.11 ``page_type >> 24 == PGTY_buddy`` (enum pagetype); before,
+    ``(page_type & (PAGE_TYPE_BASE | PG_buddy)) == PAGE_TYPE_BASE`` with the #defines
+    0xf0000000 and 0x80 (include/linux/page-flags.h).
+    """
+    try:
+        off_type = types.offsetof("struct page", "page_type")
+        off_priv = types.offsetof("struct page", "private")
+    except KeyError:
+        return None
+    pgty = types.enum_value("PGTY_buddy")
+    if pgty is not None:
+        def is_buddy(pt: int) -> bool:
+            return pt >> 24 == pgty
+    else:
+        def is_buddy(pt: int) -> bool:
+            return pt & (0xF0000000 | 0x80) == 0xF0000000
+    read = mem.read
+
+    def free(pfn: int) -> bool:
+        for o in range(max_order + 1):
+            head = pfn & ~((1 << o) - 1)
+            addr = layout.pfn_to_page(head)
+            try:
+                pt = int.from_bytes(read(addr + off_type, 4), "little")
+                if is_buddy(pt) and int.from_bytes(read(addr + off_priv, 8), "little") >= o:
+                    return True
+            except FaultError:
+                return False
+        return False
+
+    return free
