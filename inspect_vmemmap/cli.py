@@ -24,20 +24,23 @@ def target_options(f: Callable) -> Callable:
     @click.option("--core", type=click.Path(dir_okay=False), help="A crash dump: ELF vmcore or kdump-compressed.")
     @click.option("--qemu", metavar="SOCKET", help="A running QEMU guest, through its QMP socket.")
     @click.option("--vmlinux", type=click.Path(dir_okay=False), help="Kernel debug info (DWARF).")
-    @click.option("--no-debuginfo", is_flag=True, help="Ignore any debug info; VMCOREINFO/kallsyms only.")
+    @click.option("--no-debuginfo", is_flag=True, help="Ignore any debug info; VMCOREINFO, kallsyms and BTF only.")
+    @click.option("--vmcoreinfo", type=click.Path(dir_okay=False), metavar="FILE",
+                  help="VMCOREINFO text for a dump that lacks the note (default: found in the dump by its text).")
     @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
+        kwargs["tgt"] = {k: kwargs.pop(k) for k in ("core", "qemu", "vmlinux", "no_debuginfo", "vmcoreinfo")}
         return f(*args, **kwargs)
 
     return wrapper
 
 
-def _open(core, qemu, vmlinux, no_debuginfo):
+def _open(tgt: dict):
     from inspect_vmemmap.target import AnalysisError, open_target
 
     try:
-        return open_target(core=core, qemu=qemu, vmlinux=vmlinux, no_debuginfo=no_debuginfo)
+        return open_target(**tgt)
     except AnalysisError as e:
         _fail(str(e))
 
@@ -69,31 +72,18 @@ def _guard(f: Callable) -> Callable:
     return wrapper
 
 
-class _Loaded:
-    def __init__(self, t, sections, nodes):
-        self.t = t
-        self.sections = sections
-        self.nodes = nodes
-
-
 def _console() -> Console:
-    """Rich console on stdout; as wide as the terminal, or wide enough for whole addresses
-    when piped."""
-    import os
-
+    """Rich console on stdout: as wide as the terminal; piped, lines are never wrapped
+    (tables take the width their contents need)."""
     if sys.stdout.isatty():
         return Console()
-    return Console(width=int(os.environ.get("COLUMNS", "0") or 0) or 200, no_color=True)
+    return Console(width=1000, no_color=True)
 
 
-def _load(core, qemu, vmlinux, no_debuginfo) -> _Loaded:
-    from inspect_vmemmap.analysis import load_sections
-    from inspect_vmemmap.vmemmap import NodeMap
+def _load(tgt: dict):
+    from inspect_vmemmap.commands import Analysis
 
-    t = _open(core, qemu, vmlinux, no_debuginfo)
-    nodes = NodeMap(t.node_spans())
-    sections = load_sections(t.memory, t.layout, nodes)
-    return _Loaded(t, sections, nodes)
+    return Analysis(_open(tgt))
 
 
 def main() -> None:
@@ -121,14 +111,14 @@ def cli() -> None:
 @cli.command()
 @target_options
 @_guard
-def sections(core, qemu, vmlinux, no_debuginfo, as_json):
+def sections(tgt, as_json):
     """The mem_section table: flags (crash's P M O E D), coded and decoded mem_map."""
     from inspect_vmemmap import report
 
-    ld = _load(core, qemu, vmlinux, no_debuginfo)
-    findings = list(ld.sections.findings)
+    ld = _load(tgt)
+    doc, findings = ld.sections_doc()
     if as_json:
-        report.print_json(report.document(ld.t.to_json(), findings, sections=report.sections_json(ld.sections)))
+        report.print_json(doc)
     else:
         con = _console()
         report.target_line(con, ld.t.to_json(), ld.t.layout)
@@ -140,20 +130,18 @@ def sections(core, qemu, vmlinux, no_debuginfo, as_json):
 @cli.command("map")
 @target_options
 @_guard
-def map_(core, qemu, vmlinux, no_debuginfo, as_json):
+def map_(tgt, as_json):
     """The vmemmap as the page tables map it: ranges, page sizes, permissions, backing, node."""
     from inspect_vmemmap import report
-    from inspect_vmemmap.analysis import load_map
 
-    ld = _load(core, qemu, vmlinux, no_debuginfo)
-    vm = load_map(ld.t.memory, ld.t.layout, ld.sections, ld.nodes, ld.t.ram())
-    findings = list(ld.sections.findings) + vm.findings
+    ld = _load(tgt)
+    doc, findings = ld.map_doc()
     if as_json:
-        report.print_json(report.document(ld.t.to_json(), findings, vmemmap=vm.to_json()))
+        report.print_json(doc)
     else:
         con = _console()
         report.target_line(con, ld.t.to_json(), ld.t.layout)
-        report.print_map(con, vm)
+        report.print_map(con, ld.vmemmap())
         report.print_findings(con, findings)
     sys.exit(exit_status(findings))
 
@@ -162,13 +150,12 @@ def map_(core, qemu, vmlinux, no_debuginfo, as_json):
 @click.argument("pfn_text", metavar="PFN")
 @target_options
 @_guard
-def pfn(pfn_text, core, qemu, vmlinux, no_debuginfo, as_json):
+def pfn(pfn_text, tgt, as_json):
     """One pfn explained: section, struct page address, every page-table level, backing page.
 
     PFN is decimal or 0x-prefixed hex.
     """
     from inspect_vmemmap import report
-    from inspect_vmemmap.analysis import explain_pfn
 
     try:
         value = int(pfn_text, 0)
@@ -176,12 +163,13 @@ def pfn(pfn_text, core, qemu, vmlinux, no_debuginfo, as_json):
             raise ValueError
     except ValueError:
         _fail(f"PFN must be a non-negative number (decimal or 0x hex), not {pfn_text!r}")
-    ld = _load(core, qemu, vmlinux, no_debuginfo)
+    ld = _load(tgt)
     if value >= 1 << (ld.t.layout.max_physmem_bits - ld.t.layout.page_shift):
         _fail(f"pfn {value:#x} is beyond MAX_PHYSMEM_BITS ({ld.t.layout.max_physmem_bits})")
-    info, findings = explain_pfn(ld.t.memory, ld.t.layout, ld.sections, ld.nodes, value)
+    doc, findings = ld.pfn_doc(value)
+    info = doc["pfn"]
     if as_json:
-        report.print_json(report.document(ld.t.to_json(), findings, pfn=info))
+        report.print_json(doc)
     else:
         con = _console()
         report.target_line(con, ld.t.to_json(), ld.t.layout)
@@ -195,38 +183,25 @@ def pfn(pfn_text, core, qemu, vmlinux, no_debuginfo, as_json):
 @click.option("--save-layout", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the model's inputs read from this kernel (replay with `model FILE`).")
 @_guard
-def check(core, qemu, vmlinux, no_debuginfo, as_json, save_layout):
+def check(tgt, as_json, save_layout):
     """Everything: sections, vmemmap page tables, the reference model, and what backs the vmemmap."""
     import json as _json
 
     from inspect_vmemmap import report
-    from inspect_vmemmap.analysis import load_map
-    from inspect_vmemmap.check import run_check
-    from inspect_vmemmap.target import buddy_checker, gather_inputs
 
-    ld = _load(core, qemu, vmlinux, no_debuginfo)
-    t = ld.t
-    leaves = []
-    vm = load_map(t.memory, t.layout, ld.sections, ld.nodes, t.ram(),
-                  on_leaf=lambda l: leaves.append((l.vaddr, l.size, l.phys, l.writable)))
-    notes: list = []
-    inputs = gather_inputs(t, notes)
+    ld = _load(tgt)
+    doc, findings, res, inputs, notes = ld.check()
     if save_layout:
         try:
             with open(save_layout, "w") as f:
                 _json.dump(inputs.to_json(), f, indent=1)
         except OSError as e:
             _fail(f"{save_layout}: {e.strerror}")
-    res = run_check(inputs, ld.sections, leaves, buddy_checker(t))
-    findings = list(ld.sections.findings) + vm.findings + res.findings
     if as_json:
-        doc = report.document(t.to_json(), findings, sections=report.sections_json(ld.sections),
-                              vmemmap=vm.to_json(), hvo=res.hvo)
-        doc["assumptions"] = notes + [f"{k}: {v}" for k, v in t.layout.notes.items()]
         report.print_json(doc)
     else:
         con = _console()
-        report.print_check(con, t.to_json(), t.layout, ld.sections, vm, res.hvo, findings, notes, ld.nodes)
+        report.print_check(con, ld.t.to_json(), ld.t.layout, ld.sections, ld.vmemmap(), res.hvo, findings, notes, ld.nodes)
     sys.exit(exit_status(findings))
 
 

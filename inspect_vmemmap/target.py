@@ -147,7 +147,7 @@ class Target:
 
 
 def open_target(core: Optional[str] = None, qemu: Optional[str] = None, vmlinux: Optional[str] = None,
-                no_debuginfo: bool = False) -> Target:
+                no_debuginfo: bool = False, vmcoreinfo: Optional[str] = None) -> Target:
     """Open the running kernel (neither ``core`` nor ``qemu``), a crash dump or a QEMU guest.
 
     :raises AnalysisError: with a one-line reason when the target cannot be analysed.
@@ -168,10 +168,14 @@ def open_target(core: Optional[str] = None, qemu: Optional[str] = None, vmlinux:
             raise AnalysisError(f"{core}: not readable (permission denied)")
         if os.path.isdir(core):
             raise AnalysisError(f"{core}: is a directory, not a crash dump")
-        try:
-            prog.set_core_dump(core)
-        except (drgn.FaultError, ValueError, OSError, Exception) as e:  # drgn raises several kinds
-            raise AnalysisError(f"{core}: not a kernel crash dump drgn can open ({_one_line(e)})") from None
+        note = None
+        if vmcoreinfo:
+            try:
+                with open(vmcoreinfo, "rb") as f:
+                    note = f.read()
+            except OSError as e:
+                raise AnalysisError(f"{vmcoreinfo}: {e.strerror}") from None
+        prog = _open_core(core, note)
         source = "vmcore"
     elif qemu:
         try:
@@ -193,6 +197,68 @@ def open_target(core: Optional[str] = None, qemu: Optional[str] = None, vmlinux:
         source = "live"
     if not prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL:
         raise AnalysisError(f"{core or qemu}: not a Linux kernel core (no VMCOREINFO note)")
+    return target_from_program(prog, source, vmlinux, no_debuginfo)
+
+
+def _open_core(core: str, note: Optional[bytes]):
+    """drgn on a crash dump; where the dump has no VMCOREINFO note (QEMU without
+    ``-device vmcoreinfo``, raw images), the note text is taken from ``note`` or found in
+    the dump's memory by its text."""
+    import drgn
+
+    def attempt(info: Optional[bytes]):
+        prog = drgn.Program(vmcoreinfo=info) if info else drgn.Program()
+        prog.set_core_dump(core)
+        return prog
+
+    try:
+        prog = attempt(note)
+        if prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL:
+            return prog
+        err = "no VMCOREINFO note"
+    except Exception as e:  # drgn raises several kinds
+        err = _one_line(e)
+    if not note:
+        found = find_vmcoreinfo_text(core)
+        if found:
+            try:
+                prog = attempt(found)
+                if prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL:
+                    return prog
+            except Exception as e:
+                err = _one_line(e)
+    raise AnalysisError(f"{core}: not a kernel crash dump drgn can open ({err})")
+
+
+def find_vmcoreinfo_text(path: str) -> Optional[bytes]:
+    """The kernel's VMCOREINFO text (kernel/vmcore_info.c ``vmcoreinfo_data``) found in
+    a dump by its first lines, for dumps without the note.
+
+    :return: the text, or None.
+    """
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            at = m.find(b"OSRELEASE=")
+            while at >= 0:
+                end = m.find(b"\0", at, at + 65536)
+                text = m[at:end if end >= 0 else at + 65536]
+                if b"\nPAGESIZE=" in text and b"SYMBOL(" in text:
+                    return bytes(text)
+                at = m.find(b"OSRELEASE=", at + 1)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def target_from_program(prog, source: str, vmlinux: Optional[str] = None, no_debuginfo: bool = False) -> Target:
+    """A :class:`Target` over a drgn program that is already set to a Linux kernel
+    (also a custom one: the fixture recorder uses this).
+
+    :raises AnalysisError: with a one-line reason when the target cannot be analysed.
+    """
+    import drgn
 
     has_dwarf = False
     if not no_debuginfo:

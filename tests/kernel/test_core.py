@@ -134,3 +134,31 @@ def test_without_debuginfo_same_sections_and_map(booted):
         assert {k: v for k, v in ours["target"].items() if k != "type_source"} == \
             {k: v for k, v in dwarf["target"].items() if k != "type_source"}
         assert ours[part] == dwarf[part]
+
+
+def test_dump_without_vmcoreinfo_note(booted, tmp_path):
+    """A dump whose VMCOREINFO note is gone (QEMU without -device vmcoreinfo): the tool
+    finds the text in the dump's memory, or takes --vmcoreinfo FILE."""
+    if booted.name != "6.12-numa2-hvo":
+        pytest.skip("one kernel is enough")
+    expected = booted.run("sections")
+    text = booted.prog()["VMCOREINFO"].string_()
+    (tmp_path / "vmcoreinfo").write_bytes(text)
+    # rename the note and spoil its text, so that only the kernel's own buffer in RAM has it
+    with open(booted.core, "r+b") as f:
+        head = f.read(1 << 16)
+        at = head.index(b"VMCOREINFO\0")
+        text_at = head.index(b"OSRELEASE=", at)
+        f.seek(at)
+        f.write(b"XMCOREINFO\0")
+        f.seek(text_at)
+        f.write(b"X")
+    try:
+        assert booted.run("sections") == expected
+        assert booted.run("sections", "--vmcoreinfo", str(tmp_path / "vmcoreinfo")) == expected
+    finally:
+        with open(booted.core, "r+b") as f:
+            f.seek(at)
+            f.write(b"VMCOREINFO\0")
+            f.seek(text_at)
+            f.write(b"O")
