@@ -196,3 +196,86 @@ def backing_range(nid: int):
 def with_backing_ram(ram, nr_nodes: int = 1):
     """The RAM list plus the ranges the synthetic vmemmap is backed from."""
     return sorted(list(ram) + [backing_range(n) for n in range(nr_nodes)])
+
+
+# -- arm64 translation tables ------------------------------------------------------------------
+
+# Descriptor values the kernel writes (arch/arm64/include/asm/pgtable-prot.h, 7.2):
+# PAGE_KERNEL = PROT_NORMAL | PTE_DIRTY = VALID|PAGE(bit 1)|AF|SH|PXN|UXN|WRITE(DBM)|DIRTY(55),
+# AttrIndx MT_NORMAL (0)
+ARM64_PAGE_KERNEL = 0x00E8000000000703
+# PAGE_KERNEL_RO = (PROT_NORMAL & ~PTE_WRITE) | PTE_RDONLY | PTE_DIRTY
+ARM64_PAGE_KERNEL_RO = 0x00E0000000000783
+# pmd_set_huge(PAGE_KERNEL): bits[1:0] = 01 (mk_pmd_sect_prot)
+ARM64_SECT_KERNEL = 0x00E8000000000701
+# pmd/pud/p4d/pgd_populate for init_mm: TYPE_TABLE | TABLE_AF | TABLE_UXN (asm/pgalloc.h)
+ARM64_TABLE = 0x1000000000000403
+ARM64_SH = 0x300  # SH bits: 0 in kernel entries when LPA2 is on (PTE_MAYBE_SHARED)
+ARM64_CONT = 1 << 52
+ARM64_RDONLY = 1 << 7
+ARM64_DBM = 1 << 51
+
+
+class Arm64Tables:
+    """Builds arm64 kernel translation tables for an :class:`Arm64Paging` in a SyntheticMemory."""
+
+    def __init__(self, mem: SyntheticMemory, fmt, table_pool: int = 0x100000) -> None:
+        self.mem = mem
+        self.fmt = fmt
+        self.page_size = fmt.page_size
+        self.next_table = table_pool
+        self.root = self.alloc()
+
+    def alloc(self) -> int:
+        phys = self.next_table
+        self.next_table += self.page_size
+        self.mem.write(phys, bytes(self.page_size))
+        return phys
+
+    def encode(self, phys: int) -> int:
+        """__phys_to_pte_val (6.1 form: PA[49:48] not mirrored with 64K pages)."""
+        f = self.fmt
+        low = phys & (((1 << 50) - 1) & ~(self.page_size - 1))
+        if f.lpa2:
+            return (low & ((1 << 50) - 1)) | ((phys >> 50) & 3) << 8
+        if f.page_size == 65536 and f.pa_bits == 52:
+            return (low & ((1 << 48) - 1)) | ((phys >> 48) & 0xF) << 12
+        return low
+
+    def entry_addr(self, table: int, va: int, depth: int) -> int:
+        return table + ((va >> self.fmt.shifts[depth]) & (self.fmt.table_entries(depth) - 1)) * 8
+
+    def get(self, addr: int) -> int:
+        return struct.unpack("<Q", self.mem.read(addr, 8, True))[0]
+
+    def next_of(self, entry: int) -> int:
+        return self.fmt.output_address(entry)[0]
+
+    def map(self, va: int, phys: int, size: int, flags: int = None) -> int:
+        """Map one page or block of ``size``; returns the entry's physical address."""
+        depth = self.fmt.shifts.index(size.bit_length() - 1)
+        last = depth == len(self.fmt.shifts) - 1
+        if flags is None:
+            flags = ARM64_PAGE_KERNEL if last else ARM64_SECT_KERNEL
+            if self.fmt.lpa2:
+                flags &= ~ARM64_SH
+        table = self.root
+        for d in range(depth):
+            addr = self.entry_addr(table, va, d)
+            e = self.get(addr)
+            if not e:
+                nt = self.alloc()
+                self.mem.write_u64(addr, self.encode(nt) | ARM64_TABLE)
+                table = nt
+            else:
+                table = self.next_of(e)
+        addr = self.entry_addr(table, va, depth)
+        self.mem.write_u64(addr, self.encode(phys) | flags)
+        return addr
+
+    def entry_of(self, va: int, depth: int) -> int:
+        """Physical address of the entry for ``va`` at ``depth`` (tables must exist)."""
+        table = self.root
+        for d in range(depth):
+            table = self.next_of(self.get(self.entry_addr(table, va, d)))
+        return self.entry_addr(table, va, depth)

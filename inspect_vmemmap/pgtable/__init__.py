@@ -102,6 +102,11 @@ class PagingFormat:
     def table_size(self) -> int:
         return 1 << self.page_shift
 
+    def table_entries(self, depth: int) -> int:
+        """Entries in a table at ``depth``: :attr:`entries` unless the top level is
+        smaller (arm64's top level translates only what is left of :attr:`va_bits`)."""
+        return self.entries
+
     def decode(self, entry: int, depth: int) -> Tuple[int, int, str]:
         """Classify ``entry`` found at ``depth``.
 
@@ -146,18 +151,19 @@ def walk(
     :return: an iterator of :class:`Leaf`, :class:`BadEntry` and :class:`Unreadable`, in
         address order.
     """
-    n = fmt.entries
-    unpack = struct.Struct(f"<{n}Q").unpack
     shifts = fmt.shifts
+    counts = [fmt.table_entries(d) for d in range(len(shifts))]
+    unpackers = [struct.Struct(f"<{c}Q").unpack for c in counts]
     names = fmt.names
     last = len(shifts) - 1
-    seen = {root_phys}
+    seen = {root_phys: None}  # table page -> the virtual address it was first used for
     decode = fmt.decode
 
     def table(phys: int, depth: int, base: int) -> Iterator[Event]:
         # base: the virtual address that index 0 of this table maps
         shift = shifts[depth]
         size = 1 << shift
+        n = counts[depth]
         span = n << shift
         if depth == 0:
             lo = (start >> shift) & (n - 1)
@@ -166,7 +172,7 @@ def walk(
             lo = (start - base) >> shift if start > base else 0
             hi = (end - base + size - 1) >> shift if end < base + span else n
         try:
-            entries = unpack(mem.read(phys, n * 8, True))
+            entries = unpackers[depth](mem.read(phys, n * 8, True))
         except FaultError:
             first = max(start, base + (lo << shift)) if depth else start
             yield Unreadable(first, min(end, (base + (hi << shift)) if depth else end) - first, names[depth], phys)
@@ -188,9 +194,11 @@ def walk(
                 elif phys_ok is not None and not phys_ok(nphys):
                     yield BadEntry(va, size, names[depth], e, phys, i, f"points outside physical memory ({nphys:#x})")
                 elif nphys in seen:
-                    yield BadEntry(va, size, names[depth], e, phys, i, f"table {nphys:#x} is already used elsewhere (a loop or a shared table)")
+                    first = seen[nphys]
+                    where = "as the top-level table (a loop)" if first is None else f"for {first:#x} (a loop or a shared table)"
+                    yield BadEntry(va, size, names[depth], e, phys, i, f"table {nphys:#x} is already used {where}")
                 else:
-                    seen.add(nphys)
+                    seen[nphys] = va
                     yield from table(nphys, depth + 1, va)
             else:
                 yield BadEntry(va, size, names[depth], e, phys, i, reason)
@@ -224,9 +232,8 @@ def translate(mem: Memory, fmt: PagingFormat, root_phys: int, vaddr: int) -> Lis
     """
     steps: List[Step] = []
     phys = root_phys
-    n = fmt.entries
     for depth, shift in enumerate(fmt.shifts):
-        index = (vaddr >> shift) & (n - 1)
+        index = (vaddr >> shift) & (fmt.table_entries(depth) - 1)
         try:
             (e,) = struct.unpack("<Q", mem.read(phys + index * 8, 8, True))
         except FaultError:
