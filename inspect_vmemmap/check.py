@@ -16,6 +16,7 @@ from inspect_vmemmap.vmemmap import NodeMap, size_label
 
 #: (vaddr, size, phys, writable) of one vmemmap leaf
 LeafTuple = Tuple[int, int, int, bool]
+Interval = Tuple[int, int]
 
 
 class CheckResult:
@@ -34,12 +35,14 @@ def _pfn_span(lay: KernelLayout, a: int, b: int) -> Tuple[int, int, int]:
 
 
 def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple],
-              backing_free: Optional[Callable[[int], bool]] = None) -> CheckResult:
+              backing_free: Optional[Callable[[int], bool]] = None, mem=None, deep: bool = False) -> CheckResult:
     """Compare sections and leaves with the model's prediction for ``inputs``.
 
     :param leaves: every vmemmap leaf, in address order.
     :param backing_free: returns whether a physical pfn is free in the buddy allocator
         (None: that check is skipped).
+    :param mem: target memory, for reading struct pages' node and zone (None: skipped).
+    :param deep: read every struct page's node and zone, not a sample per section.
     :return: a :class:`CheckResult` with findings merged per range.
     """
     lay = inputs.layout
@@ -180,7 +183,118 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
         out.append(Finding("offnode-memmap", "warning",
                            f"struct pages of pfn {p0}-{p1} (node {want}) live in memory of node {got}",
                            section=sec, pfn_start=p0, pfn_end=p1, vaddr=va, vaddr_end=va + size))
+    if mem is not None and inputs.page_flags and inputs.zones:
+        out.extend(check_page_flags(inputs, sections, mem, mapped, deep))
     return res
+
+
+def _zone_runs(inputs: Inputs, ram_pfns, start: int, end: int):
+    """Runs ``(a, b, nid, zone)`` of pfns in ``[start, end)`` that are RAM and in exactly
+    one zone span (where struct pages must carry that node and zone)."""
+    out = []
+    for nid, zs, ze, z in inputs.zones:
+        a, b = max(start, zs), min(end, ze)
+        if a >= b:
+            continue
+        for ra, rb in ram_pfns:
+            x, y = max(a, ra), min(b, rb)
+            if x < y:
+                out.append((x, y, nid, z))
+    out.sort()
+    # drop overlaps (ZONE_MOVABLE inside a ZONE_NORMAL span): ambiguous, not checked
+    clean = []
+    for r in out:
+        if clean and r[0] < clean[-1][1]:
+            last = clean.pop()
+            if last[0] < r[0]:
+                clean.append((last[0], r[0]) + last[2:])
+            if r[1] < last[1]:
+                clean.append((r[1], last[1]) + last[2:])
+            continue
+        clean.append(r)
+    return clean
+
+
+def check_page_flags(inputs: Inputs, sections: SectionTable, mem, mapped: Sequence[Interval], deep: bool) -> List[Finding]:
+    """page_to_nid()/page_zonenum() of struct pages against the node and zone spans
+    (include/linux/mm.h; memmap_init_range() in mm/mm_init.c sets them with
+    set_page_links()). Online sections only: offline memory's struct pages are not
+    initialised. Without ``deep``, the first and last 64 struct pages of each run.
+
+    Byte slicing reads the top bytes of every flags word at C speed; only a chunk that
+    differs is looked at page by page.
+    """
+    from inspect_vmemmap.memory import FaultError
+
+    lay = inputs.layout
+    pf = inputs.page_flags
+    sps = lay.struct_page_size
+    shift = pf["zones_shift"]
+    width = 64 - shift
+    nbytes = (width + 7) // 8
+    first_byte = 8 - nbytes
+    low_bits = shift - 8 * first_byte  # bits of the lowest used byte below the field
+    ram_pfns = merge([(a >> lay.page_shift, b >> lay.page_shift) for a, b in inputs.ram])
+    chunk = max(1, (2 << 20) // sps)  # struct pages per read: 2 MiB of memmap
+    bad: List[Tuple[int, int, int, int]] = []  # pfn, got field, want field
+    unread: List[Tuple[int, int]] = []
+    zmask = (1 << pf["zones_width"]) - 1
+    tables = []
+    for k in range(nbytes):
+        m = 0xFF if k else (0xFF << low_bits) & 0xFF
+        tables.append(bytes(b & m for b in range(256)))
+    for s in sections:
+        if not s.valid or "ONLINE" not in s.flags or "ZONE_DEVICE" in s.flags:
+            continue
+        s0 = s.start_pfn(lay)
+        for a, b in s.pfn_ranges(lay):
+            for ra, rb, nid, zone in _zone_runs(inputs, ram_pfns, a, b):
+                spans = [(ra, rb)] if deep or rb - ra <= 128 else [(ra, ra + 64), (rb - 64, rb)]
+                want = (nid << pf["zones_width"]) | zone
+                wbytes = (want << low_bits).to_bytes(nbytes, "little")
+                for x, y in spans:
+                    for c in range(x, y, chunk):
+                        n = min(chunk, y - c)
+                        try:
+                            buf = mem.read(lay.pfn_to_page(c), n * sps)
+                        except FaultError:
+                            unread.append((c, c + n))
+                            continue
+                        same = True
+                        for k in range(nbytes):
+                            col = buf[first_byte + k::sps][:n].translate(tables[k])
+                            if col != bytes([wbytes[k]]) * n:
+                                same = False
+                                break
+                        if same:
+                            continue
+                        for i in range(n):
+                            w = int.from_bytes(buf[i * sps:i * sps + 8], "little") >> shift
+                            if w != want:
+                                bad.append((c + i, w, want))
+    out: List[Finding] = []
+    runs: List[List[int]] = []
+    for pfn, got, want in bad:
+        if runs and runs[-1][1] == pfn and runs[-1][2:] == [got, want]:
+            runs[-1][1] = pfn + 1
+        else:
+            runs.append([pfn, pfn + 1, got, want])
+    for p0, p1, got, want in runs:
+        out.append(Finding(
+            "page-node-zone", "error",
+            f"struct pages of pfn {p0}-{p1 - 1} say node {got >> pf['zones_width']} zone {got & zmask}, "
+            f"but the pfns lie in node {want >> pf['zones_width']} zone {want & zmask}",
+            section=p0 >> lay.pfn_section_shift, pfn_start=p0, pfn_end=p1 - 1, vaddr=lay.pfn_to_page(p0),
+            vaddr_end=lay.pfn_to_page(p1)))
+    # struct pages that should be mapped but could not be read are already findings when
+    # unmapped; a mapped one that cannot be read is a filtered or truncated dump
+    for a, b in merge(unread):
+        va, vb = lay.pfn_to_page(a), lay.pfn_to_page(b)
+        if subtract([(va, vb)], list(mapped)) != [(va, vb)]:
+            out.append(Finding("unreadable", "warning",
+                               f"struct pages of pfn {a}-{b - 1} could not be read: their node and zone are unchecked",
+                               section=a >> lay.pfn_section_shift, pfn_start=a, pfn_end=b - 1, vaddr=va, vaddr_end=vb))
+    return out
 
 
 def _merge_offnode(items):

@@ -182,15 +182,16 @@ def pfn(pfn_text, tgt, as_json):
 @target_options
 @click.option("--save-layout", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the model's inputs read from this kernel (replay with `model FILE`).")
+@click.option("--deep", is_flag=True, help="Read every struct page's node and zone, not a sample per section.")
 @_guard
-def check(tgt, as_json, save_layout):
+def check(tgt, as_json, save_layout, deep):
     """Everything: sections, vmemmap page tables, the reference model, and what backs the vmemmap."""
     import json as _json
 
     from inspect_vmemmap import report
 
     ld = _load(tgt)
-    doc, findings, res, inputs, notes = ld.check()
+    doc, findings, res, inputs, notes = ld.check(deep)
     if save_layout:
         try:
             with open(save_layout, "w") as f:

@@ -43,7 +43,7 @@ class Analysis:
         info, findings = explain_pfn(self.t.memory, self.t.layout, self.sections, self.nodes, pfn)
         return report.document(self.t.to_json(), findings, pfn=info), findings
 
-    def check(self):
+    def check(self, deep: bool = False):
         """:return: ``(doc, findings, result, inputs, notes)``."""
         from inspect_vmemmap.check import run_check
         from inspect_vmemmap.target import buddy_checker, gather_inputs
@@ -51,7 +51,7 @@ class Analysis:
         vm = self.vmemmap()
         notes: List[str] = []
         inputs = gather_inputs(self.t, notes)
-        res = run_check(inputs, self.sections, self._leaves, buddy_checker(self.t))
+        res = run_check(inputs, self.sections, self._leaves, buddy_checker(self.t), self.t.memory, deep)
         findings = list(self.sections.findings) + vm.findings + res.findings
         doc = report.document(self.t.to_json(), findings, sections=report.sections_json(self.sections),
                               vmemmap=vm.to_json(), hvo=res.hvo)

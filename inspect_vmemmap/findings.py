@@ -17,6 +17,8 @@ KINDS: Dict[str, str] = {
     "stray-mapping": "warning",
     "offnode-memmap": "warning",
     "unreadable": "warning",
+    # additions to CONTRACT.md
+    "page-node-zone": "error",
 }
 
 SEVERITIES = ("error", "warning", "info")

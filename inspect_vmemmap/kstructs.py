@@ -100,7 +100,8 @@ def e820_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> Opti
 
 
 class ZoneSpans:
-    """Zone spans of every node: ``(start_pfn, end_pfn, zone index)`` (struct zone)."""
+    """Zone spans of every node: ``(start_pfn, end_pfn, zone index, nid)`` (struct zone);
+    empty zones are left out."""
 
     def __init__(self, mem: Memory, types, node_pgdats: List[Tuple[int, int]]) -> None:
         self.spans: List[Tuple[int, int, int]] = []
@@ -110,16 +111,18 @@ class ZoneSpans:
             o_nr = types.offsetof("struct pglist_data", "nr_zones")
             o_start = types.offsetof("struct zone", "zone_start_pfn")
             o_span = types.offsetof("struct zone", "spanned_pages")
-            for _nid, pgdat in node_pgdats:
+            for nid, pgdat in node_pgdats:
                 for z in range(min(_u32(mem, pgdat + o_nr), 8)):
                     zone = pgdat + o_zones + z * zsize
                     s = _u64(mem, zone + o_start)
-                    self.spans.append((s, s + _u64(mem, zone + o_span), z))
+                    n = _u64(mem, zone + o_span)
+                    if n:
+                        self.spans.append((s, s + n, z, nid))
         except (FaultError, KeyError):
             pass
 
     def zone(self, pfn: int) -> Optional[int]:
-        for s, e, z in self.spans:
+        for s, e, z, _ in self.spans:
             if s <= pfn < e:
                 return z
         return None

@@ -46,6 +46,10 @@ class Inputs:
     hvo_shared_tails: bool = False
     #: memory block pfn ranges that are offline (sysfs state), for SECTION_IS_ONLINE
     offline_blocks: List[Interval] = field(default_factory=list)
+    #: (nid, start_pfn, end_pfn, zone index) of every populated zone span (struct zone)
+    zones: List[Tuple[int, int, int, int]] = field(default_factory=list)
+    #: page->flags layout: {"nodes_shift": NODES_PGSHIFT, "nodes_width": .., "zones_shift": .., "zones_width": ..}
+    page_flags: Optional[Dict[str, int]] = None
 
     def to_json(self) -> dict:
         return {
@@ -57,6 +61,8 @@ class Inputs:
                        for f in self.folios],
             "hvo_shared_tails": self.hvo_shared_tails,
             "offline_blocks": [list(b) for b in self.offline_blocks],
+            "zones": [list(z) for z in self.zones],
+            "page_flags": self.page_flags,
         }
 
     @classmethod
@@ -72,6 +78,8 @@ class Inputs:
             folios=[Folio(**f) for f in d.get("folios", [])],
             hvo_shared_tails=bool(d.get("hvo_shared_tails", False)),
             offline_blocks=[tuple(b) for b in d.get("offline_blocks", [])],
+            zones=[tuple(z) for z in d.get("zones", [])],
+            page_flags=d.get("page_flags"),
         )
 
 
@@ -242,3 +250,18 @@ def predict(inp: Inputs) -> Prediction:
         pages = ((1 << f.order) * sps) // page
         hvo.append(HvoPrediction(f, lay.pfn_to_page(f.head_pfn), pages, "shared" if inp.hvo_shared_tails else "head"))
     return Prediction(sections, required, allowed, hvo)
+
+
+def page_flags_layout(max_numnodes: int, max_nr_zones: int, word_bits: int = 64) -> Dict[str, int]:
+    """Where page->flags keeps the node and zone (include/linux/page-flags-layout.h,
+    include/linux/mmzone.h): from the top, | SECTION | NODE | ZONE | ...; SECTIONS_WIDTH
+    is 0 with SPARSEMEM_VMEMMAP; NODES_WIDTH is NODES_SHIFT (log2 MAX_NUMNODES);
+    ZONES_SHIFT is 0, 1, 2 or 3 for MAX_NR_ZONES < 2, <= 2, <= 4, <= 8.
+
+    :return: {"nodes_shift", "nodes_width", "zones_shift", "zones_width"}.
+    """
+    nodes_width = max(max_numnodes - 1, 0).bit_length()
+    zones_width = 0 if max_nr_zones < 2 else 1 if max_nr_zones <= 2 else 2 if max_nr_zones <= 4 else 3
+    nodes_shift = word_bits - nodes_width
+    return {"nodes_shift": nodes_shift, "nodes_width": nodes_width,
+            "zones_shift": nodes_shift - zones_width, "zones_width": zones_width}

@@ -298,12 +298,15 @@ def load_btf(prog, source: str):
     from inspect_vmemmap.btf import Btf, BtfError
 
     try:
-        if source == "live" and os.path.exists("/sys/kernel/btf/vmlinux"):
-            with open("/sys/kernel/btf/vmlinux", "rb") as f:
-                return Btf.parse(f.read())
         from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
 
         prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
+    except Exception:
+        pass
+    try:
+        if source == "live" and os.path.exists("/sys/kernel/btf/vmlinux"):
+            with open("/sys/kernel/btf/vmlinux", "rb") as f:
+                return Btf.parse(f.read())
         start = prog.symbol("__start_BTF").address
         size = prog.symbol("__stop_BTF").address - start
         if not 0 < size < 1 << 28:
@@ -631,6 +634,8 @@ def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
     boot_ram = None
     folios: List = []
     shared_tails = False
+    zone_list: List = []
+    page_flags = None
     if types is None:
         notes.append("no type information (no DWARF, no BTF): boot RAM, HugeTLB pools unknown; "
                      "HVO remaps will show as unexplained")
@@ -652,8 +657,31 @@ def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
         except (FaultError, KeyError) as e:
             notes.append(f"HugeTLB pools could not be read ({_one_line(e)})")
         shared_tails = types.has_member("struct zone", "vmemmap_tails")
+        zone_list = [(nid, s, e, z) for s, e, z, nid in zones.spans]
+        page_flags = _page_flags_layout(t, types)
+        if page_flags is None:
+            notes.append("page->flags layout unknown: struct pages' node and zone unchecked")
     return Inputs(layout=t.layout, ram=ram.ranges, boot_ram=boot_ram, nodes=t.node_spans(), folios=folios,
-                  hvo_shared_tails=shared_tails)
+                  hvo_shared_tails=shared_tails, zones=zone_list if types is not None else [],
+                  page_flags=page_flags if types is not None else None)
+
+
+def _page_flags_layout(t: "Target", types) -> Optional[dict]:
+    """page->flags node and zone fields, from MAX_NUMNODES (x86 VMCOREINFO
+    LENGTH(node_data), else the length of struct hstate's per-node free lists) and
+    MAX_NR_ZONES (enum zone_type's __MAX_NR_ZONES)."""
+    from inspect_vmemmap.model import page_flags_layout
+
+    zones = types.enum_value("__MAX_NR_ZONES")
+    nodes = t.vmcoreinfo.length("node_data")
+    if nodes is None:
+        try:
+            nodes = types.member_size("struct hstate", "hugepage_freelists") // types.sizeof("struct list_head")
+        except KeyError:
+            nodes = None
+    if zones is None or nodes is None or (t.vmcoreinfo.offset("page.flags") or 0) != 0:
+        return None
+    return page_flags_layout(nodes, zones)
 
 
 def _node_pgdats(t: "Target") -> List[Tuple[int, int]]:

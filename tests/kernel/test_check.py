@@ -15,7 +15,7 @@ def errors(doc):
 
 
 def test_healthy_kernel_is_consistent(booted):
-    doc = booted.run("check")
+    doc = booted.run("check", "--deep")
     assert errors(doc) == [], doc["findings"]
     assert doc["summary"]["errors"] == 0
     assert doc["hvo"]["optimized_folios"] == (booted.guest.account.hugepages_total if booted.spec.hvo else 0)
@@ -32,13 +32,13 @@ def mutable(booted):
     core.restore()
 
 
-def _check(booted):
+def _check(booted, *extra):
     import json
     import subprocess
     import sys
 
     p = subprocess.run([sys.executable, "-m", "inspect_vmemmap", "check", "--core", str(booted.core),
-                        "--vmlinux", str(booted.vmlinux), "--json"], capture_output=True, text=True, timeout=600)
+                        "--vmlinux", str(booted.vmlinux), "--json", *extra], capture_output=True, text=True, timeout=600)
     assert "Traceback" not in p.stderr, p.stderr
     return p.returncode, json.loads(p.stdout)
 
@@ -160,3 +160,16 @@ def test_hvo_tail_pointed_elsewhere(mutable):
     assert rc == 1
     f = [f for f in errors(doc) if f["kind"] == "hvo-inconsistent"]
     assert len(f) == 1 and f[0]["pfn_start"] == (va - 0x1000 - ind.vmemmap_base(prog)) // 64
+
+
+def test_struct_page_on_the_wrong_node(mutable):
+    booted, prog, core = mutable
+    pfn = 50000
+    page = ind.vmemmap_base(prog) + pfn * 64
+    phys = ind.follow(prog, page)
+    flags = prog.read_u64(phys, True)
+    core.write_u64(phys, flags ^ (1 << 54))  # page->flags node field is bits 54-63 on amd64
+    rc, doc = _check(booted, "--deep")
+    assert rc == 1
+    f = [f for f in errors(doc) if f["kind"] == "page-node-zone"]
+    assert [(x["pfn_start"], x["pfn_end"]) for x in f] == [(pfn, pfn)]
