@@ -142,7 +142,7 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
                            vaddr=a, vaddr_end=b))
 
     # -- backing: RAM, aliases, node, buddy -----------------------------------------------
-    owners: Dict[int, List[int]] = defaultdict(list)
+    backed: List[Tuple[int, int, int]] = []  # (phys, phys end, vaddr) of leaves in RAM
     outside: List[Tuple[int, int]] = []
     offnode: List[Tuple[int, int, int, int]] = []
     free: List[Tuple[int, int]] = []
@@ -151,8 +151,7 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
         if not ram.covers(phys, phys + size):
             outside.append((va, phys))
             continue
-        for k in range(0, size, lay.page_size):
-            owners[(phys + k) >> shift].append(va + k)
+        backed.append((phys, phys + size, va))
         sec = lay.page_to_pfn(va) >> lay.pfn_section_shift
         sp = pred.sections.get(sec)
         bn = nodes.nid(phys >> shift)
@@ -170,7 +169,7 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
         out.append(Finding("backing-free", "error",
                            f"vmemmap at {va:#x} is backed by pfn {phys >> shift}, which is free in the buddy allocator",
                            section=sec, pfn_start=p0, vaddr=va, phys=phys))
-    for pfn, vas in sorted(owners.items()):
+    for pfn, vas in _shared_pages(backed, shift):
         if len(vas) - alias_ok.get(pfn, 0) > 1:
             vas = sorted(vas)
             sec, p0, _ = _pfn_span(lay, vas[1], vas[1] + 1)
@@ -294,6 +293,33 @@ def check_page_flags(inputs: Inputs, sections: SectionTable, mem, mapped: Sequen
             out.append(Finding("unreadable", "warning",
                                f"struct pages of pfn {a}-{b - 1} could not be read: their node and zone are unchecked",
                                section=a >> lay.pfn_section_shift, pfn_start=a, pfn_end=b - 1, vaddr=va, vaddr_end=vb))
+    return out
+
+
+def _shared_pages(backed: List[Tuple[int, int, int]], shift: int):
+    """Physical pages that more than one leaf maps: sort the leaves' backing by address
+    and sweep, so the cost grows with the number of leaves, not of pages.
+
+    :return: ``[(pfn, [vaddr of each mapping of that page])]``.
+    """
+    backed.sort()
+    out = []
+    i = 0
+    n = len(backed)
+    while i < n:
+        # a cluster of overlapping backing ranges
+        j = i + 1
+        end = backed[i][1]
+        while j < n and backed[j][0] < end:
+            end = max(end, backed[j][1])
+            j += 1
+        if j - i > 1:
+            per: Dict[int, List[int]] = defaultdict(list)
+            for a, b, va in backed[i:j]:
+                for p in range(a >> shift, b >> shift):
+                    per[p].append(va + ((p << shift) - a))
+            out.extend((p, vas) for p, vas in sorted(per.items()) if len(vas) > 1)
+        i = j
     return out
 
 
