@@ -7,6 +7,7 @@ everything else takes a :class:`KernelLayout` and stays free of drgn.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Dict, Optional
 
 
@@ -67,15 +68,15 @@ class KernelLayout:
     #: where each value came from, and anything assumed
     notes: Dict[str, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def page_shift(self) -> int:
         return self.page_size.bit_length() - 1
 
-    @property
+    @cached_property
     def pfn_section_shift(self) -> int:
         return self.section_size_bits - self.page_shift
 
-    @property
+    @cached_property
     def pages_per_section(self) -> int:
         return 1 << self.pfn_section_shift
 
@@ -83,15 +84,15 @@ class KernelLayout:
     def nr_mem_sections(self) -> int:
         return 1 << (self.max_physmem_bits - self.section_size_bits)
 
-    @property
+    @cached_property
     def section_map_mask(self) -> int:
         return ~((1 << self.section_map_last_bit) - 1) & (2**64 - 1)
 
-    @property
+    @cached_property
     def subsections_per_section(self) -> int:
         return 1 << (self.section_size_bits - self.subsection_shift)
 
-    @property
+    @cached_property
     def pages_per_subsection(self) -> int:
         return 1 << (self.subsection_shift - self.page_shift)
 
@@ -107,7 +108,7 @@ class KernelLayout:
         return (addr - self.vmemmap_base) // self.struct_page_size
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items()}
         for k in ("vmemmap_base", "mem_section_addr", "pgtable_root", "sme_mask"):
             d[k] = hex(d[k])
         return d

@@ -20,7 +20,7 @@ class Section:
     """One non-empty ``struct mem_section``."""
 
     __slots__ = ("nr", "addr", "section_mem_map", "usage", "flags", "unknown_flags", "coded_mem_map",
-                 "subsection_map", "nid")
+                 "subsection_map", "nid", "_ranges")
 
     def __init__(self, nr: int, addr: int, section_mem_map: int, usage: int, layout: KernelLayout) -> None:
         self.nr = nr
@@ -36,6 +36,7 @@ class Section:
         self.coded_mem_map = section_mem_map & layout.section_map_mask
         self.subsection_map: Optional[int] = None  # bitmap, None where not read
         self.nid: Optional[int] = None
+        self._ranges: Optional[List[Tuple[int, int]]] = None
 
     @property
     def present(self) -> bool:
@@ -75,7 +76,12 @@ class Section:
         return self.subsection_map & full
 
     def pfn_ranges(self, layout: KernelLayout) -> List[Tuple[int, int]]:
-        """Runs ``[start, end)`` of valid pfns in this section."""
+        """Runs ``[start, end)`` of valid pfns in this section (computed once)."""
+        if self._ranges is None:
+            self._ranges = self._pfn_ranges(layout)
+        return self._ranges
+
+    def _pfn_ranges(self, layout: KernelLayout) -> List[Tuple[int, int]]:
         bits = self.valid_subsections(layout)
         pps = layout.pages_per_subsection
         base = self.start_pfn(layout)
@@ -143,6 +149,15 @@ def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) ->
     spr = layout.sections_per_root
     size = layout.mem_section_size
     nroots = layout.nr_section_roots
+    # NR_SECTION_ROOTS is DIV_ROUND_UP(NR_MEM_SECTIONS, SECTIONS_PER_ROOT): a larger count
+    # (a damaged LENGTH(mem_section)) would only make the decoder read garbage for long
+    most = -(-(1 << max(0, layout.max_physmem_bits - layout.section_size_bits)) // max(spr, 1))
+    if nroots > most:
+        table.findings.append(Finding(
+            "unreadable", "warning",
+            f"mem_section has {nroots} roots by LENGTH(mem_section), more than the {most} that MAX_PHYSMEM_BITS "
+            f"{layout.max_physmem_bits} and SECTION_SIZE_BITS {layout.section_size_bits} allow: roots {most}- not read"))
+        nroots = most
     mask64 = 2**64 - 1
     roots: List[Tuple[int, int]] = []  # (root index, address of its sections)
     if layout.sparsemem_extreme:
@@ -150,12 +165,7 @@ def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) ->
         if not base:
             table.findings.append(Finding("section-flags", "error", "mem_section is NULL: sparse_init never ran or the pointer was overwritten"))
             return table
-        try:
-            raw = mem.read(base, nroots * 8)
-        except FaultError:
-            table.findings.append(Finding("unreadable", "warning", f"the mem_section root array at {base:#x} could not be read", vaddr=base))
-            return table
-        for i, p in enumerate(struct.unpack(f"<{nroots}Q", raw)):
+        for i, p in _read_roots(table, mem, base, nroots, spr):
             if p:
                 roots.append((i, p))
     else:
@@ -193,6 +203,41 @@ def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) ->
                         f"section {s.nr}: usage at {s.usage:#x} could not be read; its subsection map is unknown",
                         section=s.nr, vaddr=s.usage))
     return table
+
+
+def _read_roots(table: SectionTable, mem: Memory, base: int, nroots: int, spr: int) -> List[Tuple[int, int]]:
+    """The SPARSEMEM_EXTREME root pointers: in one read, or page by page when that fails
+    (a truncated or filtered dump), so that the readable roots are still used; each run
+    of unreadable pages becomes one ``unreadable`` finding naming its roots and sections.
+
+    :return: ``[(root index, pointer)]`` of the roots that could be read.
+    """
+    try:
+        return list(enumerate(struct.unpack(f"<{nroots}Q", mem.read(base, nroots * 8))))
+    except FaultError:
+        pass
+    out: List[Tuple[int, int]] = []
+    chunk = 512  # roots per 4 KiB, read at 4 KiB boundaries
+    bad: List[List[int]] = []  # [first root, end root) runs that could not be read
+    i = 0
+    while i < nroots:
+        n = min(nroots - i, chunk - (((base + i * 8) & 4095) >> 3)) or chunk
+        try:
+            raw = mem.read(base + i * 8, n * 8)
+        except FaultError:
+            if bad and bad[-1][1] == i:
+                bad[-1][1] = i + n
+            else:
+                bad.append([i, i + n])
+        else:
+            out.extend(zip(range(i, i + n), struct.unpack(f"<{n}Q", raw)))
+        i += n
+    for a, b in bad:
+        table.findings.append(Finding(
+            "unreadable", "warning",
+            f"mem_section root pointers {a}-{b - 1} at {base + a * 8:#x}-{base + b * 8:#x} could not be read: "
+            f"sections {a * spr}-{b * spr - 1} unknown", vaddr=base + a * 8, vaddr_end=base + b * 8, section=a * spr))
+    return out
 
 
 def _check_flags(table: SectionTable, s: Section) -> None:
