@@ -6,6 +6,11 @@
         guest.account.hugepages_total
         core = guest.dump(tmp_path / "6.1.core")
 
+Memory hotplug: a spec with ``maxmem`` (``slots``, ``hotplug_online``, ``memmap_on_memory``)
+boots a guest that can take pc-dimms; ``guest.hotplug("1G", node=None)`` adds one and
+returns once the guest has onlined it (``guest.dimms[-1]`` is where QEMU put it,
+``guest.account`` the guest's account afterwards).
+
 Everything fails with :class:`LabError`. Artifacts are cached under
 ``$INSPECT_VMEMMAP_CACHE`` (default ``${XDG_CACHE_HOME:-~/.cache}/inspect-vmemmap``).
 """
@@ -15,7 +20,7 @@ from .arch import ARCHES, ArchInfo
 from .cache import cache_root
 from .debian import SERIES, DebianKernel, fetch_debian_kernel
 from .errors import LabError
-from .guest import Guest, GuestSpec, boot_guest, kvm_usable
+from .guest import Dimm, Guest, GuestSpec, boot_guest, kvm_usable
 from .initramfs import build_initramfs
 from .qmp import dump_vmcoreinfo, qmp_command
 
@@ -23,6 +28,7 @@ __all__ = [
     "ARCHES",
     "ArchInfo",
     "DebianKernel",
+    "Dimm",
     "Guest",
     "GuestAccount",
     "GuestSpec",

@@ -24,6 +24,8 @@ from .qmp import dump_vmcoreinfo, qmp_command
 
 DEFAULT_TIMEOUT = 180.0
 _SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes; keep a margin
+#: memhp_default_state= values (mm/memory_hotplug.c mhp_online_type_from_str)
+HOTPLUG_ONLINE_STATES = ("online", "online_kernel", "online_movable", "offline")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,27 @@ class GuestSpec:
     qemu_args: Sequence[str] = ()  # appended to the QEMU command line (e.g. -virtfs ...)
     accel: str = "tcg"  # KVM guests hang on some hosts; see kvm_usable()
     smp: int = 0  # 0: max(1, numa)
+    # Memory hotplug (Guest.hotplug): maxmem gives QEMU `-m MEM,slots=N,maxmem=MAXMEM`, and the
+    # guest watches its memory blocks and prints its account again when they change.
+    maxmem: str | None = None  # QEMU size syntax; None: no hotplug
+    slots: int = 0  # pc-dimm slots (0: 4 when maxmem is set)
+    hotplug_online: str = "online"  # memhp_default_state= when maxmem is set ('': kernel default)
+    memmap_on_memory: bool = False  # memory_hotplug.memmap_on_memory=1
+
+
+@dataclass(frozen=True)
+class Dimm:
+    """One hot-added pc-dimm, as QEMU placed it (query-memory-devices)."""
+
+    id: str  # device id
+    memdev: str  # memory backend object id
+    addr: int  # guest physical start, bytes
+    size: int  # bytes
+    node: int | None
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
 
 
 def kvm_usable() -> bool:
@@ -71,6 +94,10 @@ def kernel_cmdline(spec: GuestSpec, info: ArchInfo) -> str:
         parts.append(f"hugepages={spec.hugepages}")
     if spec.hvo:
         parts.append("hugetlb_free_vmemmap=on")
+    if spec.maxmem and spec.hotplug_online:
+        parts.append(f"memhp_default_state={spec.hotplug_online}")
+    if spec.memmap_on_memory:
+        parts.append("memory_hotplug.memmap_on_memory=1")
     if spec.cmdline:
         parts.append(spec.cmdline.strip())
     return " ".join(parts)
@@ -82,9 +109,19 @@ def qemu_argv(
 ) -> list[str]:
     total = parse_size_mib(spec.mem)
     smp = spec.smp or max(1, spec.numa)
+    mem_arg = f"{total}M"
+    if spec.maxmem:
+        maxmem = parse_size_mib(spec.maxmem)
+        if maxmem <= total:
+            raise LabError(f"maxmem {spec.maxmem} leaves no room above mem {spec.mem} for hotplug")
+        if spec.hotplug_online and spec.hotplug_online not in HOTPLUG_ONLINE_STATES:
+            raise LabError(f"hotplug_online={spec.hotplug_online!r}: not one of {', '.join(HOTPLUG_ONLINE_STATES)}")
+        mem_arg += f",slots={spec.slots or 4},maxmem={maxmem}M"
+    elif spec.slots:
+        raise LabError("slots needs maxmem")
     argv = [
         qemu, "-accel", spec.accel, "-cpu", info.cpu_arg(spec.la57), *info.machine_args,
-        "-m", f"{total}M", "-smp", str(smp),
+        "-m", mem_arg, "-smp", str(smp),
         "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", kernel_cmdline(spec, info),
@@ -126,8 +163,9 @@ class Guest:
         self.initramfs: Path | None = None
         self.argv: list[str] = []
         self.process: subprocess.Popen | None = None
-        self.account: GuestAccount | None = None
+        self.account: GuestAccount | None = None  # refreshed by hotplug()
         self.boot_seconds: float | None = None
+        self.dimms: list[Dimm] = []  # hot-added by hotplug(), in order
 
     # -- console -------------------------------------------------------------------------------
 
@@ -192,6 +230,80 @@ class Guest:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         return path
+
+    # -- memory hotplug ------------------------------------------------------------------------
+
+    def hotplug(self, size: str, node: int | None = None, timeout: float = 120.0) -> None:
+        """Hot-add a pc-dimm of ``size`` (QEMU size syntax) on ``node`` and wait for the guest.
+
+        Adds a memory-backend-ram and a pc-dimm through QMP, then waits until the guest's
+        account (printed again by /init whenever its memory blocks change) shows every
+        memory block of the DIMM in the state the spec's ``hotplug_online`` asks for
+        (``offline`` for 'offline', ``online`` for the online_* ones, either for '').
+        Afterwards ``self.account`` is that account and ``self.dimms`` ends with the DIMM
+        (at the address QEMU chose; it is recorded as soon as QEMU has it, even if the
+        guest then fails to online it). Raises LabError, with the console tail, on timeout.
+        """
+        if not self.spec.maxmem:
+            raise LabError("hotplug needs a GuestSpec with maxmem")
+        if self.account is None or not self.account.memory_block_size:
+            raise LabError("the guest's account has no memory block size (no memory hotplug?)")
+        bs = self.account.memory_block_size
+        nbytes = parse_size_mib(size) << 20
+        if nbytes % bs:
+            # mm/memory_hotplug.c check_hotplug_memory_range(): whole memory blocks only
+            raise LabError(f"hotplug size {size} is not a multiple of the guest's memory block size ({bs >> 20}M)")
+        n = len(self.dimms)
+        memdev, dev = f"ivm-hp-mem{n}", f"ivm-hp-dimm{n}"
+        mark = len(self.console_text())
+        self.qmp("object-add", {"qom-type": "memory-backend-ram", "id": memdev, "size": nbytes})
+        args: dict[str, Any] = {"driver": "pc-dimm", "id": dev, "memdev": memdev}
+        if node is not None:
+            args["node"] = node
+        try:
+            self.qmp("device_add", args)
+        except LabError:
+            with contextlib.suppress(LabError):
+                self.qmp("object-del", id=memdev)
+            raise
+        found = [d.get("data", {}) for d in self.qmp("query-memory-devices")
+                 if d.get("data", {}).get("id") == dev]
+        if not found:
+            raise LabError(f"QEMU does not list {dev} after device_add")
+        dimm = Dimm(dev, memdev, int(found[0]["addr"]), int(found[0]["size"]), found[0].get("node", node))
+        self.dimms.append(dimm)
+
+        blocks = range(dimm.addr // bs, (dimm.end + bs - 1) // bs)
+        if self.spec.hotplug_online == "offline":
+            want = {"offline"}
+        elif self.spec.hotplug_online:
+            want = {"online"}
+        else:  # the kernel's default policy: either, once every block is there
+            want = {"online", "offline"}
+        deadline = time.monotonic() + timeout
+        acc = None
+        while True:
+            text = self.console_text()[mark:]
+            try:
+                acc = parse_account(text)
+            except LabError:
+                acc = None
+            if acc is not None and all(acc.memory_blocks.get(b) in want for b in blocks):
+                self.account = acc
+                return
+            rc = self.process.poll() if self.process is not None else None
+            if rc is not None:
+                raise LabError(f"QEMU exited (status {rc}) during hotplug of {dev}: {self._qemu_log_tail()}\n"
+                               + "\n".join(self.console_tail(30)))
+            if time.monotonic() > deadline:
+                seen = ("blocks " + ", ".join(f"memory{b}={acc.memory_blocks.get(b, 'absent')}" for b in blocks)
+                        if acc is not None else "no new account printed")
+                raise LabError(
+                    f"guest {self.kernel.release}: {dev} ({size} at {dimm.addr:#x}) not "
+                    f"{'/'.join(sorted(want))} after {timeout:.0f}s ({seen}); last console lines:\n"
+                    + "\n".join(self.console_tail(30))
+                )
+            time.sleep(0.2)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -275,7 +387,7 @@ def boot_guest(
     if kernel is None:
         kernel = fetch_debian_kernel(spec.debian, spec.arch, progress=progress)
     modules = kernel.ensure_modules(["qemu_fw_cfg", *spec.extra_modules], progress=progress)
-    initrd = build_initramfs(modules, spec.init_extra, progress=progress)
+    initrd = build_initramfs(modules, spec.init_extra, progress=progress, watch_memory=bool(spec.maxmem))
 
     own_workdir = workdir is None
     wd = Path(tempfile.mkdtemp(prefix="ivm-guest-")) if own_workdir else Path(workdir).absolute()

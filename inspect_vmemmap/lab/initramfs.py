@@ -23,6 +23,7 @@ MARK_ACCOUNT_END = "IVM-ACCOUNT-END"
 MARK_READY = "IVM-READY"
 MARK_ERROR = "IVM-ERROR"
 MARK_SECTION = "@@"  # "@@ <section name>" starts a section inside the account
+MARK_MEMORY_CHANGED = "IVM-MEMORY-CHANGED"  # "IVM-MEMORY-CHANGED <n>": memory blocks changed
 
 
 def find_static_busybox() -> Path:
@@ -89,8 +90,42 @@ done
 """
 
 
-def make_init(modules: Sequence[str], init_extra: str = "") -> str:
-    """The /init script. ``modules`` are in-initramfs paths, in load order."""
+# With watch_memory: after IVM-READY a background loop polls the memory blocks' sysfs state
+# (shell builtins only, no fork but `sleep`; its variables are ivm_* as the account's
+# loops reuse plain names) and, whenever the set of blocks or a state
+# changes (hot-add, onlining), prints "IVM-MEMORY-CHANGED <n>" and the whole account again.
+# The signature is taken before the boot account, so no change after it can be missed.
+_MEMSIG_FUNC = r"""
+ivm_memsig() {
+  ivm_sig=""
+  for ivm_b in /sys/devices/system/memory/memory*; do
+    [ -f "$ivm_b/state" ] && read ivm_st < "$ivm_b/state" && ivm_sig="$ivm_sig ${ivm_b##*/}=$ivm_st"
+  done
+}
+"""
+
+_MEMORY_WATCHER = r"""
+(
+  ivm_changes=0
+  while true; do
+    sleep 0.5
+    ivm_last="$ivm_sig"
+    ivm_memsig
+    if [ "$ivm_sig" != "$ivm_last" ]; then
+      ivm_changes=$((ivm_changes + 1))
+      echo "%(changed)s $ivm_changes"
+      ivm_account
+    fi
+  done
+) &
+"""
+
+
+def make_init(modules: Sequence[str], init_extra: str = "", watch_memory: bool = False) -> str:
+    """The /init script. ``modules`` are in-initramfs paths, in load order.
+
+    With ``watch_memory`` the account is printed again whenever memory blocks change.
+    """
     lines = [
         "#!/bin/busybox sh",
         "/bin/busybox mkdir -p /proc /sys /dev /tmp /run /mnt /sbin /usr/bin /usr/sbin",
@@ -114,12 +149,18 @@ def make_init(modules: Sequence[str], init_extra: str = "") -> str:
     lines += [
         # Keep kernel messages from interleaving with the account.
         "echo 1 > /proc/sys/kernel/printk",
+        "ivm_account() {",
         f"echo {MARK_ACCOUNT_BEGIN}",
         _ACCOUNT_SCRIPT.strip("\n"),
         f"echo {MARK_ACCOUNT_END}",
-        f"echo {MARK_READY}",
-        "while true; do sleep 3600; done",
+        "}",
     ]
+    if watch_memory:
+        lines += [_MEMSIG_FUNC.strip("\n"), "ivm_memsig"]
+    lines += ["ivm_account", f"echo {MARK_READY}"]
+    if watch_memory:
+        lines.append((_MEMORY_WATCHER % {"changed": MARK_MEMORY_CHANGED}).strip("\n"))
+    lines.append("while true; do sleep 3600; done")
     return "\n".join(lines) + "\n"
 
 
@@ -180,8 +221,12 @@ def build_initramfs(
     busybox: Path | None = None,
     progress: Progress = None,
     cache_dir: Path | None = None,
+    watch_memory: bool = False,
 ) -> Path:
-    """Build (or reuse from the cache) an initramfs loading ``module_files`` in order."""
+    """Build (or reuse from the cache) an initramfs loading ``module_files`` in order.
+
+    ``watch_memory``: see :func:`make_init`.
+    """
     busybox = busybox or find_static_busybox()
     cio = Cpio()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "mnt", "lib/modules"):
@@ -193,7 +238,7 @@ def build_initramfs(
         name = f"lib/modules/{i:02d}-{f.name}"
         cio.file(name, f.read_bytes())
         in_guest.append("/" + name)
-    cio.file("init", make_init(in_guest, init_extra).encode(), 0o755)
+    cio.file("init", make_init(in_guest, init_extra, watch_memory).encode(), 0o755)
     data = cio.getvalue()
     key = hashlib.sha256(data).hexdigest()[:24]
     out = (cache_dir or cache_root() / "initramfs") / f"{key}.cpio"

@@ -24,6 +24,7 @@ def qmp_command(
     """
     deadline = time.monotonic() + timeout
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    f = None
     try:
         s.settimeout(min(timeout, 10.0))
         try:
@@ -73,6 +74,10 @@ def qmp_command(
             raise LabError(f"QMP {command} failed: {err.get('class')}: {err.get('desc')}")
         return reply.get("return")
     finally:
+        # The file object keeps the descriptor open after s.close() (and a traceback keeps
+        # the file object alive): QEMU would see this client connected and greet no other.
+        if f is not None:
+            f.close()
         s.close()
 
 
