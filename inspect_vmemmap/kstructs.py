@@ -212,3 +212,66 @@ def buddy_checker(mem: Memory, types, layout: KernelLayout, max_order: int = 10)
         return False
 
     return free
+
+
+def xarray_entries(mem: Memory, types, xa: int, limit: int = 1 << 20) -> List[int]:
+    """The pointer entries of the xarray at ``xa`` (include/linux/xarray.h: an internal
+    entry ``> 4096`` with low bits 10 is a node, ``entry - 2``; value entries have bit 0
+    set). Bounded by ``limit`` entries and by visiting each node once.
+
+    :return: the entries, in index order.
+    """
+    o_head = types.offsetof("struct xarray", "xa_head")
+    o_slots = types.offsetof("struct xa_node", "slots")
+    nslots = types.member_size("struct xa_node", "slots") // 8
+    out: List[int] = []
+    seen = set()
+
+    def visit(entry: int) -> None:
+        if not entry or entry & 1 or len(out) >= limit:
+            return
+        if entry & 3 == 2:
+            if entry <= 4096:
+                return  # retry, zero or sibling entries
+            node = entry - 2
+            if node in seen:
+                return
+            seen.add(node)
+            for slot in struct.unpack(f"<{nslots}Q", mem.read(node + o_slots, nslots * 8)):
+                visit(slot)
+            return
+        out.append(entry)
+
+    visit(_u64(mem, xa + o_head))
+    return out
+
+
+def memory_block_states(mem: Memory, types, symbol: Callable[[str], Optional[int]],
+                        layout: KernelLayout) -> Optional[List[Tuple[int, int, bool]]]:
+    """Every memory block (drivers/base/memory.c ``memory_blocks``) as ``(start_pfn,
+    end_pfn, online)``: what /sys/devices/system/memory/memoryN/state says.
+
+    MEM_OFFLINE is enumerator 2 of enum memory_block_state since 6.x's conversion, and the
+    #define ``1 << 2`` before it (include/linux/memory.h).
+
+    :return: the blocks, or None where they cannot be read.
+    """
+    xa = symbol("memory_blocks")
+    spb_addr = symbol("sections_per_block")
+    if xa is None or spb_addr is None:
+        return None
+    try:
+        spb = _u32(mem, spb_addr)
+        offline = types.enum_value("MEM_OFFLINE")
+        if offline is None:
+            offline = 1 << 2
+        o_start = types.offsetof("struct memory_block", "start_section_nr")
+        o_state = types.offsetof("struct memory_block", "state")
+        pps = layout.pages_per_section
+        out = []
+        for mb in xarray_entries(mem, types, xa):
+            start = _u64(mem, mb + o_start) * pps
+            out.append((start, start + spb * pps, _u32(mem, mb + o_state) != offline))
+        return out
+    except (FaultError, KeyError):
+        return None

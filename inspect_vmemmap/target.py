@@ -636,6 +636,7 @@ def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
     shared_tails = False
     zone_list: List = []
     page_flags = None
+    offline_blocks: List = []
     if types is None:
         notes.append("no type information (no DWARF, no BTF): boot RAM, HugeTLB pools unknown; "
                      "HVO remaps will show as unexplained")
@@ -658,11 +659,17 @@ def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
             notes.append(f"HugeTLB pools could not be read ({_one_line(e)})")
         shared_tails = types.has_member("struct zone", "vmemmap_tails")
         zone_list = [(nid, s, e, z) for s, e, z, nid in zones.spans]
+        blocks = kstructs.memory_block_states(t.memory, types, symbol, t.layout)
+        if blocks is None:
+            notes.append("memory blocks: not read; all memory treated as online")
+        else:
+            offline_blocks = [(a, b) for a, b, online in blocks if not online]
         page_flags = _page_flags_layout(t, types)
         if page_flags is None:
             notes.append("page->flags layout unknown: struct pages' node and zone unchecked")
     return Inputs(layout=t.layout, ram=ram.ranges, boot_ram=boot_ram, nodes=t.node_spans(), folios=folios,
-                  hvo_shared_tails=shared_tails, zones=zone_list if types is not None else [],
+                  hvo_shared_tails=shared_tails, offline_blocks=offline_blocks,
+                  zones=zone_list if types is not None else [],
                   page_flags=page_flags if types is not None else None)
 
 

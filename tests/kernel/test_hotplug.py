@@ -44,8 +44,6 @@ SCENARIOS = {
     "6.12-offline": (GuestSpec(debian="6.12", la57=False, hotplug_online="offline", **_HP), ("1G",)),
 }
 
-#: `check` cannot know which memory blocks are offline yet (Inputs.offline_blocks is empty)
-OFFLINE_GAP = "target.gather_inputs does not fill Inputs.offline_blocks (memory_blocks states)"
 
 
 @dataclass
@@ -128,18 +126,8 @@ def test_guest_account(hot):
     assert set(hot.before.memory_blocks.items()) <= set(acc.memory_blocks.items())
 
 
-def _known_offline_gap(hot, doc):
-    """xfail if the only errors are the known gap: offline hot-added sections expected online."""
-    if hot.online:
-        return
-    hot_nrs = {nr for d in hot.guest.dimms for nr in hot.sections_of(d)}
-    if {(f["kind"], f["section"]) for f in errors(doc)} == {("section-flags", nr) for nr in hot_nrs}:
-        pytest.xfail(OFFLINE_GAP)
-
-
 def test_check_is_consistent(hot):
     rc, doc = hot.cli("check")
-    _known_offline_gap(hot, doc)
     assert errors(doc) == [], doc["findings"]
     assert rc == 0
     hot_nrs = {nr for d in hot.guest.dimms for nr in hot.sections_of(d)}
@@ -220,7 +208,6 @@ def test_hot_added_vmemmap_backing(hot):
 def test_check_live(hot):
     """The same through the running guest's QMP socket."""
     rc, doc = hot.cli("check", live=True)
-    _known_offline_gap(hot, doc)
     assert errors(doc) == [], doc["findings"]
     assert rc == 0
     assert doc["target"]["source"] != "vmcore"
