@@ -182,6 +182,12 @@ def map_vmemmap(
             return "hvo-tail", (first, last)
         return "memmap", (first, last)
 
+    def pfns_of(ev) -> Tuple[int, int]:
+        # the pfns whose struct pages an entry covers, within the walked range (an upper
+        # level entry covers more than the vmemmap: pfns are never negative nor absurd)
+        a, b = max(ev.vaddr, vm.start, base), min(ev.vaddr + ev.size, vm.end)
+        return (a - base) // sps, (max(a, b - 1) - base) // sps
+
     for ev in walk(mem, fmt, layout.pgtable_root, vm.start, vm.end, phys_ok):
         if type(ev) is Leaf:
             size = ev.size
@@ -214,18 +220,16 @@ def map_vmemmap(
             ranges.append(cur)
         elif type(ev) is BadEntry:
             cur = None
-            p0 = (ev.vaddr - base) // sps
-            p1 = (ev.vaddr + ev.size - base) // sps - 1
+            p0, p1 = pfns_of(ev)
             vm.findings.append(Finding(
                 "bad-entry", "error",
                 f"malformed {ev.level} entry {ev.entry:#018x} for {ev.vaddr:#x}-{ev.vaddr + ev.size:#x} "
                 f"(struct pages of pfn {p0}-{p1}): {ev.reason}",
-                section=p0 >> pfn_shift if p0 >= 0 else None, pfn_start=p0, pfn_end=p1, vaddr=ev.vaddr,
+                section=p0 >> pfn_shift, pfn_start=p0, pfn_end=p1, vaddr=ev.vaddr,
                 vaddr_end=ev.vaddr + ev.size, level=ev.level, entry=ev.entry, table_phys=ev.table_phys, index=ev.index))
         else:
             cur = None
-            p0 = (ev.vaddr - base) // sps
-            p1 = (ev.vaddr + ev.size - base) // sps - 1
+            p0, p1 = pfns_of(ev)
             vm.findings.append(Finding(
                 "unreadable", "warning",
                 f"{ev.level} table at phys {ev.table_phys:#x} could not be read: the mapping of "
