@@ -233,3 +233,13 @@ def model(layout_file, as_json):
     else:
         report.print_model(_console(), inputs, pred)
     sys.exit(0)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def boot(args):
+    """Boot a kernel in a throwaway QEMU VM with a given memory layout and check its vmemmap
+    (from the host, or --in-guest); `boot --help` for the options."""
+    from inspect_vmemmap.lab import boot as _boot  # its options and logic: inspect_vmemmap/lab/boot.py
+
+    sys.exit(_boot.command.main(list(args), prog_name="inspect-vmemmap boot", standalone_mode=False) or 0)

@@ -1,0 +1,214 @@
+"""Running the tool inside a lab guest, against the guest's own /proc/kcore.
+
+The guest mounts the host's root file system read-only over virtio-9p (mount tag
+``hostroot``), mounts its own proc, sysfs, devtmpfs and a tmpfs on /tmp inside that tree,
+and chroots into it to run the host's Python (``sys.executable``, with the project on
+PYTHONPATH): the very interpreter, drgn and source tree the host uses, with no copy.
+
+The host asks for a run over a second serial line (a QEMU chardev socket: an ISA
+16550, ``/dev/ttyS1``, on x86_64; a virtio console, ``/dev/hvc0``, on aarch64), so kernel
+messages on the console never mix with the result. The request is one line::
+
+    check NONCE ARGS...
+
+and the guest answers::
+
+    IVM-INGUEST-BEGIN NONCE
+    <the tool's stdout>
+    IVM-INGUEST-STDERR NONCE
+    <the tool's stderr>
+    IVM-INGUEST-END NONCE STATUS
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shlex
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LabError
+
+MOUNT_TAG = "hostroot"
+GUEST_ROOT = "/host"  # where the guest mounts the host's root
+MARK_BEGIN = "IVM-INGUEST-BEGIN"
+MARK_STDERR = "IVM-INGUEST-STDERR"
+MARK_END = "IVM-INGUEST-END"
+
+#: 9p over virtio; the lab adds their dependencies (netfs, 9pnet, fscache on 6.1, virtio, virtio_ring)
+MODULES = ("9pnet_virtio", "9p")
+#: loaded when the kernel has them as modules (6.1: virtio_pci is =m), else taken to be built in
+OPTIONAL_MODULES = {"x86_64": ("virtio_pci",), "aarch64": ("virtio_pci", "virtio_console")}
+#: the guest end of the request line, per architecture
+CHANNEL_DEVICE = {"x86_64": "/dev/ttyS1", "aarch64": "/dev/hvc0"}
+
+
+def project_root() -> Path:
+    """The directory holding the ``inspect_vmemmap`` package (put on the guest's PYTHONPATH)."""
+    import inspect_vmemmap
+
+    return Path(inspect_vmemmap.__file__).resolve().parent.parent
+
+
+def modules_for(arch: str, available) -> list[str]:
+    """Module names to load: 9p and, where ``available`` (module names the kernel has as
+    modules) lists them, the virtio transport and console."""
+    return [m for m in OPTIONAL_MODULES.get(arch, ()) if m in available] + list(MODULES)
+
+
+def qemu_args(arch: str, channel_socket: Path) -> list[str]:
+    """The host's root as a read-only 9p export, and the request line on ``channel_socket``."""
+    args = [
+        "-fsdev", f"local,id=ivmroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", f"virtio-9p-pci,fsdev=ivmroot,mount_tag={MOUNT_TAG}",
+        "-chardev", f"socket,id=ivmreq,path={channel_socket},server=on,wait=off",
+    ]
+    if arch == "x86_64":
+        args += ["-device", "isa-serial,chardev=ivmreq"]
+    else:
+        args += ["-device", "virtio-serial-pci", "-device", "virtconsole,chardev=ivmreq"]
+    return args
+
+
+def init_script(arch: str, python: str | None = None, pythonpath: Path | None = None) -> str:
+    """Shell for the lab's ``init_extra``: mount the host root and start the request loop.
+
+    Runs as part of /init before the guest reports ready, so a failure here (reported with
+    ``fail``) fails the boot with its reason.
+    """
+    python = python or sys.executable
+    pythonpath = pythonpath or project_root()
+    chan = CHANNEL_DEVICE.get(arch)
+    if chan is None:
+        raise LabError(f"--in-guest: no request channel for {arch}")
+    r = GUEST_ROOT
+    env = " ".join(shlex.quote(a) for a in (
+        "HOME=/tmp", "PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin", "LANG=C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1", f"PYTHONPATH={pythonpath}",
+    ))
+    py = shlex.quote(python)
+    return f"""\
+ivm_ig() {{
+  mkdir -p {r} || return 1
+  mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose {MOUNT_TAG} {r} \\
+    || {{ fail "in-guest: cannot mount the host root over 9p ({MOUNT_TAG})"; return 1; }}
+  for d in proc sys dev tmp; do
+    [ -d {r}/$d ] || {{ fail "in-guest: the host has no /$d to mount on"; return 1; }}
+  done
+  mount -t proc proc {r}/proc && mount -t sysfs sysfs {r}/sys && mount -t devtmpfs devtmpfs {r}/dev \\
+    && mount -t tmpfs -o mode=1777 tmpfs {r}/tmp \\
+    || {{ fail "in-guest: cannot mount proc, sysfs, devtmpfs and tmpfs in {r}"; return 1; }}
+  # (the venv's python is a symlink to an absolute path: look at it inside the chroot)
+  chroot {r} /bin/sh -c "[ -x {py} ]" || {{ fail "in-guest: "{py}" does not run in the host root over 9p"; return 1; }}
+  [ -e {chan} ] || {{ fail "in-guest: no {chan} (the request line)"; return 1; }}
+  exec 3<>{chan} && stty raw -echo <&3 || {{ fail "in-guest: cannot open {chan}"; return 1; }}
+  (
+    while read -r ivm_cmd ivm_nonce ivm_args <&3; do
+      [ "$ivm_cmd" = check ] || continue
+      env -i {env} chroot {r} {py} -m inspect_vmemmap check $ivm_args \\
+        > {r}/tmp/ivm-check.out 2> {r}/tmp/ivm-check.err
+      ivm_rc=$?
+      {{ echo; echo "{MARK_BEGIN} $ivm_nonce"; cat {r}/tmp/ivm-check.out; echo
+         echo "{MARK_STDERR} $ivm_nonce"; cat {r}/tmp/ivm-check.err; echo
+         echo "{MARK_END} $ivm_nonce $ivm_rc"; }} >&3
+    done
+  ) &
+}}
+ivm_ig
+"""
+
+
+@dataclass
+class InGuestResult:
+    status: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+class Channel:
+    """The host end of the request line (a QEMU chardev socket in server mode)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.sock: socket.socket | None = None
+
+    def connect(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(self.path))
+                self.sock = s
+                return
+            except OSError as e:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise LabError(f"cannot connect to the guest's request line {self.path}: {e}") from None
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def run_check(self, args: list[str], timeout: float, alive=None) -> InGuestResult:
+        """Ask the guest to run ``check ARGS`` and wait for its answer.
+
+        ``alive``: a callable raising LabError when the guest died (polled while waiting).
+        """
+        if any(not re.fullmatch(r"--[a-z-]+", a) for a in args):
+            raise LabError(f"in-guest: unsupported check arguments {args}")
+        if self.sock is None:
+            self.connect()
+        nonce = secrets.token_hex(4)
+        start = time.monotonic()
+        self.sock.sendall(f"check {nonce} {' '.join(args)}\n".encode())
+        end_re = re.compile(rf"^{MARK_END} {nonce} (\d+)$", re.M)
+        buf = b""
+        deadline = start + timeout
+        while True:
+            text = buf.decode(errors="replace").replace("\r", "")
+            m = end_re.search(text)
+            if m:
+                break
+            if alive is not None:
+                alive()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LabError(f"in-guest check did not answer within {timeout:.0f}s (raise --timeout)")
+            self.sock.settimeout(min(remaining, 1.0))
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise LabError("the guest's request line closed before the in-guest check answered")
+            buf += chunk
+        begin = text.rfind(f"{MARK_BEGIN} {nonce}\n", 0, m.start())
+        mid = text.rfind(f"{MARK_STDERR} {nonce}\n", 0, m.start())
+        if begin < 0 or mid < begin:
+            raise LabError("in-guest check: garbled answer on the request line")
+        out = text[begin + len(MARK_BEGIN) + len(nonce) + 2:mid]
+        err = text[mid + len(MARK_STDERR) + len(nonce) + 2:m.start()]
+        # the guest adds one newline after each part (the tool's output may lack its own)
+        out = out[:-1] if out.endswith("\n") else out
+        err = err[:-1] if err.endswith("\n") else err
+        return InGuestResult(int(m.group(1)), out, err, time.monotonic() - start)
+
+
+def channel_path(directory: Path) -> Path:
+    return Path(directory) / "req.sock"
+
+
+def environment_problem() -> str | None:
+    """Why the host's Python could not run in a guest over 9p, or None."""
+    exe = sys.executable
+    if not exe or not os.path.isabs(exe):
+        return "the host's Python has no absolute path (sys.executable)"
+    return None

@@ -1,0 +1,148 @@
+"""`inspect-vmemmap boot`: the real CLI boots Debian kernels under QEMU (TCG) and checks them,
+from the host through QMP, inside the guest (--in-guest), after hotplug, and through a dump.
+
+Ground truth besides the tool itself: the guest's own account (`guest`: /proc/meminfo, memory
+block states, nodes) and the kernel command line each scenario implies. One boot per test
+(about 10 s each; the in-guest one about 30 s).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+SECTION = 128 << 20
+HVO_6_12 = ("--debian", "6.12", "--mem", "1G", "--hugepages", "4", "--hvo")
+
+
+def cli(*args: str, timeout: float = 900):
+    return subprocess.run([sys.executable, "-m", "inspect_vmemmap", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def boot_json(*args: str) -> dict:
+    p = cli("boot", *args, "--json")
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 0, f"boot {' '.join(args)} exited {p.returncode}: {p.stderr}"
+    # progress: one deliberate line per step on stderr, nothing on stdout but the document
+    assert all(line.startswith("[boot] ") for line in p.stderr.splitlines()), p.stderr
+    return json.loads(p.stdout)
+
+
+def errors(doc: dict) -> list:
+    return [f for f in doc["findings"] if f["severity"] == "error"]
+
+
+def section_view(doc: dict) -> list:
+    return [(s["nr"], s["start_pfn"], tuple(s["flags"]), s["nid"]) for s in doc["sections"]["list"]]
+
+
+@pytest.fixture(scope="module")
+def outside():
+    """`boot --debian 6.12 --mem 1G --hugepages 4 --hvo --json`, checked from the host."""
+    return boot_json(*HVO_6_12)
+
+
+def test_boot_checks_from_outside(outside):
+    doc = outside
+    assert doc["schema"] == "inspect-vmemmap/1"
+    assert doc["target"]["source"] == "qemu"
+    assert doc["target"]["kernel_release"].startswith("6.12.")
+    assert errors(doc) == [] and doc["summary"]["errors"] == 0
+    assert doc["sections"]["present"] == 8 and doc["sections"]["early"] == 8
+    assert doc["hvo"]["optimized_folios"] == 4
+    g = doc["guest"]
+    assert g["check"] == "qemu"
+    assert g["hugepages_total"] == 4 and g["hugepage_size_kb"] == 2048
+    assert g["nodes"] == [0]
+    assert 900_000 < g["mem_total_kb"] < 1 << 20
+    assert g["memory_block_size"] == SECTION
+    assert g["memory_blocks"] == {str(b): "online" for b in range(8)}
+    assert "hugetlb_free_vmemmap=on" in g["cmdline"] and "hugepages=4" in g["cmdline"]
+
+
+def test_in_guest_agrees_with_outside(outside):
+    """The tool run inside the guest on its own /proc/kcore (host Python over 9p) finds what
+    the check from the host found in the same scenario."""
+    doc = boot_json(*HVO_6_12, "--in-guest")
+    assert doc["target"]["source"] == "live"
+    assert doc["target"]["type_source"] == "btf"
+    assert doc["guest"]["check"] == "in-guest"
+    assert doc["guest"]["hugepages_total"] == 4
+    assert errors(doc) == []
+    for key in ("present", "has_mem_map", "online", "early", "zone_device"):
+        assert doc["sections"][key] == outside["sections"][key], key
+    assert section_view(doc) == section_view(outside)
+    assert doc["vmemmap"]["leaves"] == outside["vmemmap"]["leaves"]
+    assert doc["vmemmap"]["split_pmds"] == outside["vmemmap"]["split_pmds"]
+    assert doc["vmemmap"]["readonly_ptes"] == outside["vmemmap"]["readonly_ptes"]
+    assert doc["hvo"] == outside["hvo"]
+    assert doc["summary"] == outside["summary"]
+
+
+def test_hotplug_memmap_on_memory():
+    doc = boot_json("--debian", "6.12", "--hotplug", "1G", "--memmap-on-memory")
+    assert errors(doc) == [], doc["findings"]
+    (dimm,) = doc["guest"]["dimms"]
+    addr, size = int(dimm["addr"], 16), dimm["size"]
+    assert size == 1 << 30
+    hot = range(addr // SECTION, (addr + size) // SECTION)
+    by_nr = {s["nr"]: s for s in doc["sections"]["list"]}
+    for nr in hot:
+        assert set(by_nr[nr]["flags"]) == {"present", "has_mem_map", "online"}, by_nr[nr]  # not early
+        assert doc["guest"]["memory_blocks"][str(nr * SECTION // doc["guest"]["memory_block_size"])] == "online"
+    boot = [s for nr, s in by_nr.items() if nr not in hot]
+    assert len(boot) == 8 and all("early" in s["flags"] for s in boot)
+    assert doc["sections"]["present"] == 8 + len(hot)
+    assert doc["sections"]["online"] == 8 + len(hot)
+    assert doc["sections"]["early"] == 8
+    assert "memory_hotplug.memmap_on_memory=1" in doc["guest"]["cmdline"]
+
+
+def test_dump_agrees_with_check_core(tmp_path):
+    """--dump writes an ELF vmcore that `check --core` reads to the same result; the scenario
+    (7.2, one HVO-optimised 1G hugepage) also gets enough memory by default for the 1G page."""
+    core = tmp_path / "vmcore"
+    doc = boot_json("--debian", "7.2", "--hugepages-1g", "1", "--hvo", "--dump", str(core))
+    assert doc["guest"]["hugepages"]["1048576kB"] == 1
+    assert doc["hvo"]["optimized_folios"] == 1
+    assert errors(doc) == []
+    p = cli("check", "--core", str(core), "--json")
+    assert p.returncode == 0, p.stderr
+    dumped = json.loads(p.stdout)
+    assert dumped["target"]["source"] == "vmcore"
+    assert dumped["target"]["vmemmap_base"] == doc["target"]["vmemmap_base"]
+    for key in ("sections", "vmemmap", "hvo", "summary"):
+        assert dumped[key] == doc[key], key
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--kernel", "/nonexistent"), ("/nonexistent", "no such file")),
+    ((), ("--debian", "--kernel")),
+    (("--debian", "6.12", "--mem", "2G", "--hugepages-1g", "1"), ("too small", "3G")),
+    (("--debian", "6.12", "--memmap-on-memory"), ("--hotplug",)),
+    (("--debian", "9.9"), ("--debian",)),
+])
+def test_errors_are_one_line(args, words):
+    p = cli("boot", *args, timeout=60)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("inspect-vmemmap: "), p.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert p.stdout == ""
+
+
+def test_guest_that_does_not_come_up():
+    """The reason first, on one line; then the guest's last console lines, indented."""
+    p = cli("boot", "--debian", "6.12", "--cmdline", "rdinit=/nonexistent", "-q", timeout=300)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    first, *tail = p.stderr.rstrip("\n").split("\n")
+    assert first.startswith("inspect-vmemmap: QEMU exited") and "kernel panic: VFS" in first, first
+    assert tail and all(line.startswith("    ") for line in tail), p.stderr
+    assert any("Kernel panic - not syncing" in line for line in tail), p.stderr
+    assert p.stdout == ""
