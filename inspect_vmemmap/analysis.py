@@ -9,6 +9,7 @@ from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.memory import FaultError, Memory, PhysRanges
 from inspect_vmemmap.pgtable import PagingFormat, translate
+from inspect_vmemmap.pgtable.arm64 import Arm64Paging
 from inspect_vmemmap.pgtable.x86_64 import X86_64Paging
 from inspect_vmemmap.sections import SectionTable, read_sections
 from inspect_vmemmap.vmemmap import NodeMap, VmemmapMap, map_vmemmap, size_label
@@ -18,6 +19,10 @@ def paging_format(layout: KernelLayout) -> PagingFormat:
     """:return: the page-table format of the layout's architecture and paging mode."""
     if layout.arch == "x86_64":
         return X86_64Paging(layout.pgtable_levels, layout.max_physmem_bits, layout.sme_mask)
+    if layout.arch == "aarch64":
+        # the VA bits the tables translate at run time, the PA bits the descriptors hold
+        return Arm64Paging(layout.page_size, layout.va_bits, layout.max_physmem_bits, layout.lpa2,
+                           layout.pgtable_levels)
     raise ValueError(f"no page-table walker for {layout.arch}")
 
 
@@ -44,7 +49,9 @@ def load_sections(mem: Memory, layout: KernelLayout, nodes: NodeMap) -> SectionT
 
 def load_map(mem: Memory, layout: KernelLayout, sections: SectionTable, nodes: NodeMap, ram: Optional[PhysRanges],
              on_leaf=None) -> VmemmapMap:
-    """Walk the vmemmap page tables (only up to the end of the highest section's struct pages)."""
+    """Walk the vmemmap page tables: only the region that can hold struct pages (on arm64
+    not what a 52-bit kernel on 48-bit hardware lends to vmalloc below it), and only up to
+    the end of the highest section's struct pages, rounded up to the largest leaf."""
     fmt = paging_format(layout)
     phys_ok = None
     if ram:
@@ -52,14 +59,15 @@ def load_map(mem: Memory, layout: KernelLayout, sections: SectionTable, nodes: N
         # hole between RAM ranges (reserved, ACPI) is still read and judged by the checks.
         top = ram.end
         phys_ok = lambda p: p < top
+    start = layout.vmemmap_start
     end = layout.vmemmap_end
     if len(sections):
         last = max(sections.sections)
         end = min(end, layout.pfn_to_page((last + 1) << layout.pfn_section_shift))
-        # round up to the largest leaf the format can have in the vmemmap (PUD)
-        gran = 1 << fmt.shifts[-3]
+        # round up to the largest leaf the format can have (x86_64 and arm64 4K: a PUD)
+        gran = max(1 << s for d, s in enumerate(fmt.shifts) if fmt.can_be_leaf(d))
         end = min(layout.vmemmap_end, (end + gran - 1) // gran * gran)
-    return map_vmemmap(mem, fmt, layout, sections, nodes, phys_ok, layout.vmemmap_base, end, on_leaf)
+    return map_vmemmap(mem, fmt, layout, sections, nodes, phys_ok, start, max(start, end), on_leaf)
 
 
 def explain_pfn(mem: Memory, layout: KernelLayout, sections: SectionTable, nodes: NodeMap, pfn: int) -> Tuple[dict, List[Finding]]:
@@ -102,5 +110,6 @@ def explain_pfn(mem: Memory, layout: KernelLayout, sections: SectionTable, nodes
             kind, None,
             f"struct page of valid pfn {pfn} at {page:#x} is not mapped: {last.level if last else 'pgd'} entry "
             f"{last.entry if last else 0:#x} ({last.kind if last else 'none'}{': ' + last.reason if last and last.reason else ''})",
-            section=nr, pfn_start=pfn, pfn_end=pfn, vaddr=page))
+            section=nr, pfn_start=pfn, pfn_end=pfn, vaddr=page,
+            **({"phys": last.table_phys} if kind == "unreadable" else {})))
     return out, findings

@@ -35,7 +35,8 @@ def _pfn_span(lay: KernelLayout, a: int, b: int) -> Tuple[int, int, int]:
 
 
 def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple],
-              backing_free: Optional[Callable[[int], bool]] = None, mem=None, deep: bool = False) -> CheckResult:
+              backing_free: Optional[Callable[[int], bool]] = None, mem=None, deep: bool = False,
+              unknown: Sequence[Interval] = (), hvo_unknown: str = "") -> CheckResult:
     """Compare sections and leaves with the model's prediction for ``inputs``.
 
     :param leaves: every vmemmap leaf, in address order.
@@ -43,6 +44,10 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
         (None: that check is skipped).
     :param mem: target memory, for reading struct pages' node and zone (None: skipped).
     :param deep: read every struct page's node and zone, not a sample per section.
+    :param unknown: virtual ranges whose mapping could not be read (unreadable tables):
+        not reported as unmapped, since nobody knows.
+    :param hvo_unknown: why the HugeTLB pools could not be read (a filtered dump): read-only
+        leaves no folio explains are then ``unreadable``, not ``hvo-inconsistent``.
     :return: a :class:`CheckResult` with findings merged per range.
     """
     lay = inputs.layout
@@ -59,15 +64,20 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
         start = nr << lay.pfn_section_shift
         where = dict(section=nr, pfn_start=start, pfn_end=start + lay.pages_per_section - 1)
         if s is None or not s.present:
+            # add_memory_resource() registers the RAM resource before sparse_add_section()
+            note = "" if sp.early else _TRANSIENT_NOT_PRESENT
             out.append(Finding("section-flags", "error",
-                               f"section {nr} holds RAM (pfn {max(start, sp.valid[0][0])}-{sp.valid[-1][1] - 1}) but is not present", **where))
+                               f"section {nr} holds RAM (pfn {max(start, sp.valid[0][0])}-{sp.valid[-1][1] - 1}) but is not present"
+                               + note, **where, **({"transient": True} if note else {})))
             continue
         have = set(s.flag_names()) - {"zone_device", "vmemmap_preinit"}
         want = set(sp.flags)
         if have != want:
+            note = _section_transient(have, want)
             out.append(Finding("section-flags", "error",
                                f"section {nr}: flags {s.letters() or '-'} where the model expects "
-                               f"{'+'.join(sorted(want))} ({'boot memory' if sp.early else 'hot-added memory'})", **where))
+                               f"{'+'.join(sorted(want))} ({'boot memory' if sp.early else 'hot-added memory'})" + note,
+                               **where, **({"transient": True} if note else {})))
     for s in sections:
         if s.present and s.nr not in pred.sections and "ZONE_DEVICE" not in s.flags:
             start = s.start_pfn(lay)
@@ -76,7 +86,7 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
 
     # -- what is mapped against what must be ----------------------------------------
     mapped = merge([(va, va + size) for va, size, _, _ in leaves])
-    for a, b in subtract(pred.required, mapped):
+    for a, b in subtract(subtract(pred.required, mapped), merge(list(unknown))):
         sec, p0, p1 = _pfn_span(lay, a, b)
         out.append(Finding("memmap-unmapped", "error",
                            f"struct pages of pfn {p0}-{p1} (section {sec}) at {a:#x}-{b:#x} are not mapped",
@@ -91,10 +101,21 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
     by_va: Dict[int, LeafTuple] = {va: l for l in leaves for va in [l[0]] if l[1] == lay.page_size}
     explained_ro = set()  # vaddrs of read-only leaves the model explains
     alias_ok: Dict[int, int] = defaultdict(int)  # phys page -> extra mappings explained
-    shared_tail: Dict[Tuple[Optional[int], Optional[int], int], int] = {}
+    shared_tail = _shared_tails(pred, by_va, lay.page_size)
     for h in pred.hvo:
         f = h.folio
+        if h.tail_target == "unsupported":
+            # model.hvo_supported(): this kernel cannot optimize; the mark is corrupt
+            sec, p0, _ = _pfn_span(lay, h.start, h.start + 1)
+            out.append(Finding("hvo-inconsistent", "error",
+                               f"HugeTLB folio at pfn {f.head_pfn} (order {f.order}) is marked vmemmap-optimized, but "
+                               f"{lay.arch} kernels have no HugeTLB vmemmap optimisation", section=sec,
+                               pfn_start=f.head_pfn, pfn_end=f.head_pfn + (1 << f.order) - 1,
+                               vaddr=h.start, vaddr_end=h.start + h.pages * lay.page_size))
+            continue
         bad = []
+        rw_tails: List[int] = []  # tails still writable
+        odd = False  # a tail neither writable nor read-only onto its target
         head = by_va.get(h.start)
         if head is None:
             bad.append("its first vmemmap page is not mapped by a base page (PMD not split)")
@@ -105,7 +126,10 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
             l = by_va.get(va)
             if l is None:
                 bad.append(f"vmemmap page {k} is not mapped by a base page")
+                odd = True
                 continue
+            if l[3]:
+                rw_tails.append(k)
             if not l[3]:
                 explained_ro.add(va)  # part of this folio: reported here if wrong, not twice
             else:
@@ -114,7 +138,7 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
                 want = head[2] if head is not None else None
                 what = "the kept page"
             else:
-                want = shared_tail.setdefault((f.nid, f.zone, f.order), l[2])
+                want = shared_tail.get((f.nid, f.zone, f.order))
                 what = "the zone's shared tail page"
                 if head is not None and l[2] == head[2]:
                     want = None
@@ -122,12 +146,17 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
                 alias_ok[l[2] >> shift] += 1
             else:
                 bad.append(f"vmemmap page {k} maps {l[2]:#x}, not {what}" + (f" {want:#x}" if want is not None else ""))
+                odd = odd or not l[3]
         sec, p0, _ = _pfn_span(lay, h.start, h.start + 1)
         if bad:
+            note = _hvo_transient(h.pages, head, rw_tails, odd, any(by_va.get(h.start + k * lay.page_size)
+                                                                     for k in range(1, h.pages)))
             out.append(Finding("hvo-inconsistent", "error",
                                f"HugeTLB folio at pfn {f.head_pfn} (order {f.order}) is marked vmemmap-optimized but "
-                               + "; ".join(bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""), section=sec, pfn_start=f.head_pfn, pfn_end=f.head_pfn + (1 << f.order) - 1,
-                               vaddr=h.start, vaddr_end=h.start + h.pages * lay.page_size))
+                               + "; ".join(bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "") + note,
+                               section=sec, pfn_start=f.head_pfn, pfn_end=f.head_pfn + (1 << f.order) - 1,
+                               vaddr=h.start, vaddr_end=h.start + h.pages * lay.page_size,
+                               **({"transient": True} if note else {})))
         else:
             res.hvo["optimized_folios"] += 1
             res.hvo["remapped_ptes"] += h.pages - 1
@@ -136,6 +165,12 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
     ro_runs = merge([(va, va + size) for va, size, _, w in leaves if not w and va not in explained_ro])
     for a, b in ro_runs:
         sec, p0, p1 = _pfn_span(lay, a, b)
+        if hvo_unknown:
+            out.append(Finding("unreadable", "warning",
+                               f"{a:#x}-{b:#x} (struct pages of pfn {p0}-{p1}) is mapped read-only; whether a "
+                               f"vmemmap-optimized HugeTLB folio explains it is unknown: {hvo_unknown}",
+                               section=sec, pfn_start=p0, pfn_end=p1, vaddr=a, vaddr_end=b))
+            continue
         out.append(Finding("hvo-inconsistent", "error",
                            f"{a:#x}-{b:#x} (struct pages of pfn {p0}-{p1}) is mapped read-only but no "
                            f"vmemmap-optimized HugeTLB folio is there", section=sec, pfn_start=p0, pfn_end=p1,
@@ -143,13 +178,13 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
 
     # -- backing: RAM, aliases, node, buddy -----------------------------------------------
     backed: List[Tuple[int, int, int]] = []  # (phys, phys end, vaddr) of leaves in RAM
-    outside: List[Tuple[int, int]] = []
+    outside: List[Tuple[int, int, int]] = []  # (vaddr, size, phys)
     offnode: List[Tuple[int, int, int, int]] = []
-    free: List[Tuple[int, int]] = []
-    pmd_size = 1 << (2 * shift - 3)
+    free: List[Tuple[int, int, int]] = []
+    know_ram = bool(ram)  # no RAM list at all: nothing can be said about backing
     for va, size, phys, w in leaves:
-        if not ram.covers(phys, phys + size):
-            outside.append((va, phys))
+        if know_ram and not ram.covers(phys, phys + size):
+            outside.append((va, size, phys))
             continue
         backed.append((phys, phys + size, va))
         sec = lay.page_to_pfn(va) >> lay.pfn_section_shift
@@ -158,25 +193,30 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
         if sp is not None and sp.nid is not None and bn is not None and bn != sp.nid:
             offnode.append((va, size, sp.nid, bn))
         if backing_free is not None and backing_free(phys >> shift):
-            free.append((va, phys))
-    for va, phys in outside:
-        sec, p0, p1 = _pfn_span(lay, va, va + lay.page_size)
+            free.append((va, size, phys))
+    for va, end, phys, phys_end in _runs(outside):
+        sec, p0, p1 = _pfn_span(lay, va, end)
         out.append(Finding("backing-outside-ram", "error",
-                           f"vmemmap at {va:#x} (struct pages of pfn {p0}-) is backed by phys {phys:#x}, which is not System RAM",
-                           section=sec, pfn_start=p0, vaddr=va, phys=phys))
-    for va, phys in free:
-        sec, p0, _ = _pfn_span(lay, va, va + 1)
+                           f"vmemmap {va:#x}-{end:#x} (struct pages of pfn {p0}-{p1}) is backed by phys "
+                           f"{phys:#x}-{phys_end:#x}, which is not System RAM",
+                           section=sec, pfn_start=p0, pfn_end=p1, vaddr=va, vaddr_end=end, phys=phys))
+    for va, end, phys, phys_end in _runs(free):
+        sec, p0, p1 = _pfn_span(lay, va, end)
         out.append(Finding("backing-free", "error",
-                           f"vmemmap at {va:#x} is backed by pfn {phys >> shift}, which is free in the buddy allocator",
-                           section=sec, pfn_start=p0, vaddr=va, phys=phys))
+                           f"vmemmap {va:#x}-{end:#x} (struct pages of pfn {p0}-{p1}) is backed by phys "
+                           f"{phys:#x}-{phys_end:#x}, which is free in the buddy allocator",
+                           section=sec, pfn_start=p0, pfn_end=p1, vaddr=va, vaddr_end=end, phys=phys))
+    # one alias finding per run of consecutive shared pages mapped by consecutive addresses
+    aliases: List[Tuple[int, int, int]] = []
     for pfn, vas in _shared_pages(backed, shift):
         if len(vas) - alias_ok.get(pfn, 0) > 1:
-            vas = sorted(vas)
-            sec, p0, _ = _pfn_span(lay, vas[1], vas[1] + 1)
-            out.append(Finding("alias", "error",
-                               f"phys page {pfn << shift:#x} backs {len(vas)} vmemmap pages "
-                               f"({', '.join(hex(v) for v in vas[:4])}{', ...' if len(vas) > 4 else ''}) and no HVO explains it",
-                               section=sec, pfn_start=p0, vaddr=vas[1], phys=pfn << shift))
+            aliases.append((sorted(vas)[1], lay.page_size, pfn << shift))
+    for va, end, phys, phys_end in _runs(aliases):
+        sec, p0, p1 = _pfn_span(lay, va, end)
+        out.append(Finding("alias", "error",
+                           f"phys {phys:#x}-{phys_end:#x} also backs vmemmap {va:#x}-{end:#x} (struct pages of pfn "
+                           f"{p0}-{p1}) and no HVO explains it", section=sec, pfn_start=p0, pfn_end=p1,
+                           vaddr=va, vaddr_end=end, phys=phys))
     for (va, size, want, got) in _merge_offnode(offnode):
         sec, p0, p1 = _pfn_span(lay, va, va + size)
         out.append(Finding("offnode-memmap", "warning",
@@ -294,6 +334,77 @@ def check_page_flags(inputs: Inputs, sections: SectionTable, mem, mapped: Sequen
                                f"struct pages of pfn {a}-{b - 1} could not be read: their node and zone are unchecked",
                                section=a >> lay.pfn_section_shift, pfn_start=a, pfn_end=b - 1, vaddr=va, vaddr_end=vb))
     return out
+
+
+# A dump is taken from a kernel that was crashing: states the kernel passes through while
+# it changes the vmemmap are named as such (still errors: the kernel stopped in them).
+_TRANSIENT_NOT_PRESENT = (" (transient: a hot-add in progress registers the memory resource before "
+                          "sparse_add_section() marks the section present)")
+
+
+def _section_transient(have: set, want: set) -> str:
+    """Why a section's flags may be a state on the way (mm/sparse.c, mm/memory_hotplug.c)."""
+    if "present" in have and "has_mem_map" in want and "has_mem_map" not in have:
+        return (" (transient: a hot-add in progress, between section_mark_present() and "
+                "sparse_init_one_section() in sparse_add_section(), or a hot-remove clearing it)")
+    if have ^ want == {"online"}:
+        return (" (transient: onlining or offlining in progress: online_pages()/offline_pages() change the "
+                "sections' online bit before the memory block's state follows)")
+    return ""
+
+
+def _hvo_transient(pages: int, head: Optional[LeafTuple], rw_tails: List[int], odd: bool, any_base: bool) -> str:
+    """Whether an optimized-marked folio's vmemmap is half remapped the way
+    mm/hugetlb_vmemmap.c leaves it between steps: the flag is set before
+    vmemmap_remap_free() splits the PMD and remaps the tails in address order onto the
+    kept page, and cleared only after vmemmap_remap_alloc() has given every tail its own
+    writable page again (also in address order). So a PMD not split yet, or a split PMD
+    whose writable tails are a prefix or a suffix of the tails (the rest read-only onto
+    their target), is a remap in progress; anything else is not."""
+    if head is None and not any_base:
+        return (" (transient: the remap had not started: kernels with 'set hugetlb page flag before optimizing "
+                "vmemmap' set the flag before vmemmap_remap_free() splits the PMD)")
+    if head is None or not head[3] or odd or not rw_tails:
+        return ""
+    n = len(rw_tails)
+    prefix = rw_tails == list(range(1, n + 1))
+    suffix = rw_tails == list(range(pages - n, pages))
+    if not (prefix or suffix):
+        return ""
+    if n == pages - 1:
+        return (" (transient: PMD split but every tail still writable: a remap in progress, "
+                "started by vmemmap_remap_free() or finished by vmemmap_remap_alloc() before the flag is cleared)")
+    return f" (transient: {pages - 1 - n} of {pages - 1} tails remapped: a remap in progress)"
+
+
+def _runs(items: List[Tuple[int, int, int]]) -> List[Tuple[int, int, int, int]]:
+    """Merge ``(vaddr, size, phys)`` where both addresses continue the previous item.
+
+    :return: ``[(vaddr, vaddr end, phys, phys end)]``.
+    """
+    out: List[List[int]] = []
+    for va, size, phys in sorted(items):
+        if out and out[-1][1] == va and out[-1][3] == phys:
+            out[-1][1] += size
+            out[-1][3] += size
+        else:
+            out.append([va, va + size, phys, phys + size])
+    return [tuple(r) for r in out]
+
+
+def _shared_tails(pred: Prediction, by_va: Dict[int, LeafTuple], page_size: int) -> Dict[tuple, int]:
+    """7.1+ HVO: the page most tails of each (node, zone, order) map, by majority, so
+    that one damaged folio is blamed on itself and not on its healthy neighbours."""
+    votes: Dict[tuple, Dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for h in pred.hvo:
+        if h.tail_target != "shared":
+            continue
+        key = (h.folio.nid, h.folio.zone, h.folio.order)
+        for k in range(1, h.pages):
+            l = by_va.get(h.start + k * page_size)
+            if l is not None:
+                votes[key][l[2]] += 1
+    return {key: max(v.items(), key=lambda kv: kv[1])[0] for key, v in votes.items()}
 
 
 def _shared_pages(backed: List[Tuple[int, int, int]], shift: int):

@@ -80,10 +80,35 @@ def _console() -> Console:
     return Console(width=1000, no_color=True)
 
 
+class _RichProgress:
+    """A transient progress bar on stderr, for work that can take more than a second."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.bar.start()
+
+    def task(self, description: str, total: int):
+        tid = self.bar.add_task(description, total=total)
+        return lambda completed: self.bar.update(tid, completed=completed)
+
+    def close(self) -> None:
+        self.bar.stop()
+
+
 def _load(tgt: dict):
+    import atexit
+
     from inspect_vmemmap.commands import Analysis
 
-    return Analysis(_open(tgt))
+    target = _open(tgt)
+    progress = None
+    if sys.stderr.isatty():
+        progress = _RichProgress()
+        atexit.register(progress.close)
+    return Analysis(target, progress)
 
 
 def main() -> None:

@@ -63,6 +63,22 @@ class KernelLayout:
     subsection_shift: int = 21  # SUBSECTION_SHIFT (include/linux/mmzone.h)
     pgtable_root: int = 0  # physical address of the kernel's top-level page table
     sme_mask: int = 0
+    #: arm64: the VA bits the kernel's tables translate at run time (vabits_actual, 64 -
+    #: NUMBER(TCR_EL1_T1SZ)) and the compile-time CONFIG_ARM64_VA_BITS (NUMBER(VA_BITS));
+    #: 0 on x86_64, where pgtable_levels says it all
+    va_bits: int = 0
+    kernel_va_bits: int = 0
+    #: arm64: TCR_EL1.DS (FEAT_LPA2: 52-bit PA with 4K/16K pages, PA[51:50] in bits 9:8)
+    lpa2: bool = False
+    #: arm64: memstart_addr (NUMBER(PHYS_OFFSET), as an unsigned 64-bit value: it wraps
+    #: negative for a 52-bit kernel on 48-bit hardware) and NUMBER(kimage_voffset)
+    phys_offset: int = 0
+    kimage_voffset: int = 0
+    #: The virtual range that can hold struct pages, where the kernel says (arm64: from
+    #: VMEMMAP_START, past what a 52-bit-VA kernel on a 48-bit CPU lends to vmalloc, to
+    #: VMEMMAP_END); 0: from vmemmap_base for MAX_PHYSMEM_BITS worth of struct pages
+    vmemmap_region_start: int = 0
+    vmemmap_region_end: int = 0
     kernel_release: str = ""
     type_source: str = "dwarf"
     #: where each value came from, and anything assumed
@@ -98,8 +114,16 @@ class KernelLayout:
 
     @property
     def vmemmap_end(self) -> int:
-        """End of the part of the vmemmap that can hold struct pages (for MAX_PHYSMEM_BITS)."""
-        return self.vmemmap_base + (1 << (self.max_physmem_bits - self.page_shift)) * self.struct_page_size
+        """End of the part of the vmemmap that can hold struct pages (for MAX_PHYSMEM_BITS,
+        and no further than the region's end where the kernel gives one)."""
+        end = self.vmemmap_base + (1 << (self.max_physmem_bits - self.page_shift)) * self.struct_page_size
+        return min(end, self.vmemmap_region_end) if self.vmemmap_region_end else end
+
+    @property
+    def vmemmap_start(self) -> int:
+        """Start of the part of the vmemmap that can hold struct pages: pfn 0's struct page,
+        or the region's start where the kernel gives one and pfn 0 lies below it."""
+        return max(self.vmemmap_base, self.vmemmap_region_start)
 
     def pfn_to_page(self, pfn: int) -> int:
         return self.vmemmap_base + pfn * self.struct_page_size
@@ -109,17 +133,22 @@ class KernelLayout:
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items()}
-        for k in ("vmemmap_base", "mem_section_addr", "pgtable_root", "sme_mask"):
+        for k in _HEX_FIELDS:
             d[k] = hex(d[k])
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "KernelLayout":
         d = dict(d)
-        for k in ("vmemmap_base", "mem_section_addr", "pgtable_root", "sme_mask"):
+        for k in _HEX_FIELDS:
             if isinstance(d.get(k), str):
                 d[k] = int(d[k], 16)
         return cls(**d)
+
+
+#: KernelLayout fields written as hex strings in JSON
+_HEX_FIELDS = ("vmemmap_base", "mem_section_addr", "pgtable_root", "sme_mask", "phys_offset", "kimage_voffset",
+               "vmemmap_region_start", "vmemmap_region_end")
 
 
 def flag_bits_from_enumerators(enumerators: Dict[str, int]) -> Optional[tuple]:

@@ -110,7 +110,8 @@ class HvoPrediction:
     folio: Folio
     start: int  # virtual address of the head's struct page
     pages: int
-    #: "head": tails map the first vmemmap page (6.1, 6.12); "shared": a per-zone page (7.1+)
+    #: "head": tails map the first vmemmap page (6.1, 6.12); "shared": a per-zone page (7.1+);
+    #: "unsupported": the folio is marked optimized on a kernel without HVO (arm64)
     tail_target: str
 
 
@@ -165,9 +166,12 @@ def subtract(a: Sequence[Interval], b: Sequence[Interval]) -> List[Interval]:
 
 
 def _node_of(nodes, pfn_start: int, pfn_end: int) -> Optional[int]:
-    for nid, s, e in nodes:
-        if s <= pfn_start < e:
-            return nid
+    """The node of a pfn range: of its first pfn, else of the first span it overlaps.
+    Node spans can nest (a node's span grows over another's when memory is hot-added
+    above it), so among the spans holding a pfn the innermost, latest-starting one wins."""
+    inner = [(s, nid) for nid, s, e in nodes if s <= pfn_start < e]
+    if inner:
+        return max(inner)[1]
     for nid, s, e in nodes:
         if s < pfn_end and pfn_start < e:
             return nid
@@ -228,6 +232,13 @@ def predict(inp: Inputs) -> Prediction:
     # uses vmemmap_populate_hugepages() (PMD blocks) for ranges of at least a section's
     # memmap, vmemmap_populate_basepages() (PAGE_SIZE) for sub-section ranges; either
     # way whole pages of struct pages are mapped, and a PMD block maps the PMD around it.
+    # arm64 vmemmap_populate() (arch/arm64/mm/mmu.c) does the same with 4K pages only:
+    # 6.1 its own PMD loop when ARM64_KERNEL_USES_PMD_MAPS (asm/kernel-pgtable.h: 4K
+    # pages) and the range is a whole section's memmap, 6.12 and 7.2
+    # vmemmap_populate_hugepages() when IS_ENABLED(CONFIG_ARM64_4K_PAGES) and the same
+    # length test; 16K and 64K pages always get vmemmap_populate_basepages(), PAGE_SIZE
+    # PTEs without the contiguous bit (its linear-map code notes "CONT blocks are not
+    # supported in the vmemmap"). A PMD block is possible only with 4K pages on both.
     pmd = 1 << (lay.page_shift + lay.page_shift - 3) if lay.page_size == 4096 else lay.page_size
     page = lay.page_size
     section_bytes = pps * sps
@@ -242,14 +253,30 @@ def predict(inp: Inputs) -> Prediction:
     # (vmemmap_split_pmd) and the other pages are remapped read-only
     # (vmemmap_remap_pte with PAGE_KERNEL_RO) onto the kept page (6.1 keeps the head's
     # original, 6.12 a copy: both are what PTE 0 maps), or, since 7.1, onto the zone's
-    # shared zone->vmemmap_tails[] page.
+    # shared zone->vmemmap_tails[] page. Only where the architecture has HVO
+    # (hvo_supported): elsewhere a folio marked optimized is itself inconsistent.
     hvo = []
     for f in inp.folios:
         if not f.optimized:
             continue
         pages = ((1 << f.order) * sps) // page
-        hvo.append(HvoPrediction(f, lay.pfn_to_page(f.head_pfn), pages, "shared" if inp.hvo_shared_tails else "head"))
+        target = ("shared" if inp.hvo_shared_tails else "head") if hvo_supported(lay) else "unsupported"
+        hvo.append(HvoPrediction(f, lay.pfn_to_page(f.head_pfn), pages, target))
     return Prediction(sections, required, allowed, hvo)
+
+
+def hvo_supported(lay: KernelLayout) -> bool:
+    """Whether the kernel can have HugeTLB vmemmap optimisation (or DAX vmemmap dedup).
+
+    Rule: HUGETLB_PAGE_OPTIMIZE_VMEMMAP (fs/Kconfig) depends on the architecture selecting
+    ARCH_WANT_HUGETLB_PAGE_OPTIMIZE_VMEMMAP (6.1) / ARCH_WANT_OPTIMIZE_HUGETLB_VMEMMAP
+    (6.12, 7.2; mm/Kconfig). arch/x86/Kconfig selects it for X86_64; arch/arm64/Kconfig
+    selects neither in 6.1, 6.12 or 7.2 (nor ARCH_WANT_OPTIMIZE_DAX_VMEMMAP), and
+    Debian's arm64 and arm64-16k configs have no CONFIG_HUGETLB_PAGE_OPTIMIZE_VMEMMAP: on
+    arm64 ``hugetlb_free_vmemmap=on`` is an unknown parameter and every HugeTLB folio
+    keeps its whole vmemmap.
+    """
+    return lay.arch != "aarch64"
 
 
 def page_flags_layout(max_numnodes: int, max_nr_zones: int, word_bits: int = 64) -> Dict[str, int]:

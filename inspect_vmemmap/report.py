@@ -143,6 +143,8 @@ def print_check(console: Console, target: dict, layout: KernelLayout, sections: 
         console.print(f"[bold yellow]consistent, with {s['warnings']} warning(s)[/]")
     else:
         console.print("[bold green]consistent[/]: the vmemmap is what the kernel's rules say it should be")
+    if target.get("dump"):
+        console.print(dump_line(target["dump"], findings, notes), highlight=False)
     c = sections.counts()
     console.print(f"sections: {c['present']} present, {c['online']} online, {c['early']} early, {c['zone_device']} zone-device")
     # backing per node and page size
@@ -172,6 +174,30 @@ def print_check(console: Console, target: dict, layout: KernelLayout, sections: 
         fs = by_kind[kind]
         console.print(f"\n[bold]{kind}[/] ({len(fs)})")
         print_findings(console, fs)
+
+
+def dump_line(dump: dict, findings: List[Finding], notes: List[str]) -> str:
+    """One line on what a dump left out and what that kept the check from doing."""
+    what = dump["format"] + (f" ({dump['compression']})" if dump.get("compression") else "")
+    if dump.get("filter"):
+        what += f", filtered by {dump['filter']}"
+    elif dump.get("dump_level") is not None:
+        what += f", dump level {dump['dump_level']} (nothing excluded)"
+    if dump.get("excluded_pages"):
+        of = f" of {dump['ram_pages']}" if dump.get("ram_pages") else ""
+        what += f": {dump['excluded_pages']}{of} pages left out"
+    if dump.get("incomplete"):
+        what += "; the dump is INCOMPLETE (makedumpfile did not finish)"
+    n = sum(1 for f in findings if f.extra.get("excluded_by"))
+    m = sum(1 for x in notes if "excluded from the dump" in x)
+    if not dump.get("excluded_pages"):
+        tail = ""
+    elif n or m:
+        tail = (f"; the check could not read what it needed there: {n} unreadable finding(s)"
+                + (f", {m} input(s) assumed" if m else ""))
+    else:
+        tail = "; the check read every page it needed"
+    return f"dump: {what}{tail}"
 
 
 def print_model(console: Console, inputs, pred) -> None:

@@ -24,6 +24,8 @@ from inspect_vmemmap.memory import FaultError, PhysRanges
 
 # arch/x86/include/asm/page_64_types.h
 _START_KERNEL_MAP = 0xFFFFFFFF80000000
+# arch/arm64/include/asm/memory.h _PAGE_END(48): the end of the linear map, MODULES_VADDR
+_ARM64_PAGE_END_48 = 0xFFFF800000000000
 
 
 class AnalysisError(Exception):
@@ -52,25 +54,29 @@ class VmcoreInfo:
     def get(self, key: str) -> Optional[str]:
         return self.entries.get(key)
 
+    def _int(self, key: str, base: int) -> Optional[int]:
+        v = self.entries.get(key)
+        if not v:
+            return None
+        try:
+            return int(v, base)
+        except ValueError:
+            raise AnalysisError(f"VMCOREINFO {key} has an impossible value {v[:40]!r}") from None
+
     def symbol(self, name: str) -> Optional[int]:
-        v = self.entries.get(f"SYMBOL({name})")
-        return int(v, 16) if v else None
+        return self._int(f"SYMBOL({name})", 16)
 
     def number(self, name: str) -> Optional[int]:
-        v = self.entries.get(f"NUMBER({name})")
-        return int(v, 0) if v else None
+        return self._int(f"NUMBER({name})", 0)
 
     def size(self, name: str) -> Optional[int]:
-        v = self.entries.get(f"SIZE({name})")
-        return int(v) if v else None
+        return self._int(f"SIZE({name})", 10)
 
     def length(self, name: str) -> Optional[int]:
-        v = self.entries.get(f"LENGTH({name})")
-        return int(v) if v else None
+        return self._int(f"LENGTH({name})", 10)
 
     def offset(self, name: str) -> Optional[int]:
-        v = self.entries.get(f"OFFSET({name})")
-        return int(v) if v else None
+        return self._int(f"OFFSET({name})", 10)
 
 
 class DrgnMemory:
@@ -104,6 +110,7 @@ class Target:
         self.layout = decide_layout(prog, vmcoreinfo, has_dwarf, self.memory, btf)
         self._nodes: Optional[List[Tuple[int, int, int]]] = None
         self._ram: Optional[PhysRanges] = None
+        self.dump = None  # a --core dump's inspect_vmemmap.dumpfile.DumpFile (dumpfile.attach_dump)
 
     # -- plain facts ---------------------------------------------------------------
 
@@ -143,6 +150,8 @@ class Target:
             "struct_page_size": lay.struct_page_size,
             "section_size_bits": lay.section_size_bits,
             "type_source": lay.type_source,
+            # kdump-compressed or filtered dumps: format, dump level, what was left out
+            **({"dump": self.dump.to_json()} if self.dump is not None and self.dump.worth_saying else {}),
         }
 
 
@@ -197,7 +206,12 @@ def open_target(core: Optional[str] = None, qemu: Optional[str] = None, vmlinux:
         source = "live"
     if not prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL:
         raise AnalysisError(f"{core or qemu}: not a Linux kernel core (no VMCOREINFO note)")
-    return target_from_program(prog, source, vmlinux, no_debuginfo)
+    t = target_from_program(prog, source, vmlinux, no_debuginfo)
+    if core:
+        from inspect_vmemmap.dumpfile import attach_dump
+
+        attach_dump(t, core)  # the dump's format and what its filter left out
+    return t
 
 
 def _open_core(core: str, note: Optional[bytes]):
@@ -341,12 +355,18 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> Ker
 
     arch = {drgn.Architecture.X86_64: "x86_64", drgn.Architecture.AARCH64: "aarch64"}.get(prog.platform.arch)
     if arch is None:
-        raise AnalysisError(f"architecture {prog.platform.arch.name} is not supported (x86_64 only for now)")
-    if arch != "x86_64":
-        raise AnalysisError("aarch64 is not supported yet")
+        raise AnalysisError(f"architecture {prog.platform.arch.name} is not supported (x86_64 and aarch64 only)")
     notes: Dict[str, str] = {}
     release = info.get("OSRELEASE") or ""
     page_size = int(info.get("PAGESIZE") or 4096)
+
+    def sane(value, what: str, lo: int, hi: int, pow2: bool = False):
+        """A VMCOREINFO value that later arithmetic divides or shifts by: in range or a
+        one-line reason (a corrupt note, or not a kernel this tool knows)."""
+        if value is not None and (not lo <= value <= hi or (pow2 and value & (value - 1))):
+            raise AnalysisError(f"VMCOREINFO {what}={value} is impossible (expected {lo}..{hi}"
+                                f"{', a power of two' if pow2 else ''})")
+        return value
 
     def need(value, what: str):
         if value is None:
@@ -377,8 +397,9 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> Ker
             sub_off = 16
     else:
         # Static arrays live in the kernel image; SPARSEMEM_EXTREME roots are memblock
-        # allocations in the direct map (mm/sparse.c sparse_index_alloc).
-        extreme = mem_section < _START_KERNEL_MAP
+        # allocations in the direct map (mm/sparse.c sparse_index_alloc). arm64's linear
+        # map lies below MODULES_VADDR, its kernel image above (asm/memory.h).
+        extreme = mem_section < ((info.number("MODULES_VADDR") or _ARM64_PAGE_END_48) if arch == "aarch64" else _START_KERNEL_MAP)
         usage_off, sub_off = 8, 16
         if btf is not None:
             try:
@@ -389,12 +410,15 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> Ker
         else:
             notes["mem_section_usage"] = "assumed usage at offset 8, subsection_map at 16 (no type information)"
     need(ms_size, "SIZE(mem_section)")
+    sane(ms_size, "SIZE(mem_section)", 8, 4096, pow2=True)
     need(nr_roots, "LENGTH(mem_section)")
     spr = page_size // ms_size if extreme else None
-    section_size_bits = need(info.number("SECTION_SIZE_BITS"), "NUMBER(SECTION_SIZE_BITS)")
+    section_size_bits = sane(need(info.number("SECTION_SIZE_BITS"), "NUMBER(SECTION_SIZE_BITS)"),
+                             "NUMBER(SECTION_SIZE_BITS)", 16, 40)
 
+    arm = _arm64_layout(info, page_size, notes) if arch == "aarch64" else None
     l5 = info.number("pgtable_l5_enabled")
-    if l5 is None and has_dwarf:
+    if l5 is None and has_dwarf and arm is None:
         for name in ("__pgtable_l5_enabled", "pgtable_l5_enabled"):
             try:
                 l5 = int(prog[name].value_())
@@ -403,6 +427,8 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> Ker
                 continue
     levels = 5 if l5 else 4
     max_phys = info.number("MAX_PHYSMEM_BITS") or (52 if levels == 5 else 46)
+    if arm is not None:
+        levels, max_phys = arm["pgtable_levels"], arm["max_physmem_bits"]
     if spr is None:
         nr_sections = 1 << (max_phys - section_size_bits)
         spr = nr_sections // nr_roots
@@ -411,6 +437,8 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> Ker
     if struct_page is None and has_dwarf:
         struct_page = prog.type("struct page").size
     need(struct_page, "SIZE(page)")
+    sane(struct_page, "SIZE(page)", 32, 512)
+    sane(max_phys, "NUMBER(MAX_PHYSMEM_BITS)", section_size_bits + 1, 57)
 
     # Section flag bits: the kernel's enum since v6.0 (ed7802dd48f7), #defines before.
     flags = None
@@ -439,6 +467,9 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> Ker
     vmemmap = info.symbol("vmemmap")
     if vmemmap is not None:
         notes["vmemmap_base"] = "VMCOREINFO SYMBOL(vmemmap)"
+    elif arm is not None and arm["vmemmap"] is not None:
+        vmemmap = arm["vmemmap"]
+        notes["vmemmap_base"] = "VMEMMAP_START - (PHYS_OFFSET >> PAGE_SHIFT) * sizeof(struct page) (VMCOREINFO)"
     elif has_dwarf:
         try:
             vmemmap = int(prog["vmemmap_base"].value_())
@@ -456,7 +487,9 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> Ker
     root = None
     top = info.symbol("init_top_pgt")
     phys_base = info.number("phys_base")
-    if top is not None and phys_base is not None:
+    if arm is not None:
+        root = arm["pgtable_root"]
+    elif top is not None and phys_base is not None:
         root = top - _START_KERNEL_MAP + phys_base
     elif has_dwarf:
         try:
@@ -467,7 +500,8 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> Ker
             root = int(follow_phys(prog["init_mm"].address_of_(), addr))
         except Exception:
             root = None
-    need(root, "SYMBOL(init_top_pgt) and NUMBER(phys_base)")
+    need(root, "SYMBOL(swapper_pg_dir) and NUMBER(kimage_voffset)" if arm is not None
+         else "SYMBOL(init_top_pgt) and NUMBER(phys_base)")
 
     layout = KernelLayout(
         arch=arch, page_size=page_size, pgtable_levels=levels, vmemmap_base=vmemmap or 0,
@@ -477,11 +511,84 @@ def decide_layout(prog, info: VmcoreInfo, has_dwarf: bool, mem, btf=None) -> Ker
         mem_section_size=ms_size, usage_offset=usage_off, subsection_map_offset=sub_off,
         pgtable_root=root, sme_mask=info.number("sme_mask") or 0, kernel_release=release,
         type_source=type_source, notes=notes,
+        **({k: v for k, v in arm.items() if k not in ("pgtable_levels", "max_physmem_bits", "pgtable_root", "vmemmap")}
+           if arm is not None else {}),
     )
     if vmemmap is None:
         layout.vmemmap_base = _vmemmap_from_sections(mem, layout)
         notes["vmemmap_base"] = "decoded from the first valid section's coded mem_map"
     return layout
+
+
+def _arm64_layout(info: VmcoreInfo, page_size: int, notes: Dict[str, str]) -> dict:
+    """arm64's paging and vmemmap region from its VMCOREINFO (arch/arm64/kernel/
+    vmcore_info.c, crash_core.c before 6.5; the same entries in 6.1, 6.12 and 7.2).
+
+    - VA bits at run time: ``vabits_actual`` = 64 - NUMBER(TCR_EL1_T1SZ); a 52-bit kernel
+      (NUMBER(VA_BITS), the compile-time value) runs with 48 (47 with 16K pages) on a CPU
+      without LPA2/LVA, folding its top level (asm/pgtable.h pgtable_l5_enabled() ...).
+    - PA bits: NUMBER(MAX_PHYSMEM_BITS) = PHYS_MASK_SHIFT, 52 with 4K/16K pages only when
+      TCR_EL1.DS (LPA2) is set (6.12+ asm/pgtable-prot.h ``lpa2_is_enabled() ? 52 : 48``).
+    - The root: TTBR1 points at swapper_pg_dir (a kernel image address, so its physical
+      address is SYMBOL(swapper_pg_dir) - kimage_voffset, asm/memory.h __kimg_to_phys),
+      plus TTBR1_BADDR_4852_OFFSET for 64K pages with a 52-bit VA on 48-bit hardware.
+    - The vmemmap region: VMEMMAP_START..VMEMMAP_END, except that with 52-bit VA on 48-bit
+      hardware the struct pages of the unused bottom of the linear map
+      (VMEMMAP_UNUSED_NPAGES, asm/pgtable.h 6.12+) are vmalloc space: the region starts
+      at VMEMMAP_START + ((_PAGE_OFFSET(vabits_actual) - PAGE_OFFSET) >> PAGE_SHIFT) *
+      sizeof(struct page).
+    """
+    from inspect_vmemmap.pgtable.arm64 import VALID_VA_BITS, Arm64Paging, ttbr1_root
+
+    page_shift = page_size.bit_length() - 1
+    kernel_va = info.number("VA_BITS")
+    t1sz = info.number("TCR_EL1_T1SZ")
+    if kernel_va is None:
+        raise AnalysisError("VMCOREINFO lacks NUMBER(VA_BITS); is this an arm64 kernel?")
+    if t1sz is not None:
+        va_bits = 64 - t1sz
+        notes["va_bits"] = f"64 - NUMBER(TCR_EL1_T1SZ) = {va_bits} (compile-time VA_BITS {kernel_va})"
+    else:
+        va_bits = kernel_va
+        notes["va_bits"] = f"NUMBER(VA_BITS) = {kernel_va} (no NUMBER(TCR_EL1_T1SZ): a pre-5.9 kernel)"
+    if va_bits not in VALID_VA_BITS.get(page_size, ()):
+        raise AnalysisError(f"arm64 with {page_size // 1024}K pages and a {va_bits}-bit VA: not a valid configuration")
+    pa_bits = info.number("MAX_PHYSMEM_BITS") or 48
+    lpa2 = page_size != 65536 and pa_bits == 52
+    try:
+        fmt = Arm64Paging(page_size, va_bits, pa_bits, lpa2)
+    except ValueError as e:
+        raise AnalysisError(f"arm64 paging from VMCOREINFO: {e}") from None
+    u64 = (1 << 64) - 1
+    phys_offset = (info.number("PHYS_OFFSET") or 0) & u64
+    voff = info.number("kimage_voffset")
+    pgdir = info.symbol("swapper_pg_dir")
+    root = None
+    if voff is not None and pgdir is not None:
+        root = ttbr1_root((pgdir - voff) & u64, page_size, kernel_va, va_bits)
+    start = info.number("VMEMMAP_START")
+    end = info.number("VMEMMAP_END")
+    sps = info.size("page") or 64
+    # asm/pgtable.h: vmemmap = (struct page *)VMEMMAP_START - (memstart_addr >> PAGE_SHIFT),
+    # memstart_addr an s64 (6.12+ also give it as SYMBOL(vmemmap), which wins)
+    vmemmap = None
+    if start is not None and info.number("PHYS_OFFSET") is not None:
+        memstart = phys_offset - (1 << 64 if phys_offset >> 63 else 0)
+        vmemmap = (start - (memstart >> page_shift) * sps) & u64
+    region_start = region_end = 0
+    if start is not None and end is not None:
+        # _PAGE_OFFSET(va) = -(1 << va); the linear map below _PAGE_OFFSET(vabits_actual)
+        # has no memory, so neither have its struct pages
+        unused = ((1 << kernel_va) - (1 << va_bits)) >> page_shift if va_bits < kernel_va else 0
+        region_start, region_end = start + unused * sps, end
+        if unused:
+            notes["vmemmap_region"] = (f"VMEMMAP_START {start:#x} + {unused:#x} unused pages' struct pages "
+                                       f"(a {kernel_va}-bit kernel on {va_bits}-bit hardware lends them to vmalloc)")
+    return {
+        "pgtable_levels": fmt.levels, "max_physmem_bits": pa_bits, "pgtable_root": root, "va_bits": va_bits,
+        "kernel_va_bits": kernel_va, "lpa2": lpa2, "phys_offset": phys_offset, "kimage_voffset": (voff or 0) & u64,
+        "vmemmap_region_start": region_start, "vmemmap_region_end": region_end, "vmemmap": vmemmap,
+    }
 
 
 def _offsetof(type_, member: str, default: int) -> int:
@@ -549,12 +656,43 @@ class DwarfTypes:
             return None
 
 
+def _node_data(t: "Target") -> Tuple[Optional[int], Optional[int]]:
+    """The address of ``node_data`` (the array of pglist_data pointers) and its length,
+    MAX_NUMNODES: x86 VMCOREINFO has SYMBOL(node_data) and LENGTH(node_data); elsewhere
+    (arm64: drivers/base/arch_numa.c) the symbol comes from the ELF symbols or kallsyms and
+    the length from DWARF's array type, else from struct hstate's per-node free lists
+    (``hugepage_freelists[MAX_NUMNODES]``, include/linux/hugetlb.h) in DWARF or BTF.
+
+    :return: ``(address, length)``, either None where unknown.
+    """
+    info = t.vmcoreinfo
+    addr, n = info.symbol("node_data"), info.length("node_data")
+    if addr is not None and n is not None:
+        return addr, n
+    try:
+        addr = t.prog.symbol("node_data").address
+    except (LookupError, ValueError):
+        return None, None
+    if t.has_dwarf:
+        try:
+            n = len(t.prog["node_data"])
+        except (KeyError, TypeError, ValueError):
+            n = None
+    if n is None:
+        types = _types(t)
+        try:
+            n = types.member_size("struct hstate", "hugepage_freelists") // types.sizeof("struct list_head") \
+                if types is not None else None
+        except KeyError:
+            n = None
+    return addr, n
+
+
 def _node_spans(t: Target) -> List[Tuple[int, int, int]]:
     """Node spans from node_data and node_online_map, by VMCOREINFO offsets (DWARF if needed)."""
     info = t.vmcoreinfo
     mem = t.memory
-    node_data = info.symbol("node_data")
-    n = info.length("node_data")
+    node_data, n = _node_data(t)
     off_start = info.offset("pglist_data.node_start_pfn")
     off_span = info.offset("pglist_data.node_spanned_pages")
     online = info.symbol("node_online_map")
@@ -643,15 +781,12 @@ def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
     else:
         boot_ram = kstructs.e820_ram(t.memory, types, symbol)
         if boot_ram is None:
-            notes.append("boot RAM: no e820 table; all RAM treated as boot memory")
+            notes.append("boot RAM: no e820 table; all RAM treated as boot memory" if t.layout.arch == "x86_64"
+                         else "boot RAM: no firmware RAM table read on arm64; all RAM treated as boot memory")
         zones = kstructs.ZoneSpans(t.memory, types, _node_pgdats(t))
-        nodes = t.node_spans()
+        from inspect_vmemmap.vmemmap import NodeMap
 
-        def nid_of(pfn: int) -> Optional[int]:
-            for nid, s, e in nodes:
-                if s <= pfn < e:
-                    return nid
-            return None
+        nid_of = NodeMap(t.node_spans()).nid
 
         try:
             folios = kstructs.hugetlb_folios(t.memory, types, symbol, t.layout, nid_of, zones.zone)
@@ -693,9 +828,7 @@ def _page_flags_layout(t: "Target", types) -> Optional[dict]:
 
 def _node_pgdats(t: "Target") -> List[Tuple[int, int]]:
     """(nid, address of pglist_data) of each node in node_spans()."""
-    info = t.vmcoreinfo
-    node_data = info.symbol("node_data")
-    n = info.length("node_data")
+    node_data, n = _node_data(t)
     if node_data is None or n is None:
         return []
     try:
@@ -710,4 +843,8 @@ def buddy_checker(t: "Target"):
     from inspect_vmemmap import kstructs
 
     types = _types(t)
-    return None if types is None else kstructs.buddy_checker(t.memory, types, t.layout)
+    # NR_PAGE_ORDERS = MAX_PAGE_ORDER + 1 (VMCOREINFO LENGTH(zone.free_area)): 11 with 4K
+    # pages, 12 with arm64's 16K (ARCH_FORCE_MAX_ORDER 11)
+    orders = t.vmcoreinfo.length("zone.free_area")
+    return None if types is None else kstructs.buddy_checker(t.memory, types, t.layout,
+                                                            max_order=orders - 1 if orders else 10)

@@ -38,10 +38,13 @@ class NodeMap:
         self._starts = [s[1] for s in self.spans]
 
     def nid(self, pfn: int) -> Optional[int]:
-        """:return: the node whose span holds ``pfn``, or None."""
+        """:return: the node whose span holds ``pfn`` (the innermost, latest-starting one
+        where spans nest), or None."""
         i = bisect_right(self._starts, pfn) - 1
-        if i >= 0 and pfn < self.spans[i][2]:
-            return self.spans[i][0]
+        while i >= 0:
+            if pfn < self.spans[i][2]:
+                return self.spans[i][0]
+            i -= 1
         return None
 
     def nid_of_range(self, start: int, end: int) -> Optional[int]:
@@ -107,6 +110,10 @@ class VmemmapMap:
         self.findings: List[Finding] = []
         self.start = 0
         self.end = 0
+
+    def unknown(self) -> List[Tuple[int, int]]:
+        """:return: virtual ranges whose mapping is unknown (their tables were unreadable)."""
+        return [(f.vaddr, f.vaddr_end) for f in self.findings if f.kind == "unreadable" and f.vaddr_end is not None]
 
     def to_json(self) -> dict:
         return {

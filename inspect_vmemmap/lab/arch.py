@@ -1,6 +1,7 @@
 """Per-architecture facts: Debian names, QEMU binary and machine options.
 
-Only x86_64 is implemented; the table is where aarch64 will go.
+x86_64 (pc, ``-cpu max``) and aarch64 (``-M virt -cpu max``, TCG; Debian's 4K ``arm64``
+and 16K ``arm64-16k`` flavours).
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ class ArchInfo:
     qemu_package: str  # Debian package providing it
     console: str  # kernel console device for the first serial port
     machine_args: tuple[str, ...] = ()
+    flavours: tuple[str, ...] = ()  # every Debian flavour the lab boots (the first is the default)
 
-    def cpu_arg(self, la57: bool | None) -> str:
+    def cpu_arg(self, la57: bool | None, lpa2: bool | None = None) -> str:
         if self.name == "x86_64":
             return "max,la57=off" if la57 is False else "max"
+        if self.name == "aarch64":
+            # QEMU's TCG max CPU has FEAT_LPA2 (52-bit VA and PA with 4K/16K pages) since
+            # 7.0; lpa2=off (target/arm/cpu64.c arm_cpu_lpa2_finalize) leaves a 48-bit CPU.
+            return "max,lpa2=off" if lpa2 is False else "max"
         return "max"
 
 
@@ -34,9 +40,19 @@ ARCHES: dict[str, ArchInfo] = {
         qemu="qemu-system-x86_64",
         qemu_package="qemu-system-x86",
         console="ttyS0",
+        flavours=("amd64",),
     ),
-    # "aarch64": ArchInfo("aarch64", "arm64", "arm64", "qemu-system-aarch64",
-    #                     "qemu-system-arm", "ttyAMA0", ("-machine", "virt")),
+    "aarch64": ArchInfo(
+        name="aarch64",
+        deb_arch="arm64",
+        flavour="arm64",
+        qemu="qemu-system-aarch64",
+        qemu_package="qemu-system-arm",
+        console="ttyAMA0",
+        # virt: PL011 console, fw_cfg over MMIO (-device vmcoreinfo works), RAM from 1 GiB
+        machine_args=("-machine", "virt"),
+        flavours=("arm64", "arm64-16k"),
+    ),
 }
 
 

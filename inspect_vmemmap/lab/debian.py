@@ -65,6 +65,13 @@ class DebianKernel:
     def dir(self) -> Path:
         return self.vmlinuz.parent
 
+    @property
+    def boot_image(self) -> Path:
+        """The file QEMU's ``-kernel`` boots: ``vmlinuz``, or the ``Image`` unpacked from it
+        when it is an EFI zboot image (arm64), which QEMU cannot load directly."""
+        image = self.dir / "Image"
+        return image if image.exists() else self.vmlinuz
+
     def modules_dep(self) -> kmod.ModulesDep:
         return kmod.parse_modules_dep((self.modules_dir / "modules.dep").read_text())
 
@@ -100,7 +107,8 @@ class DebianKernel:
 
 class _Apt:
     def __init__(self, root: Path, suite: str, deb_arch: str, report):
-        self.dir = root / "apt" / suite
+        # one state per suite and architecture (amd64 keeps the plain suite name)
+        self.dir = root / "apt" / (suite if deb_arch == "amd64" else f"{suite}-{deb_arch}")
         self.suite = suite
         self.deb_arch = deb_arch
         self.report = report
@@ -226,12 +234,14 @@ def resolve_packages(image_fields: dict[str, str], flavour: str) -> dict[str, st
 # --- cache layout ----------------------------------------------------------------------------
 
 
-def _series_pointer(root: Path, arch: str, series: str) -> Path:
-    return root / "kernels" / "by-series" / arch / series
+def _series_pointer(root: Path, arch: str, series: str, flavour: str = "") -> Path:
+    info = arch_info(arch)
+    name = series if not flavour or flavour == info.flavour else f"{series}+{flavour}"
+    return root / "kernels" / "by-series" / arch / name
 
 
-def _load_cached(root: Path, arch: str, series: str) -> DebianKernel | None:
-    ptr = _series_pointer(root, arch, series)
+def _load_cached(root: Path, arch: str, series: str, flavour: str = "") -> DebianKernel | None:
+    ptr = _series_pointer(root, arch, series, flavour)
     if not ptr.exists():
         return None
     release = ptr.read_text().strip()
@@ -272,10 +282,14 @@ def _save_meta(kdir: Path, meta: dict) -> None:
 
 
 def fetch_debian_kernel(
-    debian: str, arch: str = "x86_64", progress: Progress = None, refresh: bool = False
+    debian: str, arch: str = "x86_64", progress: Progress = None, refresh: bool = False,
+    flavour: str = "",
 ) -> DebianKernel:
     """Make sure the current Debian kernel of series ``debian`` ('6.1', '6.12', '7.2') is in
     the cache and return it.
+
+    ``flavour``: the Debian kernel flavour (``linux-image-<flavour>``, e.g. ``arm64-16k``);
+    empty for the architecture's default one.
 
     Once a kernel for the series is cached, no network access happens unless ``refresh``.
     """
@@ -283,29 +297,33 @@ def fetch_debian_kernel(
     info = arch_info(arch)
     if debian not in SERIES:
         raise LabError(f"unknown Debian kernel series {debian!r} (known: {', '.join(SERIES)})")
+    flavour = flavour or info.flavour
+    if info.flavours and flavour not in info.flavours:
+        raise LabError(f"unknown {arch} kernel flavour {flavour!r} (known: {', '.join(info.flavours)})")
     suite = SERIES[debian]
     root = cache_root()
 
     if not refresh:
-        cached = _load_cached(root, arch, debian)
+        cached = _load_cached(root, arch, debian, flavour)
         if cached is not None:
             return cached
     with cache_lock():
         if not refresh:
-            cached = _load_cached(root, arch, debian)
+            cached = _load_cached(root, arch, debian, flavour)
             if cached is not None:
                 return cached
-        return _fetch(debian, suite, arch, info, root, report)
+        return _fetch(debian, suite, arch, info, root, report, flavour)
 
 
-def _fetch(debian: str, suite: str, arch: str, info, root: Path, report) -> DebianKernel:
+def _fetch(debian: str, suite: str, arch: str, info, root: Path, report, flavour: str = "") -> DebianKernel:
     require_tool("dpkg-deb", "dpkg")
+    flavour = flavour or info.flavour
     apt = _Apt(root, suite, info.deb_arch, report)
     apt.ensure_lists()
-    meta_pkg = apt.show(f"linux-image-{info.flavour}")
+    meta_pkg = apt.show(f"linux-image-{flavour}")
     candidates = [p for p in _depends(meta_pkg) if p.startswith("linux-image-")]
     if not candidates:
-        raise LabError(f"linux-image-{info.flavour} in {suite} depends on no linux-image-*")
+        raise LabError(f"linux-image-{flavour} in {suite} depends on no linux-image-*")
     image_fields = apt.show(candidates[0])
     image_pkg = image_fields["Package"]
     release = image_pkg[len("linux-image-"):]
@@ -316,10 +334,10 @@ def _fetch(debian: str, suite: str, arch: str, info, root: Path, report) -> Debi
     kdir = root / "kernels" / release
     existing = _kernel_from_dir(kdir)
     if existing is not None and existing.version == version:
-        _point(root, arch, debian, release)
+        _point(root, arch, debian, release, flavour)
         return existing
 
-    pkgs = resolve_packages(image_fields, info.flavour)
+    pkgs = resolve_packages(image_fields, flavour)
     dbg_pkg = f"{image_pkg}-dbg"
     dl = root / "dl"
     meta: dict = {}
@@ -331,7 +349,7 @@ def _fetch(debian: str, suite: str, arch: str, info, root: Path, report) -> Debi
             meta = {}
     meta.update(
         release=release, version=version, suite=suite, arch=arch, series=debian,
-        deb_arch=info.deb_arch, image_package=pkgs["image"], modules_package=pkgs["modules"],
+        deb_arch=info.deb_arch, flavour=flavour, image_package=pkgs["image"], modules_package=pkgs["modules"],
         dbg_package=dbg_pkg,
     )
     kdir.mkdir(parents=True, exist_ok=True)
@@ -349,6 +367,8 @@ def _fetch(debian: str, suite: str, arch: str, info, root: Path, report) -> Debi
         image_deb = get_deb(pkgs["image"])
         mods_deb = image_deb if pkgs["modules"] == pkgs["image"] else get_deb(pkgs["modules"])
         _extract_image(image_deb, mods_deb, release, kdir, meta, report)
+        _save_meta(kdir, meta)
+    if _unpack_zboot(kdir, meta, report):
         _save_meta(kdir, meta)
 
     # debug vmlinux (the -dbg package is deleted afterwards)
@@ -371,12 +391,118 @@ def _fetch(debian: str, suite: str, arch: str, info, root: Path, report) -> Debi
     missing = {p for p in paths if not kernel.module_file(p).exists()}
     if missing:
         _extract_modules(kernel, missing, report)
-    _point(root, arch, debian, release)
+    _point(root, arch, debian, release, flavour)
     return kernel
 
 
-def _point(root: Path, arch: str, series: str, release: str) -> None:
-    atomic_write_text(_series_pointer(root, arch, series), release + "\n")
+def _point(root: Path, arch: str, series: str, release: str, flavour: str = "") -> None:
+    atomic_write_text(_series_pointer(root, arch, series, flavour), release + "\n")
+
+
+# --- EFI zboot ------------------------------------------------------------------------------
+
+
+def parse_zboot_header(head: bytes) -> tuple[int, int, str] | None:
+    """The EFI zboot header (drivers/firmware/efi/libstub/zboot-header.S): ``MZ``, the image
+    type ``zimg`` at offset 4, the payload offset and size (little-endian u32) at 8 and 12,
+    and the compression type (``gzip``, ``zstd``, ...; NUL-terminated) at 24.
+
+    :return: ``(payload offset, payload size, compression type)``, or None if ``head`` is not
+        a zboot image.
+    """
+    if len(head) < 0x38 or head[:2] != b"MZ" or head[4:8] != b"zimg":
+        return None
+    off = int.from_bytes(head[8:12], "little")
+    size = int.from_bytes(head[12:16], "little")
+    comp = head[24:0x38].split(b"\0", 1)[0].decode("ascii", "replace")
+    return off, size, comp
+
+
+def unpack_zboot(data: bytes) -> bytes | None:
+    """The kernel Image inside an EFI zboot vmlinuz (None if ``data`` is not one).
+
+    Makefile.zboot compresses with ``gzip`` or ``zstd22_with_size`` (zstd followed by a
+    4-byte size that the header's payload size leaves out).
+    """
+    hdr = parse_zboot_header(data[:0x40])
+    if hdr is None:
+        return None
+    off, size, comp = hdr
+    payload = data[off:off + size]
+    if len(payload) != size:
+        raise LabError(f"EFI zboot payload ({off:#x}+{size:#x}) runs past the end of the file")
+    if comp == "gzip":
+        import zlib
+
+        return zlib.decompressobj(wbits=31).decompress(payload)
+    if comp == "zstd":
+        zstd = require_tool("zstd", "zstd")
+        proc = subprocess.run([zstd, "-dc"], input=payload, capture_output=True)
+        if proc.returncode != 0:
+            raise LabError(f"zstd could not unpack the EFI zboot payload: {proc.stderr.decode(errors='replace').strip()}")
+        return proc.stdout
+    raise LabError(f"EFI zboot image compressed with {comp!r}: not supported (gzip, zstd)")
+
+
+def _unpack_zboot(kdir: Path, meta: dict, report) -> bool:
+    """Unpack ``kdir/vmlinuz`` into ``kdir/Image`` when it is an EFI zboot image (QEMU's
+    ``-kernel`` takes a raw or gzipped arm64 Image, not a zboot PE).
+
+    :return: whether it unpacked something.
+    """
+    vmlinuz = kdir / "vmlinuz"
+    image = kdir / "Image"
+    if image.exists() or not vmlinuz.exists():
+        return False
+    with open(vmlinuz, "rb") as f:
+        hdr = parse_zboot_header(f.read(0x40))
+    if hdr is None:
+        return False
+    data = unpack_zboot(vmlinuz.read_bytes())
+    # arm64 Image header (Documentation/arch/arm64/booting.rst): "ARM\x64" at offset 56
+    if data is None or data[56:60] != b"ARM\x64":
+        raise LabError(f"{vmlinuz}: the EFI zboot payload is not an arm64 Image")
+    report(f"unpacking the EFI zboot vmlinuz into Image ({human_size(len(data))})")
+    atomic_write_bytes(image, data)
+    meta["zboot"] = {"payload_offset": hdr[0], "payload_size": hdr[1], "compression": hdr[2]}
+    return True
+
+
+# --- busybox for the guest ---------------------------------------------------------------------
+
+
+def fetch_busybox(arch: str, suite: str = "trixie", progress: Progress = None) -> Path:
+    """A static busybox for ``arch`` (Debian's ``busybox-static``, fetched with the lab's private
+    apt for that architecture), cached as ``<cache>/busybox/<deb_arch>/busybox``."""
+    report = reporter(progress)
+    info = arch_info(arch)
+    root = cache_root()
+    out = root / "busybox" / info.deb_arch / "busybox"
+    if out.exists():
+        return out
+    require_tool("dpkg-deb", "dpkg")
+    with cache_lock():
+        if out.exists():
+            return out
+        apt = _Apt(root, suite, info.deb_arch, report)
+        apt.ensure_lists()
+        fields = apt.show("busybox-static")
+        version = fields["Version"]
+        deb = root / "dl" / deb_filename("busybox-static", version, info.deb_arch)
+        if not deb.exists():
+            report(f"fetching busybox-static {version} for {info.deb_arch}")
+            deb = apt.download("busybox-static", version, root / "dl")
+        with _deb_tar(deb) as tf:
+            for m in tf:
+                if m.isfile() and _member_path(m.name) in ("bin/busybox", "usr/bin/busybox"):
+                    with atomic_path(out, 0o755) as tmp:
+                        with tf.extractfile(m) as src, open(tmp, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+                    break
+        if not out.exists():
+            raise LabError(f"no busybox binary in {deb.name}")
+        atomic_write_text(out.with_name("version"), version + "\n")
+    return out
 
 
 # --- extraction ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 from .account import GuestAccount, parse_account
 from .arch import ArchInfo, arch_info
 from .cache import Progress, reporter, require_tool
-from .debian import DebianKernel, fetch_debian_kernel
+from .debian import DebianKernel, fetch_busybox, fetch_debian_kernel
 from .errors import LabError
 from .initramfs import MARK_ERROR, MARK_READY, build_initramfs
 from .qmp import dump_vmcoreinfo, qmp_command
@@ -49,6 +49,8 @@ class GuestSpec:
     slots: int = 0  # pc-dimm slots (0: 4 when maxmem is set)
     hotplug_online: str = "online"  # memhp_default_state= when maxmem is set ('': kernel default)
     memmap_on_memory: bool = False  # memory_hotplug.memmap_on_memory=1
+    flavour: str = ""  # Debian kernel flavour ('' the arch's default; 'arm64-16k')
+    lpa2: bool | None = None  # aarch64: False gives a CPU without FEAT_LPA2 (48-bit VA/PA); None: max
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def qemu_argv(
     elif spec.slots:
         raise LabError("slots needs maxmem")
     argv = [
-        qemu, "-accel", spec.accel, "-cpu", info.cpu_arg(spec.la57), *info.machine_args,
+        qemu, "-accel", spec.accel, "-cpu", info.cpu_arg(spec.la57, spec.lpa2), *info.machine_args,
         "-m", mem_arg, "-smp", str(smp),
         "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),
@@ -310,7 +312,7 @@ class Guest:
     def _start(self, qemu: str, timeout: float, report) -> None:
         info = arch_info(self.spec.arch)
         self.argv = qemu_argv(
-            self.spec, info, qemu, self.kernel.vmlinuz, self.initramfs,
+            self.spec, info, qemu, self.kernel.boot_image, self.initramfs,
             self.qmp_socket, self.control_socket, self.console_log,
         )
         (self.workdir / "qemu.cmd").write_text(shlex.join(self.argv) + "\n")
@@ -385,9 +387,12 @@ def boot_guest(
     info = arch_info(spec.arch)
     qemu = require_tool(info.qemu, info.qemu_package)
     if kernel is None:
-        kernel = fetch_debian_kernel(spec.debian, spec.arch, progress=progress)
+        kernel = fetch_debian_kernel(spec.debian, spec.arch, progress=progress, flavour=spec.flavour)
     modules = kernel.ensure_modules(["qemu_fw_cfg", *spec.extra_modules], progress=progress)
-    initrd = build_initramfs(modules, spec.init_extra, progress=progress, watch_memory=bool(spec.maxmem))
+    # the host's busybox serves its own architecture; another one gets Debian's busybox-static
+    busybox = fetch_busybox(spec.arch, kernel.suite, progress) if info.name != os.uname().machine else None
+    initrd = build_initramfs(modules, spec.init_extra, busybox=busybox, progress=progress,
+                             watch_memory=bool(spec.maxmem))
 
     own_workdir = workdir is None
     wd = Path(tempfile.mkdtemp(prefix="ivm-guest-")) if own_workdir else Path(workdir).absolute()

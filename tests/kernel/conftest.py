@@ -22,6 +22,15 @@ SCENARIOS = {
     "6.1-la57-hvo": GuestSpec(debian="6.1", mem="1G", hugepages=16, hvo=True, la57=True),
     "6.12-numa2-hvo": GuestSpec(debian="6.12", mem="1G", numa=2, la57=False, hugepages=8, hvo=True),
     "7.2-hvo": GuestSpec(debian="7.2", mem="1G", hugepages=8, hvo=True),
+    # arm64 (issue 6), -M virt -cpu max under TCG. The max CPU has FEAT_LPA2, so Debian's
+    # 52-bit-VA kernels (4K and 16K) run with 52 bits; lpa2=False gives a 48-bit CPU, where
+    # they run with 48 (47 with 16K pages) and lend the bottom of the vmemmap region to
+    # vmalloc. arm64 has no HVO: hvo=True asks for it and must find none.
+    "6.12-arm64-numa2": GuestSpec(debian="6.12", arch="aarch64", mem="1G", numa=2, hugepages=8, hvo=True),
+    "6.12-arm64-16k": GuestSpec(debian="6.12", arch="aarch64", flavour="arm64-16k", mem="1G"),
+    "6.12-arm64-16k-va47": GuestSpec(debian="6.12", arch="aarch64", flavour="arm64-16k", mem="1G", lpa2=False),
+    "7.2-arm64": GuestSpec(debian="7.2", arch="aarch64", mem="1G"),
+    "7.2-arm64-va48": GuestSpec(debian="7.2", arch="aarch64", mem="1G", lpa2=False, hugepages=4),
 }
 
 
@@ -33,6 +42,12 @@ class Booted:
     core: Path
     vmlinux: Path
     _prog: object = None
+
+    @property
+    def hvo(self) -> bool:
+        """Whether the guest's HugeTLB folios must be vmemmap-optimized (x86_64 only: arm64
+        has no HVO, see inspect_vmemmap.model.hvo_supported)."""
+        return self.spec.hvo and self.spec.arch == "x86_64"
 
     def prog(self):
         """drgn on this guest's dump with its debug info (ground truth for the tests)."""

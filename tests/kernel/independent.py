@@ -1,7 +1,7 @@
 """Ground truth that does not come from inspect_vmemmap's code.
 
-A deliberately naive x86_64 page-table walk (one drgn read per entry, recursion, no
-shared code with inspect_vmemmap.pgtable), and drgn's own sparsemem helpers.
+Deliberately naive x86_64 and arm64 page-table walks (one drgn read per entry, recursion,
+no shared code with inspect_vmemmap.pgtable), and drgn's own sparsemem helpers.
 """
 
 from __future__ import annotations
@@ -36,12 +36,39 @@ def vmemmap_base(prog: drgn.Program) -> int:
     return prog["vmemmap"].value_()
 
 
+def is_arm64(prog: drgn.Program) -> bool:
+    return prog.platform.arch == drgn.Architecture.AARCH64
+
+
+def vmcoreinfo_number(prog: drgn.Program, key: str) -> int:
+    """A ``NUMBER(x)=value`` line of the kernel's VMCOREINFO text (hex when written with
+    0x, decimal otherwise)."""
+    for line in prog["VMCOREINFO"].string_().decode().splitlines():
+        k, _, v = line.partition("=")
+        if k == key:
+            return int(v, 0)
+    raise KeyError(key)
+
+
+def page_shift(prog: drgn.Program) -> int:
+    return prog["PAGE_SHIFT"].value_()
+
+
+def pfn_section_shift(prog: drgn.Program) -> int:
+    """PFN_SECTION_SHIFT: 15 with 4K pages, 13 with 16K (SECTION_SIZE_BITS 27)."""
+    return vmcoreinfo_number(prog, "NUMBER(SECTION_SIZE_BITS)") - page_shift(prog)
+
+
 def levels(prog: drgn.Program) -> int:
+    if is_arm64(prog):
+        return len(arm64_geometry(prog)[3])
     return 5 if prog["__pgtable_l5_enabled"].value_() else 4
 
 
 def naive_walk(prog: drgn.Program, start: int, end: int) -> List[Tuple[int, int, int, bool]]:
     """Every leaf (vaddr, size, phys, writable) in [start, end)."""
+    if is_arm64(prog):
+        return arm64_naive_walk(prog, start, end)
     n = levels(prog)
     shifts = [48, 39, 30, 21, 12][5 - n:]
     root = follow(prog, prog.symbol("init_top_pgt").address)
@@ -72,10 +99,107 @@ def naive_walk(prog: drgn.Program, start: int, end: int) -> List[Tuple[int, int,
     return leaves
 
 
+# -- arm64 ----------------------------------------------------------------------------
+# Written from the Arm ARM (VMSAv8-64 stage 1 descriptors), not from inspect_vmemmap:
+# bit 0 valid; bit 1 table (or page at the last level), clear = block; bit 7 AP[2]
+# read-only; output address bits [47:page shift], or with FEAT_LPA2 (TCR_EL1.DS) bits
+# [49:page shift] plus PA[51:50] in bits [9:8].
+
+
+def arm64_geometry(prog: drgn.Program) -> Tuple[int, int, bool, List[int]]:
+    """(page shift, VA bits in use, LPA2, the VA shift of each level from the top)."""
+    ps = page_shift(prog)
+    va_bits = 64 - vmcoreinfo_number(prog, "NUMBER(TCR_EL1_T1SZ)")
+    # the kernel says 52-bit physical addresses exactly when it runs with LPA2 (4K/16K)
+    lpa2 = ps != 16 and vmcoreinfo_number(prog, "NUMBER(MAX_PHYSMEM_BITS)") == 52
+    per_level = ps - 3
+    n = -(-(va_bits - ps) // per_level)
+    return ps, va_bits, lpa2, [ps + per_level * k for k in reversed(range(n))]
+
+
+def arm64_oa(prog: drgn.Program, e: int) -> int:
+    """The output address of an arm64 descriptor."""
+    ps, _, lpa2, _ = arm64_geometry(prog)
+    top = 50 if lpa2 else 48
+    a = e & ((1 << top) - 1) & ~((1 << ps) - 1)
+    if lpa2:
+        a |= ((e >> 8) & 3) << 50
+    return a
+
+
+def arm64_root(prog: drgn.Program) -> int:
+    return follow(prog, prog.symbol("swapper_pg_dir").address)
+
+
+def arm64_naive_walk(prog: drgn.Program, start: int, end: int) -> List[Tuple[int, int, int, bool]]:
+    ps, va_bits, lpa2, shifts = arm64_geometry(prog)
+    leaves = []
+
+    def visit(table: int, depth: int, base: int) -> None:
+        shift = shifts[depth]
+        size = 1 << shift
+        n = (1 << (va_bits - shift)) if depth == 0 else (1 << (ps - 3))
+        for i in range(n):
+            va = base + i * size
+            if va + size <= start or va >= end:
+                continue
+            e = prog.read_u64(table + 8 * i, True)
+            if not e & 1:
+                continue
+            if depth == len(shifts) - 1 or not e & 2:
+                leaves.append((va, size, arm64_oa(prog, e) & ~(size - 1), not e & (1 << 7)))
+            else:
+                visit(arm64_oa(prog, e), depth + 1, va)
+
+    visit(arm64_root(prog), 0, (1 << 64) - (1 << va_bits))
+    return leaves
+
+
+def addr_mask(prog: drgn.Program) -> int:
+    """The bits of a leaf entry that hold its output address (to replace it)."""
+    if not is_arm64(prog):
+        return ADDR
+    ps, _, lpa2, _ = arm64_geometry(prog)
+    return (((1 << (50 if lpa2 else 48)) - 1) & ~((1 << ps) - 1)) | (0x300 if lpa2 else 0)
+
+
+def with_addr(prog: drgn.Program, e: int, phys: int) -> int:
+    """Entry ``e`` pointing at ``phys`` instead."""
+    if not is_arm64(prog):
+        return (e & ~ADDR) | phys
+    ps, _, lpa2, _ = arm64_geometry(prog)
+    enc = phys & ((1 << (50 if lpa2 else 48)) - 1)
+    if lpa2:
+        enc |= (phys >> 50 & 3) << 8
+    return (e & ~addr_mask(prog)) | enc
+
+
+def leaf_phys(prog: drgn.Program, e: int) -> int:
+    return arm64_oa(prog, e) if is_arm64(prog) else e & ADDR
+
+
+def is_block(prog: drgn.Program, e: int) -> bool:
+    """A present PMD-level entry that maps memory itself (x86 PSE, arm64 block)."""
+    return bool(e & 1 and (not e & 2 if is_arm64(prog) else e & 0x80))
+
+
+def writable_bit(prog: drgn.Program) -> Tuple[int, bool]:
+    """(bit, set means writable): x86 RW (bit 1), arm64 AP[2] (bit 7, set means read-only)."""
+    return (1 << 7, False) if is_arm64(prog) else (1 << 1, True)
+
+
+def nodes_pgshift(prog: drgn.Program) -> int:
+    """NODES_PGSHIFT: 64 - NODES_SHIFT (Debian amd64 CONFIG_NODES_SHIFT 10, arm64 4)."""
+    return 60 if is_arm64(prog) else 54
+
+
 def summarize(leaves, pmd_shift: int = 21) -> dict:
-    sizes = Counter({4096: "4K", 1 << 21: "2M", 1 << 30: "1G"}[s] for _, s, _, _ in leaves)
+    labels = {4096: "4K", 1 << 14: "16K", 1 << 21: "2M", 1 << 25: "32M", 1 << 30: "1G", 1 << 36: "64G",
+              1 << 39: "512G"}
+    sizes = Counter(labels[s] for _, s, _, _ in leaves)
+    keys = sorted(set(sizes) | {"1G", "2M", "4K"}, key=lambda k: -next(s for s, l in labels.items() if l == k))
     return {
-        "leaves": {k: sizes.get(k, 0) for k in ("1G", "2M", "4K")},
+        "leaves": {k: sizes.get(k, 0) for k in keys},
         "split_pmds": len({va >> pmd_shift for va, s, _, _ in leaves if s == 4096}),
         "readonly_ptes": sum(1 for _, _, _, w in leaves if not w),
         "bytes_mapped": sum(s for _, s, _, _ in leaves),
@@ -89,6 +213,17 @@ def follow(prog: drgn.Program, vaddr: int) -> int:
 def entry_addr(prog: drgn.Program, vaddr: int, depth: int) -> Tuple[int, int]:
     """Physical address and value of the page-table entry for ``vaddr`` at ``depth``
     (0 = top level), walking by hand."""
+    if is_arm64(prog):
+        ps, va_bits, _, shifts = arm64_geometry(prog)
+        table = arm64_root(prog)
+        for d in range(depth + 1):
+            n = (1 << (va_bits - shifts[d])) if d == 0 else 1 << (ps - 3)
+            addr = table + ((vaddr >> shifts[d]) & (n - 1)) * 8
+            e = prog.read_u64(addr, True)
+            if d == depth:
+                return addr, e
+            table = arm64_oa(prog, e)
+        raise AssertionError("unreachable")
     n = levels(prog)
     shifts = [48, 39, 30, 21, 12][5 - n:]
     table = follow(prog, prog.symbol("init_top_pgt").address)

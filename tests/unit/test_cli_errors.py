@@ -187,8 +187,6 @@ def test_absurd_mem_section_length(tmp_path):
     assert any("LENGTH(mem_section)" in f["message"] for f in doc["findings"])
 
 
-@pytest.mark.xfail(strict=True, reason="target.py layout decision: impossible VMCOREINFO values end as an "
-                                       "'internal error' or 'out of memory', not a reason (reported)")
 @pytest.mark.parametrize("bad", ["SIZE(mem_section)=0", "SYMBOL(mem_section)=zzz", "SIZE(page)=0",
                                  "NUMBER(SECTION_SIZE_BITS)=60"])
 def test_impossible_vmcoreinfo_values(tmp_path, bad):

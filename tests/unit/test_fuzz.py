@@ -410,13 +410,6 @@ def damaged_pfns(k, fmt, tables, dmg, leaves_after):
         if any(x <= b and a <= y for x, y in spans):
             spans.append((a, b))
             hit.add((f.nid, f.zone, f.order))
-    # Known check.py limitation (test_shared_tail_damage_blames_the_damaged_folio, xfail):
-    # the zone's shared tail page is taken from whichever optimised folio comes first, so
-    # damage to that folio is reported on the others of its zone.
-    if k.inputs.hvo_shared_tails:
-        for f in k.inputs.folios:
-            if f.optimized and (f.nid, f.zone, f.order) in hit:
-                spans.append((f.head_pfn, f.head_pfn + (1 << f.order) - 1))
     phys = []  # physical [start, end) that the damaged ranges now map
     for va, size, p, _ in leaves_after:
         s = pfn_span(lay, va, va + size)
@@ -451,10 +444,10 @@ def observe(k, text=False):
     leaves = []
     vm = load_map(k.mem, lay, sections, nodes, ram, on_leaf=lambda l: leaves.append((l.vaddr, l.size, l.phys, l.writable)))
     top = ram.end
-    events = walk_bounded(k, fmt, vm.start, vm.end, lambda p: p < top)
+    events = walk_bounded(k, fmt, vm.start, vm.end, (lambda p: p < top) if ram else None)
     assert [(e.vaddr, e.size, e.phys, e.writable) for e in events if type(e) is Leaf] == leaves
     assert len(vm.findings) == sum(1 for e in events if type(e) is not Leaf)
-    res = run_check(inp, sections, leaves)
+    res = run_check(inp, sections, leaves, unknown=vm.unknown())
     findings = sections.findings + vm.findings + res.findings
 
     # pfn: every section start, a few struct pages around what the walk reported
@@ -624,8 +617,6 @@ def test_shared_table_names_its_first_user():
 # -- what the fuzzers found in check.py (reported; xfail until fixed there) ----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="check.py takes the zone's shared HVO tail page from the first optimised "
-                                       "folio: damage to that folio is blamed on the others")
 def test_shared_tail_damage_blames_the_damaged_folio():
     a, b = Folio(512 * 3, 9, True, 0, 2), Folio(512 * 10, 9, True, 0, 2)
     k = _kernel(folios=[a, b], shared=True)
@@ -636,8 +627,6 @@ def test_shared_tail_damage_blames_the_damaged_folio():
     assert [f.pfn_start for f in hvo] == [a.head_pfn]
 
 
-@pytest.mark.xfail(strict=True, reason="check.py reports struct pages behind an unreadable table page as "
-                                       "memmap-unmapped errors, though they are unknown, not unmapped")
 def test_unreadable_table_is_not_unmapped():
     k = _kernel(folios=[Folio(512 * 3, 9, True, 0, 2)])
     va = k.layout.pfn_to_page(512 * 3)
@@ -647,8 +636,6 @@ def test_unreadable_table_is_not_unmapped():
     assert not [f for f in findings if f.kind == "memmap-unmapped"], [f.message for f in findings]
 
 
-@pytest.mark.xfail(strict=True, reason="check.py: with no RAM ranges (iomem and node spans unreadable) every "
-                                       "vmemmap leaf is reported as backed outside RAM")
 def test_unknown_ram_is_not_outside_ram():
     k = _kernel()
     k.inputs.ram = []
@@ -656,7 +643,6 @@ def test_unknown_ram_is_not_outside_ram():
     assert not [f for f in findings if f.kind == "backing-outside-ram"]
 
 
-@pytest.mark.xfail(strict=True, reason="check.py: backing-outside-ram is one finding per leaf, not per range")
 def test_backing_outside_ram_is_one_finding_per_range():
     k = _kernel()
     lay = k.layout

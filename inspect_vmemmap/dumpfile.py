@@ -1,0 +1,418 @@
+"""What a crash dump file holds and what it left out, from its own headers (no drgn).
+
+- kdump-compressed (makedumpfile's default format, crash's "diskdump"): ``struct
+  disk_dump_header`` in block 0, ``struct kdump_sub_header`` in block 1 (``dump_level``
+  since header_version 1), then two bitmaps of one bit per pfn: the 1st says which pfns
+  /proc/vmcore had (RAM the capture kernel saw), the 2nd which were written. A pfn in the
+  1st and not in the 2nd was excluded by the filter (makedumpfile's diskdump_mod.h;
+  makedumpfile.c write_kdump_header, write_kdump_bitmap). Zero pages excluded by dump
+  level bit 1 stay in the 2nd bitmap: they are written as one shared zero page.
+- ELF (QEMU's dump-guest-memory, /proc/vmcore, makedumpfile -E): the PT_LOAD segments.
+  makedumpfile -E -d N writes no dump level; a run of at least 256 excluded pages ends a
+  segment's file data early (``p_filesz < p_memsz``, makedumpfile.c write_elf_pages_cyclic;
+  shorter runs are written with their data). drgn reads that tail as zeros, so
+  :class:`ExcludingMemory` makes reads of excluded pages fail as they do in a
+  kdump-compressed dump instead of returning zeros that would look like empty page tables.
+"""
+
+from __future__ import annotations
+
+import struct
+from bisect import bisect_right
+from typing import Dict, List, Optional, Tuple
+
+#: dump level bits (makedumpfile.h DL_EXCLUDE_*; makedumpfile(8) -d)
+DUMP_LEVEL_BITS = (
+    (1, "zero"),
+    (2, "cache"),
+    (4, "private cache"),
+    (8, "user data"),
+    (16, "free"),
+)
+# disk_dump_header.status (diskdump_mod.h)
+_DH_ZLIB, _DH_LZO, _DH_SNAPPY, _DH_INCOMPLETE, _DH_EXCLUDED_VMEMMAP, _DH_ZSTD = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
+_FLATTENED_SIGNATURE = b"makedumpfile\0"
+
+
+def excluded_classes(dump_level: int) -> List[str]:
+    """Page classes a makedumpfile dump level excludes (``-d 31``: all five)."""
+    out = [name for bit, name in DUMP_LEVEL_BITS if dump_level & bit]
+    if dump_level & 4 and "cache" not in out:
+        out.insert(1, "cache")  # -d 4 excludes non-private cache as well (makedumpfile(8))
+    return out
+
+
+def _runs_from_bitmap(bm: bytes, limit: int) -> List[Tuple[int, int]]:
+    """``[start, end)`` pfn runs of set bits (bit ``p & 7`` of byte ``p >> 3``)."""
+    out: List[Tuple[int, int]] = []
+    start = None
+    n = min(limit, len(bm) * 8)
+    full, empty = b"\xff" * 64, b"\0" * 64
+    p = 0
+    while p < n:
+        byte = p >> 3
+        if not p & 511 and p + 512 <= n:  # 64 bytes at a time where all equal
+            chunk = bm[byte:byte + 64]
+            if chunk == full:
+                if start is None:
+                    start = p
+                p += 512
+                continue
+            if chunk == empty:
+                if start is not None:
+                    out.append((start, p))
+                    start = None
+                p += 512
+                continue
+        bit = bm[byte] >> (p & 7) & 1
+        if bit and start is None:
+            start = p
+        elif not bit and start is not None:
+            out.append((start, p))
+            start = None
+        p += 1
+    if start is not None:
+        out.append((start, n))
+    return out
+
+
+def _subtract(a: List[Tuple[int, int]], b: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Sorted disjoint runs ``a`` minus sorted disjoint runs ``b``."""
+    out = []
+    j = 0
+    for s, e in a:
+        while j < len(b) and b[j][1] <= s:
+            j += 1
+        k = j
+        cur = s
+        while k < len(b) and b[k][0] < e:
+            if b[k][0] > cur:
+                out.append((cur, b[k][0]))
+            cur = max(cur, b[k][1])
+            k += 1
+        if cur < e:
+            out.append((cur, e))
+    return out
+
+
+def _merge(runs: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    out: List[List[int]] = []
+    for s, e in sorted(runs):
+        if e <= s:
+            continue
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+class DumpFile:
+    """A dump's format and which pfns it left out.
+
+    ``excluded`` is the list of ``[start, end)`` pfn runs that were RAM but are not in
+    the dump (None: unknown, e.g. an ELF dump before :meth:`set_ram`).
+    """
+
+    def __init__(self, fmt: str, page_size: int = 4096) -> None:
+        self.format = fmt  # "kdump-compressed" | "elf" | "flattened" | "unknown"
+        self.page_size = page_size
+        self.compression: Optional[str] = None
+        self.dump_level: Optional[int] = None
+        self.excluded_vmemmap = False  # makedumpfile -e
+        self.incomplete = False
+        self.split: Optional[Tuple[int, int]] = None  # makedumpfile --split: this file's pfn range
+        self.in_dump: List[Tuple[int, int]] = []  # pfn runs whose pages the file holds
+        self.ram: Optional[List[Tuple[int, int]]] = None  # pfn runs of RAM the dump knows of
+        self.excluded: Optional[List[Tuple[int, int]]] = None
+        self._starts: List[int] = []
+
+    # -- queries -------------------------------------------------------------------------
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the dump left out RAM pages (by a filter, or truncation)."""
+        return bool(self.excluded) or bool(self.dump_level)
+
+    @property
+    def worth_saying(self) -> bool:
+        """Whether a report should describe this dump: a kdump-compressed one, or one that
+        left pages out (a complete ELF vmcore is just memory)."""
+        return self.format not in ("elf", "unknown") or self.filtered
+
+    def excluded_pages(self) -> Optional[int]:
+        return None if self.excluded is None else sum(e - s for s, e in self.excluded)
+
+    def is_excluded(self, phys: int) -> bool:
+        """Whether the page at physical address ``phys`` was RAM that the dump left out."""
+        if not self.excluded:
+            return False
+        pfn = phys // self.page_size
+        i = bisect_right(self._starts, pfn) - 1
+        return i >= 0 and pfn < self.excluded[i][1]
+
+    def overlaps_excluded(self, phys: int, size: int) -> bool:
+        """Whether any page of physical ``[phys, phys + size)`` was excluded."""
+        if not self.excluded or size <= 0:
+            return False
+        ps = self.page_size
+        a, b = phys // ps, (phys + size + ps - 1) // ps
+        i = max(0, bisect_right(self._starts, a) - 1)
+        while i < len(self.excluded) and self.excluded[i][0] < b:
+            if self.excluded[i][1] > a:
+                return True
+            i += 1
+        return False
+
+    def filter_text(self) -> str:
+        """Who left pages out, for messages: ``makedumpfile -d 31 (zero, cache, ...)``."""
+        if self.dump_level is not None:
+            classes = [f"{', '.join(excluded_classes(self.dump_level))} pages"] if self.dump_level else []
+            if self.excluded_vmemmap:
+                classes.append("the struct pages of excluded pages")
+            return (f"makedumpfile -d {self.dump_level}{' -e' if self.excluded_vmemmap else ''}"
+                    + (f" ({'; '.join(classes)})" if classes else ""))
+        if self.format == "elf":
+            return "makedumpfile -E -d N (an ELF dump whose segments leave pages out; it names no dump level)"
+        return f"the {self.format} dump"
+
+    def _set_excluded(self, runs: List[Tuple[int, int]]) -> None:
+        self.excluded = runs
+        self._starts = [s for s, _ in runs]
+
+    def to_json(self) -> dict:
+        d: dict = {"format": self.format}
+        if self.compression:
+            d["compression"] = self.compression
+        if self.format == "kdump-compressed" or self.dump_level is not None:
+            d["dump_level"] = self.dump_level
+            d["excluded_classes"] = excluded_classes(self.dump_level or 0)
+            d["excluded_vmemmap"] = self.excluded_vmemmap
+        if self.incomplete:
+            d["incomplete"] = True
+        if self.split:
+            d["split_pfns"] = list(self.split)
+        if self.ram is not None:
+            d["ram_pages"] = sum(e - s for s, e in self.ram)
+        d["dumped_pages"] = sum(e - s for s, e in self.in_dump)
+        d["excluded_pages"] = self.excluded_pages()
+        d["filter"] = self.filter_text() if self.filtered else None
+        return d
+
+
+def read_dump_file(path: str, page_size: int = 4096) -> DumpFile:
+    """:return: what ``path``'s headers say (format ``unknown`` when neither ELF nor kdump).
+    ``page_size``: the kernel's, for an ELF dump (a kdump-compressed one says it)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        if head[:8] in (b"KDUMP   ", b"DISKDUMP"):
+            return _read_kdump(f, head)
+        if head[:4] == b"\x7fELF":
+            return _read_elf(f, head, page_size)
+        if head.startswith(_FLATTENED_SIGNATURE):
+            return DumpFile("flattened")
+    return DumpFile("unknown")
+
+
+def _read_kdump(f, head: bytes) -> DumpFile:
+    """disk_dump_header and kdump_sub_header as a 64-bit makedumpfile writes them."""
+    if len(head) < 464:
+        return DumpFile("unknown")
+    version, = struct.unpack_from("<i", head, 8)
+    status, block_size, sub_hdr_size, bitmap_blocks, max_mapnr = struct.unpack_from("<IiiII", head, 424)
+    if not 512 <= block_size <= 1 << 20 or block_size & (block_size - 1) or not 0 <= sub_hdr_size < 1 << 20:
+        return DumpFile("unknown")
+    d = DumpFile("kdump-compressed", block_size)
+    for bit, name in ((_DH_ZSTD, "zstd"), (_DH_SNAPPY, "snappy"), (_DH_LZO, "lzo"), (_DH_ZLIB, "zlib")):
+        if status & bit:
+            d.compression = name
+    d.excluded_vmemmap = bool(status & _DH_EXCLUDED_VMEMMAP)
+    d.incomplete = bool(status & _DH_INCOMPLETE)
+    f.seek(block_size)
+    sub = f.read(104)
+    if version >= 1 and len(sub) >= 16:
+        d.dump_level = struct.unpack_from("<i", sub, 8)[0]
+    if version >= 2 and len(sub) >= 32 and struct.unpack_from("<i", sub, 12)[0]:
+        start, end = struct.unpack_from("<QQ", sub, 16)
+        if version >= 6 and len(sub) >= 104:
+            start, end = struct.unpack_from("<QQ", sub, 80)
+        d.split = (start, end)
+    if version >= 6 and len(sub) >= 104:
+        max_mapnr = struct.unpack_from("<Q", sub, 96)[0] or max_mapnr
+    f.seek((1 + sub_hdr_size) * block_size)
+    size = bitmap_blocks * block_size
+    if not 0 < size <= 1 << 34:
+        return d
+    bm = f.read(size)
+    half = len(bm) // 2
+    if half * 2 != size:
+        d.incomplete = True
+        return d
+    ram = _runs_from_bitmap(bm[:half], max_mapnr)
+    dumped = _runs_from_bitmap(bm[half:], max_mapnr)
+    d.ram = ram
+    d.in_dump = dumped
+    d._set_excluded(_subtract(ram, dumped))
+    return d
+
+
+def _read_elf(f, head: bytes, page_size: int) -> DumpFile:
+    if head[4] != 2 or head[5] != 1:  # 64-bit little-endian only (x86_64, aarch64)
+        return DumpFile("elf")
+    phoff, = struct.unpack_from("<Q", head, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+    if phnum == 0xFFFF or phentsize < 56:  # PN_XNUM: the count is in section 0's sh_info
+        shoff, = struct.unpack_from("<Q", head, 0x28)
+        f.seek(shoff + 44)
+        phnum, = struct.unpack("<I", f.read(4))
+    f.seek(phoff)
+    table = f.read(phentsize * phnum)
+    d = DumpFile("elf", page_size)
+    ps = page_size
+    loads, tails = [], []
+    for i in range(len(table) // max(phentsize, 1)):
+        p_type, _flags, _off, _vaddr, paddr, filesz, memsz = struct.unpack_from("<IIQQQQQ", table, i * phentsize)
+        if p_type != 1:
+            continue
+        if filesz:
+            loads.append((paddr // ps, (paddr + filesz + ps - 1) // ps))
+        if memsz > filesz:
+            # whole pages only: the partial last page of a RAM range has no data in any dump
+            tails.append(((paddr + filesz + ps - 1) // ps, (paddr + memsz) // ps))
+    d.in_dump = _merge(loads)
+    d._set_excluded(_subtract(_merge(tails), d.in_dump))
+    return d
+
+
+def describe(path: str, page_size: int = 4096) -> Optional[DumpFile]:
+    """:func:`read_dump_file`, or None when the file cannot be read or parsed."""
+    try:
+        return read_dump_file(path, page_size)
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+class ExcludingMemory:
+    """:class:`~inspect_vmemmap.memory.Memory` over a dump's memory that refuses to read
+    pages the dump excluded, saying which filter excluded them (a makedumpfile ELF dump
+    would give zeros; a kdump-compressed one a bare "Excluded page"), and remembers each
+    such read in ``hits`` (``(address, physical)``).
+
+    Virtual addresses are translated with the kernel's own page tables (``translate``: a
+    function vaddr -> ``(leaf vaddr, leaf size, phys)`` or None), one lookup per leaf.
+    """
+
+    def __init__(self, inner, dump: DumpFile, translate) -> None:
+        self.inner = inner
+        self.dump = dump
+        self.translate = translate
+        self.hits: List[Tuple[int, bool]] = []
+        self._leaves: Dict[Tuple[int, int], Optional[Tuple[int, int, int]]] = {}
+        self._sizes: List[int] = []
+
+    def _leaf(self, va: int) -> Optional[Tuple[int, int, int]]:
+        for size in self._sizes:
+            hit = self._leaves.get((size, va // size))
+            if hit is not None:
+                return hit
+        leaf = self.translate(va)
+        if leaf is not None:
+            size = leaf[1]
+            if size not in self._sizes:
+                self._sizes.append(size)
+                self._sizes.sort(reverse=True)
+            self._leaves[(size, va // size)] = leaf
+        return leaf
+
+    def _excluded(self, phys: int, size: int) -> bool:
+        return self.dump.overlaps_excluded(phys, size)
+
+    def read(self, address: int, size: int, physical: bool = False) -> bytes:
+        from inspect_vmemmap.memory import FaultError
+
+        if self.dump.excluded:
+            bad = False
+            if physical:
+                bad = self._excluded(address, size)
+            else:
+                va, end = address, address + size
+                while va < end:
+                    leaf = self._leaf(va)
+                    if leaf is None:
+                        break  # not mapped as far as the tables say: the inner read decides
+                    lva, lsize, lphys = leaf
+                    n = min(end, lva + lsize) - va
+                    if self._excluded(lphys + (va - lva), n):
+                        bad = True
+                        break
+                    va += n
+            if bad:
+                self.hits.append((address, physical))
+                raise FaultError(address, physical, f"excluded from the dump by {self.dump.filter_text()}")
+        return self.inner.read(address, size, physical)
+
+
+def attach_dump(target, path: str) -> None:
+    """Give a ``--core`` :class:`~inspect_vmemmap.target.Target` its ``dump`` (what the file
+    holds and left out) and, where the dump left pages out, an :class:`ExcludingMemory`."""
+    dump = describe(path, target.layout.page_size)
+    target.dump = dump
+    if dump is None or not dump.excluded:
+        return
+    from inspect_vmemmap.analysis import paging_format
+    from inspect_vmemmap.pgtable import translate
+
+    lay = target.layout
+    fmt = paging_format(lay)
+    inner = target.memory
+
+    def leaf(va: int):
+        steps = translate(inner, fmt, lay.pgtable_root, va)
+        last = steps[-1] if steps else None
+        if last is None or last.kind != "leaf":
+            return None
+        return va & ~(last.size - 1), last.size, last.phys
+
+    target.memory = ExcludingMemory(inner, dump, leaf)
+
+
+def name_filter(findings, target) -> int:
+    """Say in each ``unreadable`` finding whose memory the dump's filter left out that it
+    did (``excluded_by`` and the message); idempotent.
+
+    :return: how many findings name the filter.
+    """
+    dump = getattr(target, "dump", None)
+    mem = target.memory
+    if dump is None or not dump.excluded:
+        return 0
+    hits = [a for a, physical in getattr(mem, "hits", ()) if not physical]
+    text = dump.filter_text()
+    n = 0
+    for f in findings:
+        if f.kind != "unreadable":
+            continue
+        if f.extra.get("excluded_by"):
+            n += 1
+            continue
+        excluded = False
+        if f.phys is not None:
+            excluded = dump.overlaps_excluded(f.phys, 1)
+        if not excluded and f.vaddr is not None:
+            end = f.vaddr_end if f.vaddr_end is not None else f.vaddr + 1
+            excluded = any(f.vaddr <= a < end for a in hits)
+            if not excluded and isinstance(mem, ExcludingMemory):
+                va = f.vaddr
+                while va < end and not excluded:
+                    leaf = mem._leaf(va)
+                    if leaf is None:
+                        break
+                    lva, lsize, lphys = leaf
+                    n_ = min(end, lva + lsize) - va
+                    excluded = dump.overlaps_excluded(lphys + (va - lva), n_)
+                    va += n_
+        if excluded:
+            f.extra["excluded_by"] = text
+            f.message += f" (excluded from the dump by {text})"
+            n += 1
+    return n
