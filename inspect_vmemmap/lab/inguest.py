@@ -1,7 +1,8 @@
 """Running the tool inside a lab guest, against the guest's own /proc/kcore.
 
 The guest mounts the host's root file system read-only over virtio-9p (mount tag
-``hostroot``), mounts its own proc, sysfs, devtmpfs and a tmpfs on /tmp inside that tree,
+``hostroot``), mounts its own proc, sysfs, devtmpfs and a tmpfs on /tmp inside that tree
+(on another scratch directory when the project lives under /tmp, as a CI clone may),
 and chroots into it to run the host's Python (``sys.executable``, with the project on
 PYTHONPATH): the very interpreter, drgn and source tree the host uses, with no copy.
 
@@ -75,6 +76,16 @@ def qemu_args(arch: str, channel_socket: Path) -> list[str]:
     return args
 
 
+def scratch_dir(python: str, pythonpath: Path) -> str:
+    """A directory of the host root to hide under the guest's writable tmpfs: /tmp, unless
+    the interpreter or the project lives there (a CI clone under /tmp), then another."""
+    used = [os.path.realpath(python), str(Path(pythonpath).resolve()), os.path.abspath(python)]
+    for d in ("/tmp", "/var/tmp", "/mnt", "/srv", "/media", "/opt"):
+        if os.path.isdir(d) and not any(u == d or u.startswith(d + "/") for u in used):
+            return d
+    raise LabError("--in-guest: no host directory to put the guest's scratch tmpfs on")
+
+
 def init_script(arch: str, python: str | None = None, pythonpath: Path | None = None) -> str:
     """Shell for the lab's ``init_extra``: mount the host root and start the request loop.
 
@@ -83,12 +94,14 @@ def init_script(arch: str, python: str | None = None, pythonpath: Path | None = 
     """
     python = python or sys.executable
     pythonpath = pythonpath or project_root()
+    scratch = scratch_dir(python, pythonpath)
     chan = CHANNEL_DEVICE.get(arch)
     if chan is None:
         raise LabError(f"--in-guest: no request channel for {arch}")
     r = GUEST_ROOT
     env = " ".join(shlex.quote(a) for a in (
-        "HOME=/tmp", "PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin", "LANG=C.UTF-8",
+        f"HOME={scratch}", f"TMPDIR={scratch}", "PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
+        "LANG=C.UTF-8",
         "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1", f"PYTHONPATH={pythonpath}",
     ))
     py = shlex.quote(python)
@@ -97,11 +110,11 @@ ivm_ig() {{
   mkdir -p {r} || return 1
   mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose {MOUNT_TAG} {r} \\
     || {{ fail "in-guest: cannot mount the host root over 9p ({MOUNT_TAG})"; return 1; }}
-  for d in proc sys dev tmp; do
+  for d in proc sys dev {scratch.lstrip("/")}; do
     [ -d {r}/$d ] || {{ fail "in-guest: the host has no /$d to mount on"; return 1; }}
   done
   mount -t proc proc {r}/proc && mount -t sysfs sysfs {r}/sys && mount -t devtmpfs devtmpfs {r}/dev \\
-    && mount -t tmpfs -o mode=1777 tmpfs {r}/tmp \\
+    && mount -t tmpfs -o mode=1777 tmpfs {r}{scratch} \\
     || {{ fail "in-guest: cannot mount proc, sysfs, devtmpfs and tmpfs in {r}"; return 1; }}
   # (the venv's python is a symlink to an absolute path: look at it inside the chroot)
   chroot {r} /bin/sh -c "[ -x {py} ]" || {{ fail "in-guest: "{py}" does not run in the host root over 9p"; return 1; }}
@@ -111,10 +124,10 @@ ivm_ig() {{
     while read -r ivm_cmd ivm_nonce ivm_args <&3; do
       [ "$ivm_cmd" = check ] || continue
       env -i {env} chroot {r} {py} -m inspect_vmemmap check $ivm_args \\
-        > {r}/tmp/ivm-check.out 2> {r}/tmp/ivm-check.err
+        > {r}{scratch}/ivm-check.out 2> {r}{scratch}/ivm-check.err
       ivm_rc=$?
-      {{ echo; echo "{MARK_BEGIN} $ivm_nonce"; cat {r}/tmp/ivm-check.out; echo
-         echo "{MARK_STDERR} $ivm_nonce"; cat {r}/tmp/ivm-check.err; echo
+      {{ echo; echo "{MARK_BEGIN} $ivm_nonce"; cat {r}{scratch}/ivm-check.out; echo
+         echo "{MARK_STDERR} $ivm_nonce"; cat {r}{scratch}/ivm-check.err; echo
          echo "{MARK_END} $ivm_nonce $ivm_rc"; }} >&3
     done
   ) &
