@@ -146,3 +146,13 @@ def test_guest_that_does_not_come_up():
     assert tail and all(line.startswith("    ") for line in tail), p.stderr
     assert any("Kernel panic - not syncing" in line for line in tail), p.stderr
     assert p.stdout == ""
+
+
+def test_in_guest_under_kernel_lockdown():
+    """Live trouble: kernel lockdown denies /proc/kcore; one line naming it, exit 2."""
+    p = subprocess.run([sys.executable, "-m", "inspect_vmemmap", "boot", "--debian", "6.12", "--in-guest", "-q",
+                        "--cmdline", "lockdown=confidentiality"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "/proc/kcore" in lines[0] and "lockdown" in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
