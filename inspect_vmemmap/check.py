@@ -102,8 +102,23 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
     explained_ro = set()  # vaddrs of read-only leaves the model explains
     alias_ok: Dict[int, int] = defaultdict(int)  # phys page -> extra mappings explained
     shared_tail = _shared_tails(pred, by_va, lay.page_size)
+    unknown_iv = merge(list(unknown))
     for h in pred.hvo:
         f = h.folio
+        h_end = h.start + h.pages * lay.page_size
+        hidden = [(a, b) for a, b in unknown_iv if a < h_end and h.start < b]
+        if hidden:
+            # the tables that map its vmemmap could not be read: nothing to compare
+            sec, p0, _ = _pfn_span(lay, h.start, h.start + 1)
+            out.append(Finding("unreadable", "warning",
+                               f"HugeTLB folio at pfn {f.head_pfn} (order {f.order}) is marked vmemmap-optimized; "
+                               f"whether its vmemmap is remapped is unknown: the page table mapping "
+                               f"{hidden[0][0]:#x}-{hidden[0][1]:#x} could not be read", section=sec,
+                               pfn_start=f.head_pfn, pfn_end=f.head_pfn + (1 << f.order) - 1,
+                               vaddr=h.start, vaddr_end=h_end))
+            for k in range(h.pages):
+                explained_ro.add(h.start + k * lay.page_size)
+            continue
         if h.tail_target == "unsupported":
             # model.hvo_supported(): this kernel cannot optimize; the mark is corrupt
             sec, p0, _ = _pfn_span(lay, h.start, h.start + 1)
@@ -144,6 +159,7 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
                     want = None
             if want is not None and l[2] == want:
                 alias_ok[l[2] >> shift] += 1
+                odd = odd or bool(l[3])  # writable onto the target: no step of a remap does that
             else:
                 bad.append(f"vmemmap page {k} maps {l[2]:#x}, not {what}" + (f" {want:#x}" if want is not None else ""))
                 odd = odd or not l[3]
@@ -163,6 +179,10 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
             res.hvo["freed_bytes"] += (h.pages - 1) * lay.page_size
     # read-only leaves no optimised folio explains
     ro_runs = merge([(va, va + size) for va, size, _, w in leaves if not w and va not in explained_ro])
+    if hvo_unknown:  # their sharing is as unknown as their folio: no alias finding either
+        for va, size, phys, w in leaves:
+            if not w and va not in explained_ro:
+                alias_ok[phys >> shift] += 1
     for a, b in ro_runs:
         sec, p0, p1 = _pfn_span(lay, a, b)
         if hvo_unknown:

@@ -21,6 +21,8 @@ import struct
 from bisect import bisect_right
 from typing import Dict, List, Optional, Tuple
 
+from inspect_vmemmap.model import merge, subtract
+
 #: dump level bits (makedumpfile.h DL_EXCLUDE_*; makedumpfile(8) -d)
 DUMP_LEVEL_BITS = (
     (1, "zero"),
@@ -36,82 +38,16 @@ _FLATTENED_SIGNATURE = b"makedumpfile\0"
 
 def excluded_classes(dump_level: int) -> List[str]:
     """Page classes a makedumpfile dump level excludes (``-d 31``: all five)."""
-    out = [name for bit, name in DUMP_LEVEL_BITS if dump_level & bit]
-    if dump_level & 4 and "cache" not in out:
-        out.insert(1, "cache")  # -d 4 excludes non-private cache as well (makedumpfile(8))
-    return out
-
-
-def _runs_from_bitmap(bm: bytes, limit: int) -> List[Tuple[int, int]]:
-    """``[start, end)`` pfn runs of set bits (bit ``p & 7`` of byte ``p >> 3``)."""
-    out: List[Tuple[int, int]] = []
-    start = None
-    n = min(limit, len(bm) * 8)
-    full, empty = b"\xff" * 64, b"\0" * 64
-    p = 0
-    while p < n:
-        byte = p >> 3
-        if not p & 511 and p + 512 <= n:  # 64 bytes at a time where all equal
-            chunk = bm[byte:byte + 64]
-            if chunk == full:
-                if start is None:
-                    start = p
-                p += 512
-                continue
-            if chunk == empty:
-                if start is not None:
-                    out.append((start, p))
-                    start = None
-                p += 512
-                continue
-        bit = bm[byte] >> (p & 7) & 1
-        if bit and start is None:
-            start = p
-        elif not bit and start is not None:
-            out.append((start, p))
-            start = None
-        p += 1
-    if start is not None:
-        out.append((start, n))
-    return out
-
-
-def _subtract(a: List[Tuple[int, int]], b: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
-    """Sorted disjoint runs ``a`` minus sorted disjoint runs ``b``."""
-    out = []
-    j = 0
-    for s, e in a:
-        while j < len(b) and b[j][1] <= s:
-            j += 1
-        k = j
-        cur = s
-        while k < len(b) and b[k][0] < e:
-            if b[k][0] > cur:
-                out.append((cur, b[k][0]))
-            cur = max(cur, b[k][1])
-            k += 1
-        if cur < e:
-            out.append((cur, e))
-    return out
-
-
-def _merge(runs: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
-    out: List[List[int]] = []
-    for s, e in sorted(runs):
-        if e <= s:
-            continue
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e) for s, e in out]
+    if dump_level & 4:
+        dump_level |= 2  # -d 4 excludes non-private cache as well (makedumpfile(8)'s table)
+    return [name for bit, name in DUMP_LEVEL_BITS if dump_level & bit]
 
 
 class DumpFile:
-    """A dump's format and which pfns it left out.
+    """A dump's format and which pfns it left out: RAM pages that are not in the file.
 
-    ``excluded`` is the list of ``[start, end)`` pfn runs that were RAM but are not in
-    the dump (None: unknown, e.g. an ELF dump before :meth:`set_ram`).
+    kdump-compressed: the two bitmaps, kept as they are (a bit per pfn: 32 MiB each for
+    1 TiB of RAM); ELF: ``[start, end)`` pfn runs of the PT_LOAD tails without file data.
     """
 
     def __init__(self, fmt: str, page_size: int = 4096) -> None:
@@ -122,17 +58,23 @@ class DumpFile:
         self.excluded_vmemmap = False  # makedumpfile -e
         self.incomplete = False
         self.split: Optional[Tuple[int, int]] = None  # makedumpfile --split: this file's pfn range
-        self.in_dump: List[Tuple[int, int]] = []  # pfn runs whose pages the file holds
-        self.ram: Optional[List[Tuple[int, int]]] = None  # pfn runs of RAM the dump knows of
-        self.excluded: Optional[List[Tuple[int, int]]] = None
+        self.ram_pages: Optional[int] = None  # RAM pages the dump knows of (kdump: the 1st bitmap)
+        self.dumped_pages = 0
+        self._excluded_pages = 0
+        self._runs: List[Tuple[int, int]] = []  # ELF: excluded pfn runs
         self._starts: List[int] = []
+        self._bitmaps: Optional[Tuple[bytes, bytes]] = None  # kdump: (1st, 2nd)
 
     # -- queries -------------------------------------------------------------------------
 
     @property
+    def has_excluded(self) -> bool:
+        return self._excluded_pages > 0
+
+    @property
     def filtered(self) -> bool:
-        """Whether the dump left out RAM pages (by a filter, or truncation)."""
-        return bool(self.excluded) or bool(self.dump_level)
+        """Whether the dump left out RAM pages (by a filter, or truncation) or says it filters."""
+        return self.has_excluded or bool(self.dump_level)
 
     @property
     def worth_saying(self) -> bool:
@@ -140,26 +82,30 @@ class DumpFile:
         left pages out (a complete ELF vmcore is just memory)."""
         return self.format not in ("elf", "unknown") or self.filtered
 
-    def excluded_pages(self) -> Optional[int]:
-        return None if self.excluded is None else sum(e - s for s, e in self.excluded)
+    def excluded_pages(self) -> int:
+        return self._excluded_pages
 
     def is_excluded(self, phys: int) -> bool:
         """Whether the page at physical address ``phys`` was RAM that the dump left out."""
-        if not self.excluded:
-            return False
-        pfn = phys // self.page_size
-        i = bisect_right(self._starts, pfn) - 1
-        return i >= 0 and pfn < self.excluded[i][1]
+        return self.overlaps_excluded(phys, 1)
 
     def overlaps_excluded(self, phys: int, size: int) -> bool:
         """Whether any page of physical ``[phys, phys + size)`` was excluded."""
-        if not self.excluded or size <= 0:
+        if not self._excluded_pages or size <= 0:
             return False
         ps = self.page_size
         a, b = phys // ps, (phys + size + ps - 1) // ps
+        if self._bitmaps is not None:
+            b1, b2 = self._bitmaps
+            lo, hi = a >> 3, min((b + 7) >> 3, len(b1))
+            if lo >= hi:
+                return False
+            x = int.from_bytes(b1[lo:hi], "little") & ~int.from_bytes(b2[lo:hi], "little")
+            x >>= a - (lo << 3)
+            return bool(x & ((1 << (b - a)) - 1))
         i = max(0, bisect_right(self._starts, a) - 1)
-        while i < len(self.excluded) and self.excluded[i][0] < b:
-            if self.excluded[i][1] > a:
+        while i < len(self._runs) and self._runs[i][0] < b:
+            if self._runs[i][1] > a:
                 return True
             i += 1
         return False
@@ -176,10 +122,6 @@ class DumpFile:
             return "makedumpfile -E -d N (an ELF dump whose segments leave pages out; it names no dump level)"
         return f"the {self.format} dump"
 
-    def _set_excluded(self, runs: List[Tuple[int, int]]) -> None:
-        self.excluded = runs
-        self._starts = [s for s, _ in runs]
-
     def to_json(self) -> dict:
         d: dict = {"format": self.format}
         if self.compression:
@@ -192,10 +134,10 @@ class DumpFile:
             d["incomplete"] = True
         if self.split:
             d["split_pfns"] = list(self.split)
-        if self.ram is not None:
-            d["ram_pages"] = sum(e - s for s, e in self.ram)
-        d["dumped_pages"] = sum(e - s for s, e in self.in_dump)
-        d["excluded_pages"] = self.excluded_pages()
+        if self.ram_pages is not None:
+            d["ram_pages"] = self.ram_pages
+        d["dumped_pages"] = self.dumped_pages
+        d["excluded_pages"] = self._excluded_pages
         d["filter"] = self.filter_text() if self.filtered else None
         return d
 
@@ -248,11 +190,13 @@ def _read_kdump(f, head: bytes) -> DumpFile:
     if half * 2 != size:
         d.incomplete = True
         return d
-    ram = _runs_from_bitmap(bm[:half], max_mapnr)
-    dumped = _runs_from_bitmap(bm[half:], max_mapnr)
-    d.ram = ram
-    d.in_dump = dumped
-    d._set_excluded(_subtract(ram, dumped))
+    nbytes = min(half, (max_mapnr + 7) // 8)
+    b1, b2 = bm[:nbytes], bm[half:half + nbytes]
+    i1, i2 = int.from_bytes(b1, "little"), int.from_bytes(b2, "little")
+    d.ram_pages = i1.bit_count()
+    d.dumped_pages = (i1 & i2).bit_count()
+    d._excluded_pages = (i1 & ~i2).bit_count()
+    d._bitmaps = (b1, b2)
     return d
 
 
@@ -279,8 +223,11 @@ def _read_elf(f, head: bytes, page_size: int) -> DumpFile:
         if memsz > filesz:
             # whole pages only: the partial last page of a RAM range has no data in any dump
             tails.append(((paddr + filesz + ps - 1) // ps, (paddr + memsz) // ps))
-    d.in_dump = _merge(loads)
-    d._set_excluded(_subtract(_merge(tails), d.in_dump))
+    in_dump = merge(loads)
+    d._runs = subtract(merge(tails), in_dump)
+    d._starts = [a for a, _ in d._runs]
+    d.dumped_pages = sum(b - a for a, b in in_dump)
+    d._excluded_pages = sum(b - a for a, b in d._runs)
     return d
 
 
@@ -292,6 +239,14 @@ def describe(path: str, page_size: int = 4096) -> Optional[DumpFile]:
         return None
 
 
+class ExcludedTable(Exception):
+    """A translation went through a page-table page the dump excluded."""
+
+    def __init__(self, phys: int) -> None:
+        super().__init__(f"page table at phys {phys:#x}")
+        self.phys = phys
+
+
 class ExcludingMemory:
     """:class:`~inspect_vmemmap.memory.Memory` over a dump's memory that refuses to read
     pages the dump excluded, saying which filter excluded them (a makedumpfile ELF dump
@@ -299,7 +254,8 @@ class ExcludingMemory:
     such read in ``hits`` (``(address, physical)``).
 
     Virtual addresses are translated with the kernel's own page tables (``translate``: a
-    function vaddr -> ``(leaf vaddr, leaf size, phys)`` or None), one lookup per leaf.
+    function vaddr -> ``(leaf vaddr, leaf size, phys)`` or None, raising
+    :class:`ExcludedTable`), one lookup per leaf.
     """
 
     def __init__(self, inner, dump: DumpFile, translate) -> None:
@@ -330,14 +286,18 @@ class ExcludingMemory:
     def read(self, address: int, size: int, physical: bool = False) -> bytes:
         from inspect_vmemmap.memory import FaultError
 
-        if self.dump.excluded:
+        if self.dump.has_excluded:
             bad = False
             if physical:
                 bad = self._excluded(address, size)
             else:
                 va, end = address, address + size
                 while va < end:
-                    leaf = self._leaf(va)
+                    try:
+                        leaf = self._leaf(va)
+                    except ExcludedTable:
+                        bad = True
+                        break
                     if leaf is None:
                         break  # not mapped as far as the tables say: the inner read decides
                     lva, lsize, lphys = leaf
@@ -357,7 +317,7 @@ def attach_dump(target, path: str) -> None:
     holds and left out) and, where the dump left pages out, an :class:`ExcludingMemory`."""
     dump = describe(path, target.layout.page_size)
     target.dump = dump
-    if dump is None or not dump.excluded:
+    if dump is None or not dump.has_excluded:
         return
     from inspect_vmemmap.analysis import paging_format
     from inspect_vmemmap.pgtable import translate
@@ -368,6 +328,9 @@ def attach_dump(target, path: str) -> None:
 
     def leaf(va: int):
         steps = translate(inner, fmt, lay.pgtable_root, va)
+        for st in steps:
+            if dump.overlaps_excluded(st.table_phys, 8):
+                raise ExcludedTable(st.table_phys)
         last = steps[-1] if steps else None
         if last is None or last.kind != "leaf":
             return None
@@ -384,7 +347,7 @@ def name_filter(findings, target) -> int:
     """
     dump = getattr(target, "dump", None)
     mem = target.memory
-    if dump is None or not dump.excluded:
+    if dump is None or not dump.has_excluded:
         return 0
     hits = [a for a, physical in getattr(mem, "hits", ()) if not physical]
     text = dump.filter_text()
@@ -395,7 +358,11 @@ def name_filter(findings, target) -> int:
         if f.extra.get("excluded_by"):
             n += 1
             continue
-        excluded = False
+        excluded = "excluded from the dump by" in f.message  # e.g. HVO unknown for want of the pools
+        if excluded:
+            f.extra["excluded_by"] = text
+            n += 1
+            continue
         if f.phys is not None:
             excluded = dump.overlaps_excluded(f.phys, 1)
         if not excluded and f.vaddr is not None:
@@ -404,7 +371,11 @@ def name_filter(findings, target) -> int:
             if not excluded and isinstance(mem, ExcludingMemory):
                 va = f.vaddr
                 while va < end and not excluded:
-                    leaf = mem._leaf(va)
+                    try:
+                        leaf = mem._leaf(va)
+                    except ExcludedTable:
+                        excluded = True
+                        break
                     if leaf is None:
                         break
                     lva, lsize, lphys = leaf

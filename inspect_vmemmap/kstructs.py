@@ -128,6 +128,15 @@ class ZoneSpans:
         return None
 
 
+class PartialPools(Exception):
+    """Some HugeTLB pool lists could not be followed to their end (a struct page on the way
+    could not be read): ``folios`` holds those found, the message the first failure."""
+
+    def __init__(self, folios: list, error: Exception) -> None:
+        super().__init__(str(error))
+        self.folios = folios
+
+
 def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], layout: KernelLayout,
                    nid_of: Callable[[int], Optional[int]], zone_of: Callable[[int], Optional[int]]) -> list:
     """Every HugeTLB folio on the hstates' free lists and active list (mm/hugetlb.c),
@@ -135,6 +144,8 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
     folio->private (the same word) since the folio conversion.
 
     :return: a list of :class:`inspect_vmemmap.model.Folio`.
+    :raises PartialPools: with the folios of the lists that could be read, when others
+        could not (a filtered dump); FaultError when the hstates cannot be read.
     """
     from inspect_vmemmap.model import Folio
 
@@ -155,6 +166,7 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
     base = layout.vmemmap_base
     out = []
     seen = set()
+    broken: List[FaultError] = []
     n = _u32(mem, nmax)
     for i in range(min(n, 16)):
         h = hstates + i * hsize
@@ -163,16 +175,21 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
         for head in heads:
             node = _u64(mem, head)
             steps = 0
-            while node and node != head and steps < _MAX_LIST:
-                steps += 1
-                page = node - o_lru
-                pfn = (page - base) // sps
-                if pfn in seen:
-                    break
-                seen.add(pfn)
-                opt = bool(_u64(mem, page + o_priv) >> bit & 1)
-                out.append(Folio(pfn, order, opt, nid_of(pfn), zone_of(pfn)))
-                node = _u64(mem, node)
+            try:
+                while node and node != head and steps < _MAX_LIST:
+                    steps += 1
+                    page = node - o_lru
+                    pfn = (page - base) // sps
+                    if pfn in seen:
+                        break
+                    seen.add(pfn)
+                    opt = bool(_u64(mem, page + o_priv) >> bit & 1)
+                    out.append(Folio(pfn, order, opt, nid_of(pfn), zone_of(pfn)))
+                    node = _u64(mem, node)
+            except FaultError as e:  # this list ends here for us; the others may be whole
+                broken.append(e)
+    if broken:
+        raise PartialPools(out, broken[0])
     return out
 
 

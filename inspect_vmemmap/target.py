@@ -790,6 +790,9 @@ def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
 
         try:
             folios = kstructs.hugetlb_folios(t.memory, types, symbol, t.layout, nid_of, zones.zone)
+        except kstructs.PartialPools as e:
+            folios = e.folios
+            notes.append(f"HugeTLB pools could not all be read ({_one_line(e)}): {len(folios)} folios found")
         except (FaultError, KeyError) as e:
             notes.append(f"HugeTLB pools could not be read ({_one_line(e)})")
         shared_tails = types.has_member("struct zone", "vmemmap_tails")

@@ -80,6 +80,11 @@ def click_options(f: Callable) -> Callable:
                      help="Run check inside the guest on its /proc/kcore (the host's Python over a read-only 9p root)."),
         click.option("--dump", metavar="PATH", type=click.Path(dir_okay=False),
                      help="Also write the guest's memory as an ELF vmcore (check --core PATH reads it)."),
+        click.option("--dump-kdump", metavar="DIR", type=click.Path(file_okay=False),
+                     help="Boot with crashkernel= and a kdump capture kernel loaded (kexec -p); after the check, "
+                          "panic the guest (sysrq c) and let the capture kernel save its /proc/vmcore into DIR with "
+                          "makedumpfile: elf-d0 (-E -d 0), kdump-d31 (-d 31 -e, compressed), elf-d31 (-E -d 31). "
+                          "x86_64; needs kexec-tools and makedumpfile on the host."),
         click.option("--json", "as_json", is_flag=True,
                      help="check's JSON document plus a `guest` object: the guest's own account."),
         click.option("--no-debuginfo", is_flag=True, help="Check from outside without DWARF (VMCOREINFO, kallsyms, BTF)."),
@@ -131,6 +136,7 @@ class BootOptions:
     cmdline: str = ""
     in_guest: bool = False
     dump: Optional[str] = None
+    dump_kdump: Optional[str] = None
     as_json: bool = False
     no_debuginfo: bool = False
     deep: bool = False
@@ -340,6 +346,10 @@ def guest_spec(o: BootOptions, arch: str):
     headroom = HEADROOM_IN_GUEST_MIB if o.in_guest else HEADROOM_MIB
     # 1G pages need free, 1G-aligned GiBs beside the first one (the kernel boots in it)
     least = o.hugepages * 2 + headroom + ((o.hugepages_1g + 1) * 1024 if o.hugepages_1g else 0)
+    if o.dump_kdump:
+        from .kdump import DEFAULT_CRASHKERNEL
+
+        least += _mib(DEFAULT_CRASHKERNEL, "crashkernel")  # the capture kernel's reserve
     if o.mem:
         mem = _mib(o.mem, "--mem")
         if mem < least:
@@ -483,6 +493,8 @@ def _run(o: BootOptions, progress, console_factory) -> int:
             raise BootError(f"--dump {o.dump}: no directory {dump_dir}")
         if not os.access(dump_dir, os.W_OK):
             raise BootError(f"--dump {o.dump}: {dump_dir} is not writable")
+    if o.dump_kdump and o.in_guest:
+        raise BootError("--dump-kdump and --in-guest both mount the host root in the guest: give one")
     if o.in_guest:
         problem = inguest.environment_problem()
         if problem:
@@ -500,6 +512,8 @@ def _run(o: BootOptions, progress, console_factory) -> int:
         if o.in_guest and arch != os.uname().machine:
             raise BootError(f"--in-guest runs the host's Python in the guest, so the guest must be {os.uname().machine} "
                             f"like the host, not {arch}")
+        if o.dump_kdump and arch != "x86_64":
+            raise BootError(f"--dump-kdump: kdump captures are implemented for x86_64 guests, not {arch}")
         spec = guest_spec(o, arch)
         require_tool(info.qemu, info.qemu_package)
         if info.name == os.uname().machine:
@@ -519,6 +533,12 @@ def _run(o: BootOptions, progress, console_factory) -> int:
                 init_extra=inguest.init_script(arch),
                 qemu_args=tuple(inguest.qemu_args(arch, chan)),
             )
+        kd = None
+        if o.dump_kdump:
+            from .kdump import KdumpSetup
+
+            kd = KdumpSetup(Path(o.dump_kdump), progress=progress)
+            spec = kd.guest_spec(spec, kernel)
         workdir = Path(o.workdir).absolute() if o.workdir else scratch / "guest"
         with boot_guest(spec, workdir=workdir, timeout=o.timeout, progress=progress, kernel=kernel) as guest:
             _note_shortfalls(o, guest, progress)
@@ -536,7 +556,8 @@ def _run(o: BootOptions, progress, console_factory) -> int:
                          f"({os.path.getsize(o.dump) / GIB:.1f} GiB)")
             if o.in_guest:
                 return _check_in_guest(o, guest, scratch, progress, console_factory)
-            return _check_outside(o, guest, kernel, progress, console_factory)
+            return _check_outside(o, guest, kernel, progress, console_factory,
+                                  after=(lambda doc: _kdump_capture(o, kd, guest, doc, progress)) if kd else None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -550,7 +571,21 @@ def _note_shortfalls(o: BootOptions, guest, progress) -> None:
             progress(f"note: the guest reserved {got} of {want} {_size_text(kb // 1024)} hugepages")
 
 
-def _check_outside(o: BootOptions, guest, kernel, progress, console_factory) -> int:
+def _kdump_capture(o: BootOptions, kd, guest, doc: Optional[dict], progress) -> None:
+    """Panic the guest into its capture kernel and wait for makedumpfile's saves (--dump-kdump);
+    with --json, ``guest.kdump`` says what was saved and how long it took."""
+    res = kd.capture(guest, timeout=max(900.0, o.timeout))
+    if doc is not None:
+        doc["guest"]["kdump"] = {
+            "crashkernel": kd.crashkernel,
+            "panic_to_capture_seconds": round(res.panic_to_capture_seconds, 1),
+            "capture_seconds": round(res.capture_seconds, 1),
+            "saves": {n: {"path": str(r.path), "makedumpfile": list(r.args), "seconds": round(r.seconds, 1),
+                          "bytes": r.path.stat().st_size} for n, r in res.saves.items()},
+        }
+
+
+def _check_outside(o: BootOptions, guest, kernel, progress, console_factory, after=None) -> int:
     from inspect_vmemmap import report
     from inspect_vmemmap.commands import Analysis
     from inspect_vmemmap.findings import exit_status
@@ -569,12 +604,17 @@ def _check_outside(o: BootOptions, guest, kernel, progress, console_factory) -> 
     progress(f"check done in {time.monotonic() - t0:.1f}s")
     if o.as_json:
         doc["guest"] = guest_json(guest, "qemu")
+        if after is not None:
+            after(doc)
         report.print_json(doc)
     else:
         con = console_factory()
         report.print_check(con, ld.t.to_json(), ld.t.layout, ld.sections, ld.vmemmap(), res.hvo, findings, notes,
                            ld.nodes)
         con.print(account_line(guest), highlight=False)
+        sys.stdout.flush()
+        if after is not None:
+            after(None)
     sys.stdout.flush()
     return exit_status(findings)
 
