@@ -76,10 +76,12 @@ def qemu_args(arch: str, channel_socket: Path) -> list[str]:
     return args
 
 
-def scratch_dir(python: str, pythonpath: Path) -> str:
+def scratch_dir(python: str, pythonpath: Path, *more: Path) -> str:
     """A directory of the host root to hide under the guest's writable tmpfs: /tmp, unless
-    the interpreter or the project lives there (a CI clone under /tmp), then another."""
+    the interpreter, the project or one of ``more`` lives there (a CI clone or cache under
+    /tmp), then another."""
     used = [os.path.realpath(python), str(Path(pythonpath).resolve()), os.path.abspath(python)]
+    used += [str(Path(m).resolve()) for m in more]
     for d in ("/tmp", "/var/tmp", "/mnt", "/srv", "/media", "/opt"):
         if os.path.isdir(d) and not any(u == d or u.startswith(d + "/") for u in used):
             return d

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 import subprocess
 import time
 from dataclasses import dataclass, field, replace
@@ -203,18 +204,24 @@ class KdumpSetup:
         page cache, ``,cache=loose``; the first kernel must not, it polls for the trigger)."""
         r = inguest.GUEST_ROOT
         out = f"{r}{self.outdir}"
+        from .cache import cache_root
+
+        scratch = inguest.scratch_dir(sys.executable, inguest.project_root(), cache_root())
         return f"""\
 ivm_kd_mount() {{
   mkdir -p {r} || return 1
   mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose {inguest.MOUNT_TAG} {r} \\
     || {{ echo "{MARK_FAIL} cannot mount the host root over 9p"; return 1; }}
   mount -t proc proc {r}/proc && mount -t sysfs sysfs {r}/sys && mount -t devtmpfs devtmpfs {r}/dev \\
-    && mount -t tmpfs -o mode=1777 tmpfs {r}/tmp \\
+    && mount -t tmpfs -o mode=1777 tmpfs {r}{scratch} \\
     || {{ echo "{MARK_FAIL} cannot mount proc, sysfs, devtmpfs and tmpfs in {r}"; return 1; }}
+  # the capture kernel ($1 set) needs no host file under /tmp, but makedumpfile writes its
+  # temporary files to /tmp whatever TMPDIR says
+  if [ -n "$1" ] && [ {scratch} != /tmp ]; then mount -t tmpfs -o mode=1777 tmpfs {r}/tmp; fi
   mkdir -p {out} && mount -t 9p -o rw,trans=virtio,version=9p2000.L,msize=512000$1 {OUT_TAG} {out} \\
     || {{ echo "{MARK_FAIL} cannot mount the writable directory {self.outdir} over 9p"; return 1; }}
 }}
-ivm_kd_run() {{ env -i HOME=/tmp PATH=/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin LANG=C chroot {r} "$@"; }}
+ivm_kd_run() {{ env -i HOME={scratch} TMPDIR={scratch} PATH=/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin LANG=C chroot {r} "$@"; }}
 """
 
     def _first_script(self, image: Path, initrd: Path, append: str) -> str:
