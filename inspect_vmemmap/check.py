@@ -214,18 +214,14 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
             offnode.append((va, size, sp.nid, bn))
         if backing_free is not None and backing_free(phys >> shift):
             free.append((va, size, phys))
-    for va, end, phys, phys_end in _runs(outside):
-        sec, p0, p1 = _pfn_span(lay, va, end)
-        out.append(Finding("backing-outside-ram", "error",
-                           f"vmemmap {va:#x}-{end:#x} (struct pages of pfn {p0}-{p1}) is backed by phys "
-                           f"{phys:#x}-{phys_end:#x}, which is not System RAM",
-                           section=sec, pfn_start=p0, pfn_end=p1, vaddr=va, vaddr_end=end, phys=phys))
-    for va, end, phys, phys_end in _runs(free):
-        sec, p0, p1 = _pfn_span(lay, va, end)
-        out.append(Finding("backing-free", "error",
-                           f"vmemmap {va:#x}-{end:#x} (struct pages of pfn {p0}-{p1}) is backed by phys "
-                           f"{phys:#x}-{phys_end:#x}, which is free in the buddy allocator",
-                           section=sec, pfn_start=p0, pfn_end=p1, vaddr=va, vaddr_end=end, phys=phys))
+    for kind, items, why in (("backing-outside-ram", outside, "which is not System RAM"),
+                             ("backing-free", free, "which is free in the buddy allocator")):
+        for va, end, phys, phys_end in _runs(items):
+            sec, p0, p1 = _pfn_span(lay, va, end)
+            out.append(Finding(kind, "error",
+                               f"vmemmap {va:#x}-{end:#x} (struct pages of pfn {p0}-{p1}) is backed by phys "
+                               f"{phys:#x}-{phys_end:#x}, {why}",
+                               section=sec, pfn_start=p0, pfn_end=p1, vaddr=va, vaddr_end=end, phys=phys))
     # one alias finding per run of consecutive shared pages mapped by consecutive addresses
     aliases: List[Tuple[int, int, int]] = []
     for pfn, vas in _shared_pages(backed, shift):

@@ -110,6 +110,7 @@ class Target:
         self.layout = decide_layout(prog, vmcoreinfo, has_dwarf, self.memory, btf)
         self._nodes: Optional[List[Tuple[int, int, int]]] = None
         self._ram: Optional[PhysRanges] = None
+        self._sysram: Optional[List[Tuple[int, int]]] = None
         self.dump = None  # a --core dump's inspect_vmemmap.dumpfile.DumpFile (dumpfile.attach_dump)
 
     # -- plain facts ---------------------------------------------------------------
@@ -133,7 +134,7 @@ class Target:
     def _system_ram(self) -> List[Tuple[int, int]]:
         from inspect_vmemmap import kstructs
 
-        if not hasattr(self, "_sysram"):
+        if self._sysram is None:
             types = _types(self)
             self._sysram = kstructs.system_ram(self.memory, types, _symbol(self)) if types is not None else []
         return self._sysram
