@@ -98,17 +98,20 @@ class _RichProgress:
         self.bar.stop()
 
 
-def _load(tgt: dict):
+def _progress():
     import atexit
 
+    if not sys.stderr.isatty():
+        return None
+    progress = _RichProgress()
+    atexit.register(progress.close)
+    return progress
+
+
+def _load(tgt: dict):
     from inspect_vmemmap.commands import Analysis
 
-    target = _open(tgt)
-    progress = None
-    if sys.stderr.isatty():
-        progress = _RichProgress()
-        atexit.register(progress.close)
-    return Analysis(target, progress)
+    return Analysis(_open(tgt), _progress())
 
 
 def main() -> None:
@@ -208,15 +211,18 @@ def pfn(pfn_text, tgt, as_json):
 @click.option("--save-layout", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the model's inputs read from this kernel (replay with `model FILE`).")
 @click.option("--deep", is_flag=True, help="Read every struct page's node and zone, not a sample per section.")
+@click.option("--reads", type=click.IntRange(1, 10), default=3, show_default=True, metavar="N",
+              help="Running kernels (live, --qemu): read again after errors, at most N reads in all; "
+                   "errors that change between reads are reported as races.")
 @_guard
-def check(tgt, as_json, save_layout, deep):
+def check(tgt, as_json, save_layout, deep, reads):
     """Everything: sections, vmemmap page tables, the reference model, and what backs the vmemmap."""
     import json as _json
 
     from inspect_vmemmap import report
+    from inspect_vmemmap.commands import confirmed_check
 
-    ld = _load(tgt)
-    doc, findings, res, inputs, notes = ld.check(deep)
+    ld, doc, findings, res, inputs, notes = confirmed_check(_open(tgt), deep, _progress(), reads)
     if save_layout:
         try:
             with open(save_layout, "w") as f:
@@ -227,7 +233,7 @@ def check(tgt, as_json, save_layout, deep):
         report.print_json(doc)
     else:
         con = _console()
-        report.print_check(con, ld.t.to_json(), ld.t.layout, ld.sections, ld.vmemmap(), res.hvo, findings, notes, ld.nodes)
+        report.print_check(con, doc["target"], ld.t.layout, ld.sections, ld.vmemmap(), res.hvo, findings, notes, ld.nodes)
     sys.exit(exit_status(findings))
 
 

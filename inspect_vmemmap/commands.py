@@ -4,7 +4,7 @@ fixture recorder runs them on a recording target."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from inspect_vmemmap import report
 from inspect_vmemmap.analysis import explain_pfn, load_map, load_sections
@@ -93,3 +93,74 @@ class Analysis:
                               vmemmap=vm.to_json(), hvo=res.hvo)
         doc["assumptions"] = notes + [f"{k}: {v}" for k, v in self.t.layout.notes.items()]
         return doc, findings, res, inputs, notes
+
+
+#: targets whose memory can change while it is read
+LIVE_SOURCES = ("live", "qemu")
+
+
+def _key(f: Finding) -> tuple:
+    return (f.kind, f.section, f.pfn_start, f.pfn_end, f.vaddr, f.vaddr_end, f.phys, f.message)
+
+
+def _errors(findings: List[Finding]) -> dict:
+    return {_key(f): f for f in findings if f.severity == "error"}
+
+
+def _race(f: Finding, seen: List[int], passes: int) -> Finding:
+    where = {k: getattr(f, k) for k in ("section", "pfn_start", "pfn_end", "vaddr", "vaddr_end", "phys")}
+    said = ", ".join(map(str, seen))
+    if seen[-1] == passes:
+        how = f"only the last of {passes} reads found it (it was not there in read {passes - 1})"
+    else:
+        how = f"read {said} of {passes} found it; the last read did not"
+    return Finding("race", "warning", f"the running kernel changed this while it was read: {how}: "
+                   f"{f.kind}: {f.message}", was=f.kind, seen_in=seen, **where)
+
+
+def confirmed_check(target, deep: bool = False, progress: Optional[Progress] = None, passes: int = 3,
+                    between: Optional[Callable[[int], None]] = None):
+    """``check`` on ``target``; on a running kernel (/proc/kcore, a QEMU guest) every error is
+    confirmed by reading everything again.
+
+    A running kernel changes its vmemmap while it is read (memory hotplug, HugeTLB pool
+    changes remapping vmemmap pages, onlining), so one read can mix states that never
+    existed together. After a read with errors the target's facts are dropped and it is
+    read again, up to ``passes`` reads, until two reads in a row find the same errors.
+    Errors of the last read that the read before it also found stand; every other error
+    seen becomes a ``race`` warning that says which reads saw it. Dumps are read once.
+    ``between(n)`` runs after read ``n`` (tests use it to let a guest change).
+
+    :return: ``(analysis, doc, findings, result, inputs, notes)`` of the last read, with
+        the race findings added to ``findings`` and ``doc``; ``doc["target"]["reads"]`` is
+        the number of reads on a running kernel.
+    """
+    runs = []
+    while True:
+        if runs:
+            if between is not None:
+                between(len(runs))
+            target.forget()
+        a = Analysis(target, progress)
+        runs.append((a, a.check(deep)))
+        if target.source not in LIVE_SOURCES or len(runs) >= passes:
+            break
+        now = _errors(runs[-1][1][1])
+        if not now or (len(runs) > 1 and now.keys() == _errors(runs[-2][1][1]).keys()):
+            break
+    a, (doc, findings, res, inputs, notes) = runs[-1]
+    if target.source not in LIVE_SOURCES:
+        return a, doc, findings, res, inputs, notes
+    n = len(runs)
+    last = _errors(findings)
+    before = _errors(runs[-2][1][1]) if n > 1 else last
+    seen: dict = {}
+    for i, (_, out) in enumerate(runs, 1):
+        for k, f in _errors(out[1]).items():
+            seen.setdefault(k, (f, []))[1].append(i)
+    races = [_race(f, reads, n) for k, (f, reads) in seen.items() if k not in last or k not in before]
+    findings = [f for f in findings if f.severity != "error" or _key(f) in before] + races
+    target_doc = dict(doc["target"], reads=n)
+    parts = {k: v for k, v in doc.items() if k not in ("schema", "target", "findings", "summary")}
+    doc = report.document(target_doc, findings, **parts)
+    return a, doc, findings, res, inputs, notes

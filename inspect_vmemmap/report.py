@@ -60,6 +60,7 @@ def target_line(console: Console, target: dict, layout: KernelLayout) -> None:
         f"{target['pgtable_levels']}-level paging, {layout.page_size // 1024}K pages, "
         f"vmemmap at [cyan]{target['vmemmap_base']}[/], struct page {target['struct_page_size']} B, "
         f"sections of {size_label(1 << layout.section_size_bits)}, types from {target['type_source']}"
+        + (f", read {target['reads']} times to confirm errors" if target.get("reads", 1) > 1 else "")
     )
 
 

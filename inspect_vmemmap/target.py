@@ -113,6 +113,13 @@ class Target:
         self._sysram: Optional[List[Tuple[int, int]]] = None
         self.dump = None  # a --core dump's inspect_vmemmap.dumpfile.DumpFile (dumpfile.attach_dump)
 
+    def forget(self) -> None:
+        """Drop the facts read so far (node spans, RAM), so that the next reader of a
+        running kernel sees them as they are now."""
+        self._nodes = None
+        self._ram = None
+        self._sysram = None
+
     # -- plain facts ---------------------------------------------------------------
 
     def node_spans(self) -> List[Tuple[int, int, int]]:
