@@ -587,7 +587,7 @@ def _kdump_capture(o: BootOptions, kd, guest, doc: Optional[dict], progress) -> 
 
 def _check_outside(o: BootOptions, guest, kernel, progress, console_factory, after=None) -> int:
     from inspect_vmemmap import report
-    from inspect_vmemmap.commands import Analysis
+    from inspect_vmemmap.commands import confirmed_check
     from inspect_vmemmap.findings import exit_status
     from inspect_vmemmap.target import AnalysisError, open_target
 
@@ -597,8 +597,13 @@ def _check_outside(o: BootOptions, guest, kernel, progress, console_factory, aft
     try:
         t = open_target(qemu=str(guest.qmp_socket), vmlinux=str(vmlinux) if vmlinux else None,
                         no_debuginfo=o.no_debuginfo)
-        ld = Analysis(t)
-        doc, findings, res, _inputs, notes = ld.check(o.deep)
+        # the guest is ours: stop it so that the check reads one state, not a kernel changing
+        # underneath (confirmed_check would report that as races)
+        guest.qmp("stop")
+        try:
+            ld, doc, findings, res, _inputs, notes = confirmed_check(t, o.deep)
+        finally:
+            guest.qmp("cont")
     except AnalysisError as e:
         raise BootError(str(e)) from None
     progress(f"check done in {time.monotonic() - t0:.1f}s")
@@ -609,7 +614,7 @@ def _check_outside(o: BootOptions, guest, kernel, progress, console_factory, aft
         report.print_json(doc)
     else:
         con = console_factory()
-        report.print_check(con, ld.t.to_json(), ld.t.layout, ld.sections, ld.vmemmap(), res.hvo, findings, notes,
+        report.print_check(con, doc["target"], ld.t.layout, ld.sections, ld.vmemmap(), res.hvo, findings, notes,
                            ld.nodes)
         con.print(account_line(guest), highlight=False)
         sys.stdout.flush()
