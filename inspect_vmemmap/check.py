@@ -36,14 +36,17 @@ def _pfn_span(lay: KernelLayout, a: int, b: int) -> Tuple[int, int, int]:
 
 def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple],
               backing_free: Optional[Callable[[int], bool]] = None, mem=None, deep: bool = False,
-              unknown: Sequence[Interval] = (), hvo_unknown: str = "") -> CheckResult:
+              unknown: Sequence[Interval] = (), hvo_unknown: str = "",
+              progress: Optional[Callable[[int], None]] = None) -> CheckResult:
     """Compare sections and leaves with the model's prediction for ``inputs``.
 
     :param leaves: every vmemmap leaf, in address order.
     :param backing_free: returns whether a physical pfn is free in the buddy allocator
         (None: that check is skipped).
     :param mem: target memory, for reading struct pages' node and zone (None: skipped).
-    :param deep: read every struct page's node and zone, not a sample per section.
+    :param deep: read every struct page's node and zone, not a sample per section, and
+        every page that backs the vmemmap against the buddy allocator.
+    :param progress: called with the number of struct pages read so far (under ``deep``).
     :param unknown: virtual ranges whose mapping could not be read (unreadable tables):
         not reported as unmapped, since nobody knows.
     :param hvo_unknown: why the HugeTLB pools could not be read (a filtered dump): read-only
@@ -212,8 +215,10 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
         bn = nodes.nid(phys >> shift)
         if sp is not None and sp.nid is not None and bn is not None and bn != sp.nid:
             offnode.append((va, size, sp.nid, bn))
-        if backing_free is not None and backing_free(phys >> shift):
+        if backing_free is not None and not deep and backing_free(phys >> shift):
             free.append((va, size, phys))
+    if backing_free is not None and deep and hasattr(backing_free, "free_ranges"):
+        free = _free_backing(backing_free, backed, shift)
     for kind, items, why in (("backing-outside-ram", outside, "which is not System RAM"),
                              ("backing-free", free, "which is free in the buddy allocator")):
         for va, end, phys, phys_end in _runs(items):
@@ -239,7 +244,7 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
                            f"struct pages of pfn {p0}-{p1} (node {want}) live in memory of node {got}",
                            section=sec, pfn_start=p0, pfn_end=p1, vaddr=va, vaddr_end=va + size))
     if mem is not None and inputs.page_flags and inputs.zones:
-        out.extend(check_page_flags(inputs, sections, mem, mapped, deep))
+        out.extend(check_page_flags(inputs, sections, mem, mapped, deep, progress))
     return res
 
 
@@ -270,7 +275,8 @@ def _zone_runs(inputs: Inputs, ram_pfns, start: int, end: int):
     return clean
 
 
-def check_page_flags(inputs: Inputs, sections: SectionTable, mem, mapped: Sequence[Interval], deep: bool) -> List[Finding]:
+def check_page_flags(inputs: Inputs, sections: SectionTable, mem, mapped: Sequence[Interval], deep: bool,
+                     progress: Optional[Callable[[int], None]] = None) -> List[Finding]:
     """page_to_nid()/page_zonenum() of struct pages against the node and zone spans
     (include/linux/mm.h; memmap_init_range() in mm/mm_init.c sets them with
     set_page_links()). Online sections only: offline memory's struct pages are not
@@ -298,6 +304,7 @@ def check_page_flags(inputs: Inputs, sections: SectionTable, mem, mapped: Sequen
     for k in range(nbytes):
         m = 0xFF if k else (0xFF << low_bits) & 0xFF
         tables.append(bytes(b & m for b in range(256)))
+    done = 0
     for s in sections:
         if not s.valid or "ONLINE" not in s.flags or "ZONE_DEVICE" in s.flags:
             continue
@@ -310,6 +317,9 @@ def check_page_flags(inputs: Inputs, sections: SectionTable, mem, mapped: Sequen
                 for x, y in spans:
                     for c in range(x, y, chunk):
                         n = min(chunk, y - c)
+                        done += n
+                        if progress is not None:
+                            progress(done)
                         try:
                             buf = mem.read(lay.pfn_to_page(c), n * sps)
                         except FaultError:
@@ -391,6 +401,31 @@ def _hvo_transient(pages: int, head: Optional[LeafTuple], rw_tails: List[int], o
         return (" (transient: PMD split but every tail still writable: a remap in progress, "
                 "started by vmemmap_remap_free() or finished by vmemmap_remap_alloc() before the flag is cleared)")
     return f" (transient: {pages - 1 - n} of {pages - 1} tails remapped: a remap in progress)"
+
+
+def _free_backing(buddy, backed: List[Tuple[int, int, int]], shift: int) -> List[Tuple[int, int, int]]:
+    """Under --deep: every page that backs the vmemmap, not only the first of each leaf,
+    against the buddy allocator (their struct pages read in bulk; those that cannot be read
+    are left to the page-flags pass, which reads the same struct pages).
+
+    :return: ``(vaddr, size, phys)`` of the vmemmap backed by free pages.
+    """
+    pfns = merge([(a >> shift, b >> shift) for a, b, _ in backed])
+    free: List[Tuple[int, int]] = []
+    for a, b in pfns:
+        free.extend(buddy.free_ranges(a, b)[0])
+    if not free:
+        return []
+    free = [(a << shift, b << shift) for a, b in merge(free)]
+    ends = [b for _, b in free]
+    out = []
+    for phys, end, va in backed:
+        i = bisect_right(ends, phys)
+        while i < len(free) and free[i][0] < end:
+            x, y = max(phys, free[i][0]), min(end, free[i][1])
+            out.append((va + (x - phys), y - x, x))
+            i += 1
+    return sorted(out)
 
 
 def _runs(items: List[Tuple[int, int, int]]) -> List[Tuple[int, int, int, int]]:

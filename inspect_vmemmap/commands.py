@@ -79,8 +79,12 @@ class Analysis:
         inputs = gather_inputs(self.t, notes)
         # a filtered dump may have left out the struct pages the HugeTLB pool lists run through
         hvo_unknown = next((n for n in notes if n.startswith("HugeTLB pools") and "excluded from the dump" in n), "")
+        update = None
+        if deep:
+            total = sum(b - a for s in self.sections if s.valid for a, b in s.pfn_ranges(self.t.layout))
+            update = self.progress.task("reading every struct page (--deep)", max(total, 1))
         res = run_check(inputs, self.sections, self._leaves, buddy_checker(self.t), self.t.memory, deep,
-                        unknown=vm.unknown(), hvo_unknown=hvo_unknown)
+                        unknown=vm.unknown(), hvo_unknown=hvo_unknown, progress=update)
         findings = list(self.sections.findings) + vm.findings + res.findings
         filtered = name_filter(findings, self.t)
         target = self.t.to_json()

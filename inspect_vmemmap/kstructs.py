@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Tuple
 
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.memory import FaultError, Memory
+from inspect_vmemmap.model import merge
 
 _MAX_LIST = 1 << 22  # a corrupt list must end: at most this many entries (4M folios)
 
@@ -193,42 +194,109 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
     return out
 
 
-def buddy_checker(mem: Memory, types, layout: KernelLayout, max_order: int = 10) -> Optional[Callable[[int], bool]]:
-    """:return: a function pfn -> whether it is free in the buddy allocator: PageBuddy on
-    the pfn or on an aligned block head whose order (page_private, buddy_order() in
-    mm/internal.h) covers it; None without the needed types.
+class BuddyChecker:
+    """Whether pfns are free in the buddy allocator: PageBuddy on the pfn or on an aligned
+    block head whose order (page_private, buddy_order() in mm/internal.h) covers it.
 
     PageBuddy: since 6.11 ``page_type >> 24 == PGTY_buddy`` (enum pagetype); before,
     ``(page_type & (PAGE_TYPE_BASE | PG_buddy)) == PAGE_TYPE_BASE`` with the #defines
     0xf0000000 and 0x80 (include/linux/page-flags.h).
     """
+
+    def __init__(self, mem: Memory, layout: KernelLayout, off_type: int, off_priv: int,
+                 pgty: Optional[int], max_order: int) -> None:
+        self.mem = mem
+        self.layout = layout
+        self.max_order = max_order
+        self.pgty = pgty
+        self.lo = min(off_type, off_priv)
+        self.span = max(off_type + 4, off_priv + 8) - self.lo
+        self.off_type, self.off_priv = off_type, off_priv
+        # bulk scans: a byte table per column of page_type that maps a possible buddy to 1
+        if pgty is not None:
+            self._top = bytes(int(v == pgty) for v in range(256))
+            self._low = bytes([1]) * 256
+        else:
+            self._top = bytes(int(v & 0xF0 == 0xF0) for v in range(256))
+            self._low = bytes(int(not v & 0x80) for v in range(256))
+
+    def is_buddy(self, pt: int) -> bool:
+        if self.pgty is not None:
+            return pt >> 24 == self.pgty
+        return pt & (0xF0000000 | 0x80) == 0xF0000000
+
+    def __call__(self, pfn: int) -> bool:
+        """:return: whether ``pfn`` is free (False where its struct pages cannot be read)."""
+        return self._block(pfn) is not None
+
+    def _block(self, pfn: int) -> Optional[Tuple[int, int]]:
+        """:return: the free block ``[head, end)`` that holds ``pfn``, or None."""
+        read, lo, span = self.mem.read, self.lo, self.span
+        o_type, o_priv = self.off_type - lo, self.off_priv - lo
+        last = -1
+        buddy, order = False, 0
+        # one read per distinct block head: an aligned pfn is its own head for many orders
+        for o in range(self.max_order + 1):
+            head = pfn & ~((1 << o) - 1)
+            if head != last:
+                last = head
+                try:
+                    raw = read(self.layout.pfn_to_page(head) + lo, span)
+                except FaultError:
+                    return None
+                buddy = self.is_buddy(int.from_bytes(raw[o_type:o_type + 4], "little"))
+                order = int.from_bytes(raw[o_priv:o_priv + 8], "little")
+            if buddy and order >= o:
+                return head, head + (1 << min(order, self.max_order))
+        return None
+
+    def free_ranges(self, start: int, end: int, chunk: int = 1 << 15) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
+        """Every free pfn in ``[start, end)``, reading the struct pages in bulk: a column of
+        page_type bytes is tested at C speed, only possible buddies one by one.
+
+        :return: ``(free, unread)``: pfn ranges free in the buddy allocator, and ranges whose
+            struct pages could not be read.
+        """
+        lay = self.layout
+        sps = lay.struct_page_size
+        free: List[Tuple[int, int]] = []
+        unread: List[Tuple[int, int]] = []
+        first = self._block(start)  # a block that starts before the range
+        if first is not None:
+            free.append((start, min(first[1], end)))
+            start = min(first[1], end)
+        for c in range(start, end, chunk):
+            n = min(chunk, end - c)
+            try:
+                buf = self.mem.read(lay.pfn_to_page(c), n * sps)
+            except FaultError:
+                unread.append((c, c + n))
+                continue
+            top = buf[self.off_type + 3::sps][:n].translate(self._top)
+            if not top.count(1):
+                continue
+            low = buf[self.off_type::sps][:n].translate(self._low)
+            hits = (int.from_bytes(top, "little") & int.from_bytes(low, "little")).to_bytes(n, "little")
+            i = hits.find(1)
+            while i >= 0:
+                at = i * sps
+                pt = int.from_bytes(buf[at + self.off_type:at + self.off_type + 4], "little")
+                if self.is_buddy(pt):
+                    order = min(int.from_bytes(buf[at + self.off_priv:at + self.off_priv + 8], "little"),
+                                self.max_order)
+                    free.append((c + i, min(c + i + (1 << order), end)))
+                i = hits.find(1, i + 1)
+        return merge(free), unread
+
+
+def buddy_checker(mem: Memory, types, layout: KernelLayout, max_order: int = 10) -> Optional[BuddyChecker]:
+    """:return: a :class:`BuddyChecker`; None without the needed types."""
     try:
         off_type = types.offsetof("struct page", "page_type")
         off_priv = types.offsetof("struct page", "private")
     except KeyError:
         return None
-    pgty = types.enum_value("PGTY_buddy")
-    if pgty is not None:
-        def is_buddy(pt: int) -> bool:
-            return pt >> 24 == pgty
-    else:
-        def is_buddy(pt: int) -> bool:
-            return pt & (0xF0000000 | 0x80) == 0xF0000000
-    read = mem.read
-
-    def free(pfn: int) -> bool:
-        for o in range(max_order + 1):
-            head = pfn & ~((1 << o) - 1)
-            addr = layout.pfn_to_page(head)
-            try:
-                pt = int.from_bytes(read(addr + off_type, 4), "little")
-                if is_buddy(pt) and int.from_bytes(read(addr + off_priv, 8), "little") >= o:
-                    return True
-            except FaultError:
-                return False
-        return False
-
-    return free
+    return BuddyChecker(mem, layout, off_type, off_priv, types.enum_value("PGTY_buddy"), max_order)
 
 
 def xarray_entries(mem: Memory, types, xa: int, limit: int = 1 << 20) -> List[int]:

@@ -229,3 +229,35 @@ def test_model_replays_saved_layout(booted, tmp_path):
         assert covered == b - a
     assert len(pred["hvo"]) == doc["hvo"]["optimized_folios"]
     assert sum(h["readonly"] for h in pred["hvo"]) == doc["hvo"]["remapped_ptes"] == doc["vmemmap"]["readonly_ptes"]
+
+
+def test_backing_page_free_in_the_middle_of_a_block(mutable):
+    """The sixth page of a 2M block of memmap marked free in the buddy allocator: the
+    default check asks only the first page of each leaf; --deep reads the struct page of
+    every page that backs the vmemmap and names that one page."""
+    from drgn import offsetof
+
+    booted, prog, core = mutable
+    base, _, page, _ = _geometry(prog)
+    nr, va = _pmd_leaf_section(prog)
+    _, e = ind.entry_addr(prog, va, ind.levels(prog) - 2)
+    phys = ind.leaf_phys(prog, e) + 5 * page
+    sp = ind.follow(prog, base + (phys // page) * 64)  # where its struct page is
+    t = prog.type("struct page")
+    o_type, o_priv = offsetof(t, "page_type"), offsetof(t, "private")
+    try:
+        buddy = prog.constant("PGTY_buddy").value_() << 24  # 6.11+
+    except LookupError:
+        buddy = 0xFFFFFF7F  # PAGE_TYPE_BASE with PG_buddy cleared
+    word = sp + o_type - o_type % 8
+    shift = (o_type % 8) * 8
+    core.write_u64(word, (prog.read_u64(word, True) & ~(0xFFFFFFFF << shift)) | (buddy << shift))
+    core.write_u64(sp + o_priv, 0)  # order 0
+    rc, doc = _check(booted)
+    assert [f for f in errors(doc) if f["kind"] == "backing-free"] == []
+    rc, doc = _check(booted, "--deep")
+    assert rc == 1
+    f = [f for f in errors(doc) if f["kind"] == "backing-free"]
+    assert len(f) == 1 and f[0]["section"] == nr, f
+    assert (int(f[0]["vaddr"], 16), int(f[0]["vaddr_end"], 16), int(f[0]["phys"], 16)) == \
+        (va + 5 * page, va + 6 * page, phys)

@@ -1,0 +1,87 @@
+"""kstructs.BuddyChecker: the bulk scan (check --deep, every page that backs the vmemmap)
+must say exactly what asking pfn by pfn says, for both encodings of PageBuddy."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inspect_vmemmap.kstructs import BuddyChecker
+from inspect_vmemmap.memory import FaultError
+from inspect_vmemmap.model import merge
+from tests.synth import x86_layout
+
+PAGES = 4096  # pfns 0..PAGES-1 have struct pages
+OFF_TYPE, OFF_PRIV = 48, 40  # where struct page keeps page_type and private (any two places do)
+PGTY_BUDDY = 0xF0
+
+
+class StructPages:
+    """The struct page array of pfns [0, PAGES) at the layout's vmemmap base; nothing else."""
+
+    def __init__(self, layout) -> None:
+        self.base = layout.pfn_to_page(0)
+        self.buf = bytearray(PAGES * layout.struct_page_size)
+
+    def put(self, pfn: int, page_type: int, private: int) -> None:
+        at = pfn * 64
+        self.buf[at + OFF_TYPE:at + OFF_TYPE + 4] = page_type.to_bytes(4, "little")
+        self.buf[at + OFF_PRIV:at + OFF_PRIV + 8] = private.to_bytes(8, "little")
+
+    def read(self, address: int, size: int, physical: bool = False) -> bytes:
+        off = address - self.base
+        if physical or off < 0 or off + size > len(self.buf):
+            raise FaultError(address, physical, "no struct page there")
+        return bytes(self.buf[off:off + size])
+
+
+@st.composite
+def pages(draw):
+    new = draw(st.booleans())  # 6.11+ PGTY_buddy, or the PAGE_TYPE_BASE | PG_buddy encoding
+    lay = x86_layout()
+    mem = StructPages(lay)
+    # what other pages hold there: no type, mapcounts, other types, and near misses
+    if new:
+        noise = [0xFFFFFFFF, 0, 5, 0xF2000000, 0xF1000003, 0xEF000000, 0x00F00000]
+        buddy_type = PGTY_BUDDY << 24
+    else:
+        noise = [0xFFFFFFFF, 0, 5, 0xFFFFFFFE, 0xF00000FF, 0xEFFFFF7F, 0x7FFFFF7F]
+        buddy_type = 0xFFFFFF7F
+    rng = random.Random(draw(st.integers(0, 1 << 32)))  # page contents: too many to draw one by one
+    for pfn in range(PAGES):
+        mem.put(pfn, rng.choice(noise), rng.randrange(21))
+    pfn = 0
+    while pfn < PAGES:
+        order = rng.randrange(7)
+        pfn = (pfn + (1 << order) - 1) & ~((1 << order) - 1)
+        if pfn + (1 << order) > PAGES:
+            break
+        if rng.random() < 0.5:
+            mem.put(pfn, buddy_type, order)  # a free block: only its head says so
+        pfn += 1 << order
+    checker = BuddyChecker(mem, lay, OFF_TYPE, OFF_PRIV, PGTY_BUDDY if new else None, max_order=10)
+    start = draw(st.integers(0, PAGES - 1))
+    end = draw(st.integers(start + 1, PAGES))
+    chunk = draw(st.sampled_from([1, 7, 64, 1 << 15]))
+    return checker, start, end, chunk
+
+
+@settings(max_examples=60, deadline=None)
+@given(pages())
+def test_bulk_scan_agrees_with_one_by_one(case):
+    checker, start, end, chunk = case
+    free, unread = checker.free_ranges(start, end, chunk=chunk)
+    assert unread == []
+    assert free == merge([(p, p + 1) for p in range(start, end) if checker(p)])
+
+
+def test_unreadable_struct_pages_are_said():
+    lay = x86_layout()
+    mem = StructPages(lay)
+    checker = BuddyChecker(mem, lay, OFF_TYPE, OFF_PRIV, PGTY_BUDDY, max_order=10)
+    mem.put(8, PGTY_BUDDY << 24, 3)
+    free, unread = checker.free_ranges(0, PAGES + 100, chunk=1024)
+    assert free == [(8, 16)]
+    assert unread == [(4096, PAGES + 100)]
