@@ -28,11 +28,16 @@ class Section:
         self.section_mem_map = section_mem_map
         self.usage = usage
         low = section_mem_map & ((1 << layout.section_map_last_bit) - 1)
-        self.flags = frozenset(name for name, bit in layout.section_flags.items() if low >> bit & 1)
-        known = 0
-        for bit in layout.section_flags.values():
-            known |= 1 << bit
-        self.unknown_flags = low & ~known
+        # decoded once per distinct flags value: a big machine has few of them
+        cache = layout.__dict__.setdefault("_section_flags_cache", {})
+        decoded = cache.get(low)
+        if decoded is None:
+            known = 0
+            for bit in layout.section_flags.values():
+                known |= 1 << bit
+            decoded = cache[low] = (frozenset(name for name, bit in layout.section_flags.items() if low >> bit & 1),
+                                    low & ~known)
+        self.flags, self.unknown_flags = decoded
         self.coded_mem_map = section_mem_map & layout.section_map_mask
         self.subsection_map: Optional[int] = None  # bitmap, None where not read
         self.nid: Optional[int] = None
@@ -85,6 +90,8 @@ class Section:
         bits = self.valid_subsections(layout)
         pps = layout.pages_per_subsection
         base = self.start_pfn(layout)
+        if bits == (1 << layout.subsections_per_section) - 1:
+            return [(base, base + layout.pages_per_section)]
         out: List[Tuple[int, int]] = []
         i = 0
         n = layout.subsections_per_section
