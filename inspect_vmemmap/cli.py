@@ -40,7 +40,14 @@ def _open(tgt: dict):
     from inspect_vmemmap.target import AnalysisError, open_target
 
     try:
-        return open_target(**tgt)
+        if not sys.stderr.isatty():
+            return open_target(**tgt)
+        from rich.console import Console
+
+        what = tgt.get("core") or tgt.get("qemu") or "the running kernel"
+        how = f", loading debug info from {tgt['vmlinux']}" if tgt.get("vmlinux") else ""
+        with Console(stderr=True).status(f"opening {what}{how}"):  # DWARF takes seconds
+            return open_target(**tgt)
     except AnalysisError as e:
         _fail(str(e))
 
