@@ -25,6 +25,10 @@ class CheckResult:
         self.hvo = {"optimized_folios": 0, "remapped_ptes": 0, "freed_bytes": 0}
         self.prediction: Optional[Prediction] = None
         self.fallback_pmds = 0  # whole-section memmap mapped by base pages (allowed)
+        #: ZONE_DEVICE compound pages whose tail vmemmap is deduplicated as the model says
+        self.device_dedup = {"compound_pages": 0, "remapped_ptes": 0, "saved_bytes": 0}
+        #: vmemmap backed by an altmap where the model says: memmap_on_memory blocks, devices
+        self.self_hosted = {"memory_blocks": 0, "device_maps": 0, "bytes": 0}
 
 
 def _pfn_span(lay: KernelLayout, a: int, b: int) -> Tuple[int, int, int]:
@@ -73,19 +77,26 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
                                f"section {nr} holds RAM (pfn {max(start, sp.valid[0][0])}-{sp.valid[-1][1] - 1}) but is not present"
                                + note, **where, **({"transient": True} if note else {})))
             continue
-        have = set(s.flag_names()) - {"zone_device", "vmemmap_preinit"}
+        have = set(s.flag_names()) - {"vmemmap_preinit"}
         want = set(sp.flags)
+        if "zone_device" in have and "zone_device" not in want:
+            # a taint stays while the section holds any memory (mm/sparse.c
+            # section_deactivate() clears section_mem_map only when it empties), so one
+            # left by device memory removed since cannot be told from a wrong one
+            have.discard("zone_device")
         if have != want:
             note = _section_transient(have, want)
             out.append(Finding("section-flags", "error",
                                f"section {nr}: flags {s.letters() or '-'} where the model expects "
                                f"{'+'.join(sorted(want))} ({'boot memory' if sp.early else 'hot-added memory'})" + note,
                                **where, **({"transient": True} if note else {})))
+    know_devices = inputs.device_maps is not None
     for s in sections:
-        if s.present and s.nr not in pred.sections and "ZONE_DEVICE" not in s.flags:
+        if s.present and s.nr not in pred.sections and (know_devices or "ZONE_DEVICE" not in s.flags):
             start = s.start_pfn(lay)
-            out.append(Finding("section-flags", "error", f"section {s.nr} is present but no RAM lies in it",
-                               section=s.nr, pfn_start=start, pfn_end=start + lay.pages_per_section - 1))
+            out.append(Finding("section-flags", "error",
+                               f"section {s.nr} is present but no RAM" + (" and no device memory" if know_devices else "")
+                               + " lies in it", section=s.nr, pfn_start=start, pfn_end=start + lay.pages_per_section - 1))
 
     # -- what is mapped against what must be ----------------------------------------
     mapped = merge([(va, va + size) for va, size, _, _ in leaves])
@@ -199,6 +210,8 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
                            f"vmemmap-optimized HugeTLB folio is there", section=sec, pfn_start=p0, pfn_end=p1,
                            vaddr=a, vaddr_end=b))
 
+    placed = _check_placement(lay, pred, leaves, by_va, alias_ok, res)
+
     # -- backing: RAM, aliases, node, buddy -----------------------------------------------
     backed: List[Tuple[int, int, int]] = []  # (phys, phys end, vaddr) of leaves in RAM
     outside: List[Tuple[int, int, int]] = []  # (vaddr, size, phys)
@@ -206,7 +219,7 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
     free: List[Tuple[int, int, int]] = []
     know_ram = bool(ram)  # no RAM list at all: nothing can be said about backing
     for va, size, phys, w in leaves:
-        if know_ram and not ram.covers(phys, phys + size):
+        if know_ram and not ram.covers(phys, phys + size) and va not in placed:
             outside.append((va, size, phys))
             continue
         backed.append((phys, phys + size, va))
@@ -236,7 +249,7 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
         sec, p0, p1 = _pfn_span(lay, va, end)
         out.append(Finding("alias", "error",
                            f"phys {phys:#x}-{phys_end:#x} also backs vmemmap {va:#x}-{end:#x} (struct pages of pfn "
-                           f"{p0}-{p1}) and no HVO explains it", section=sec, pfn_start=p0, pfn_end=p1,
+                           f"{p0}-{p1}) and neither HVO nor ZONE_DEVICE dedup explains it", section=sec, pfn_start=p0, pfn_end=p1,
                            vaddr=va, vaddr_end=end, phys=phys))
     for (va, size, want, got) in _merge_offnode(offnode):
         sec, p0, p1 = _pfn_span(lay, va, va + size)
@@ -246,6 +259,124 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
     if mem is not None and inputs.page_flags and inputs.zones:
         out.extend(check_page_flags(inputs, sections, mem, mapped, deep, progress))
     return res
+
+
+def _check_placement(lay: KernelLayout, pred: Prediction, leaves: Sequence[LeafTuple], by_va: Dict[int, LeafTuple],
+                     alias_ok: Dict[int, int], res: CheckResult) -> set:
+    """Where the model says exactly which memory backs the vmemmap: the tails of ZONE_DEVICE
+    compound pages (model._compound_segments()) and altmap-backed vmemmap (memmap_on_memory
+    blocks, device memory with its memmap on the device; model._altmap_alloc()). Pages
+    that map what the model says are explained sharing (``alias_ok``); others are
+    ``backing-misplaced``, and their sharing is not reported again as ``alias``.
+
+    :return: the vaddrs of leaves backed where an altmap places them (device memory is
+        not System RAM, and is not reported as such).
+    """
+    out = res.findings
+    placed: set = set()
+    if not pred.device and not pred.blocks:
+        return placed
+    starts = [l[0] for l in leaves]
+    page = lay.page_size
+    shift = lay.page_shift
+
+    # -- device-dax compound page dedup: every leaf in a dedup segment against its target
+    bad: List[Tuple[int, int, Optional[int], int, int]] = []  # va, phys found, phys wanted, head pfn, leaf size
+    for d in pred.device:
+        if d.dedup is False or not d.segments:
+            continue
+        if d.dedup is None:
+            # either era's layout is right (model.dax_dedup()): deduplicated if its tails map their target
+            seen = False
+            for s, _, period, _ in d.segments[:64]:
+                va = s + 2 * page if period else s
+                t = d.target_of(va)
+                if t is not None and by_va.get(va) is not None and by_va.get(t) is not None \
+                        and by_va[va][2] == by_va[t][2]:
+                    seen = True
+                    break
+            if not seen:
+                continue
+        matched: Dict[int, int] = defaultdict(int)
+        for s, e, _, _ in d.segments:
+            i = max(bisect_right(starts, s) - 1, 0)
+            while i < len(leaves) and leaves[i][0] < e:
+                lva, size, lphys, _ = leaves[i]
+                i += 1
+                for va in range(max(lva, s), min(lva + size, e), page):
+                    t = d.target_of(va)
+                    if t is None:
+                        continue  # a page of its own
+                    phys = lphys + (va - lva)
+                    tl = by_va.get(t)
+                    want = tl[2] if tl is not None else None
+                    if size == page and phys == want:
+                        alias_ok[want >> shift] += 1
+                        matched[t] += 1
+                    else:
+                        alias_ok[phys >> shift] += 1  # reported here, not again as an alias
+                        bad.append((va, phys, want, lay.page_to_pfn(t - page), size))
+        for t, n in matched.items():
+            if n == d.tails(t):
+                res.device_dedup["compound_pages"] += 1
+            res.device_dedup["remapped_ptes"] += n
+            res.device_dedup["saved_bytes"] += n * page
+    groups: List[List] = []
+    for va, phys, want, head, size in bad:
+        g = groups[-1] if groups else None
+        if g is not None and g[1] == va and g[3] == want and g[4] == head:
+            g[1] = va + page
+        else:
+            groups.append([va, va + page, phys, want, head, size])
+    for va, end, phys, want, head, size in groups:
+        sec, p0, p1 = _pfn_span(lay, va, end)
+        how = (f"maps phys {phys:#x}" if size == page else f"is mapped by a {size_label(size)} block (phys {phys:#x})")
+        target = (f"the compound page's second vmemmap page, phys {want:#x}" if want is not None
+                  else "the compound page's second vmemmap page, which is not mapped by a base page")
+        out.append(Finding("backing-misplaced", "error",
+                           f"vmemmap {va:#x}-{end:#x} (struct pages of pfn {p0}-{p1}, tails of the ZONE_DEVICE "
+                           f"compound page at pfn {head}) {how}; memremap_pages() maps them onto {target}",
+                           section=sec, pfn_start=p0, pfn_end=p1, vaddr=va, vaddr_end=end, phys=phys))
+
+    # -- altmap-backed vmemmap
+    def hosted_ok(hosted) -> Tuple[bool, int]:
+        good = True
+        nbytes = 0
+        for h in hosted:
+            i = max(bisect_right(starts, h.start) - 1, 0)
+            while i < len(leaves) and leaves[i][0] < h.end:
+                va, size, phys, _ = leaves[i]
+                i += 1
+                if va + size <= h.start:
+                    continue
+                want = h.phys + (va - h.start)
+                if phys == want and va >= h.start and va + size <= h.end:
+                    placed.add(va)
+                    nbytes += size
+                    continue
+                good = False
+                for p in range(phys >> shift, (phys + size) >> shift):
+                    alias_ok[p] += 1  # reported here, not again as an alias
+                a, b = max(va, h.start), min(va + size, h.end)
+                sec, p0, p1 = _pfn_span(lay, a, b)
+                out.append(Finding("backing-misplaced", "error",
+                                   f"vmemmap {a:#x}-{b:#x} (struct pages of pfn {p0}-{p1}) is backed by phys "
+                                   f"{phys + (a - va):#x}; the kernel allocates it from {h.what}, phys "
+                                   f"{h.phys + (a - h.start):#x}", section=sec, pfn_start=p0, pfn_end=p1,
+                                   vaddr=a, vaddr_end=b, phys=phys + (a - va)))
+        return good, nbytes
+
+    for blk in pred.blocks:
+        good, nbytes = hosted_ok(blk.hosted)
+        if good and blk.hosted:
+            res.self_hosted["memory_blocks"] += 1
+            res.self_hosted["bytes"] += nbytes
+    for d in pred.device:
+        good, nbytes = hosted_ok(d.hosted)
+        if good and d.hosted:
+            res.self_hosted["device_maps"] += 1
+            res.self_hosted["bytes"] += nbytes
+    return placed
 
 
 def _zone_runs(inputs: Inputs, ram_pfns, start: int, end: int):

@@ -240,7 +240,8 @@ def check(tgt, as_json, save_layout, deep, reads):
         report.print_json(doc)
     else:
         con = _console()
-        report.print_check(con, doc["target"], ld.t.layout, ld.sections, ld.vmemmap(), res.hvo, findings, notes, ld.nodes)
+        report.print_check(con, doc["target"], ld.t.layout, ld.sections, ld.vmemmap(), res.hvo, findings, notes, ld.nodes,
+                           device_dedup=res.device_dedup, self_hosted=res.self_hosted)
     sys.exit(exit_status(findings))
 
 

@@ -94,7 +94,8 @@ class Analysis:
             target["dump"]["unread_inputs"] = [n for n in notes if "excluded from the dump" in n]
             target["dump"]["complete"] = not filtered and not target["dump"]["unread_inputs"]
         doc = report.document(target, findings, sections=report.sections_json(self.sections),
-                              vmemmap=vm.to_json(), hvo=res.hvo)
+                              vmemmap=vm.to_json(), hvo=res.hvo,
+                              device_dedup=res.device_dedup, self_hosted=res.self_hosted)
         doc["assumptions"] = notes + [f"{k}: {v}" for k, v in self.t.layout.notes.items()]
         return doc, findings, res, inputs, notes
 

@@ -19,6 +19,9 @@ KINDS: Dict[str, str] = {
     "unreadable": "warning",
     # additions to CONTRACT.md
     "page-node-zone": "error",
+    # vmemmap not backed by the memory the kernel's rules place it on: a memmap_on_memory
+    # block's own first pages, a device's altmap, a ZONE_DEVICE compound page's shared tail page
+    "backing-misplaced": "error",
     # a running kernel changed what a finding was about while it was read (commands.confirmed_check)
     "race": "warning",
 }

@@ -360,3 +360,147 @@ def memory_block_states(mem: Memory, types, symbol: Callable[[str], Optional[int
         return out
     except (FaultError, KeyError):
         return None
+
+
+#: PGMAP_ALTMAP_VALID (include/linux/memremap.h: a #define, 1 << 0 in 6.1, 6.12 and 7.2)
+PGMAP_ALTMAP_VALID = 1
+#: enum memory_type's enumerators (include/linux/memremap.h), named in the model's input
+MEMORY_TYPES = ("MEMORY_DEVICE_PRIVATE", "MEMORY_DEVICE_COHERENT", "MEMORY_DEVICE_FS_DAX",
+                "MEMORY_DEVICE_GENERIC", "MEMORY_DEVICE_PCI_P2PDMA")
+
+
+def _altmap(mem: Memory, types, addr: int):
+    from inspect_vmemmap.model import Altmap
+
+    return Altmap(_u64(mem, addr + types.offsetof("struct vmem_altmap", "base_pfn")),
+                  _u64(mem, addr + types.offsetof("struct vmem_altmap", "reserve")),
+                  _u64(mem, addr + types.offsetof("struct vmem_altmap", "free")))
+
+
+def device_pagemaps(mem: Memory, types, symbol: Callable[[str], Optional[int]],
+                    max_physmem_bits: int = 52) -> Optional[list]:
+    """Every ZONE_DEVICE page map: mm/memremap.c's ``pgmap_array`` xarray, where
+    pagemap_range() stores each map over its ranges' pfns (xa_store_range(), so one map
+    fills many slots). struct dev_pagemap (include/linux/memremap.h, the same members in
+    6.1, 6.12 and 7.2): ``ranges[nr_range]`` (struct range, inclusive ends) in a union
+    with ``range``, ``vmemmap_shift``, and ``altmap`` valid when ``flags`` has
+    PGMAP_ALTMAP_VALID.
+
+    :return: a list of :class:`inspect_vmemmap.model.DeviceMap`, or None where the kernel
+        has no ``pgmap_array`` (no CONFIG_ZONE_DEVICE).
+    :raises FaultError, KeyError: when the maps cannot be read; ValueError when one is
+        not a page map any kernel builds (a corrupt dump).
+    """
+    from inspect_vmemmap.model import DeviceMap
+
+    xa = symbol("pgmap_array")
+    if xa is None:
+        return None
+    o_shift = types.offsetof("struct dev_pagemap", "vmemmap_shift")
+    o_flags = types.offsetof("struct dev_pagemap", "flags")
+    o_nr = types.offsetof("struct dev_pagemap", "nr_range")
+    o_type = types.offsetof("struct dev_pagemap", "type")
+    o_alt = types.offsetof("struct dev_pagemap", "altmap")
+    o_range = types.offsetof("struct dev_pagemap", "range")
+    rsize = types.sizeof("struct range")
+    r_start = types.offsetof("struct range", "start")
+    r_end = types.offsetof("struct range", "end")
+    names = {}
+    for n in MEMORY_TYPES:
+        v = types.enum_value(n)
+        if v is not None:
+            names[v] = n
+    out = []
+    seen = set()
+    for pgmap in xarray_entries(mem, types, xa):
+        if pgmap in seen:
+            continue
+        seen.add(pgmap)
+        nr = struct.unpack("<i", mem.read(pgmap + o_nr, 4))[0]
+        if not 0 < nr <= 4096:  # device-dax: one range per mapping (struct dev_dax ranges[])
+            raise ValueError(f"page map at {pgmap:#x}: nr_range {nr}")
+        ranges = []
+        for i in range(nr):
+            r = pgmap + o_range + i * rsize
+            ranges.append((_u64(mem, r + r_start), _u64(mem, r + r_end) + 1))
+        flags = _u32(mem, pgmap + o_flags)
+        t = _u32(mem, pgmap + o_type)
+        dm = DeviceMap(ranges=ranges, vmemmap_shift=_u64(mem, pgmap + o_shift),
+                       altmap=_altmap(mem, types, pgmap + o_alt) if flags & PGMAP_ALTMAP_VALID else None,
+                       type=names.get(t, str(t)))
+        try:
+            dm.validate(max_physmem_bits)
+        except ValueError as e:
+            raise ValueError(f"page map at {pgmap:#x}: {e}") from None
+        out.append(dm)
+    return out
+
+
+def hosted_memory_blocks(mem: Memory, types, symbol: Callable[[str], Optional[int]],
+                         layout: KernelLayout) -> Optional[list]:
+    """The memory blocks (drivers/base/memory.c ``memory_blocks``) whose memmap is on
+    their own first pages (memory_hotplug.memmap_on_memory), by what struct memory_block
+    records (include/linux/memory.h): in 6.12 and 7.2 a pointer to the block's own
+    ``altmap``, in 6.1 ``nr_vmemmap_pages`` (the block's one-block hot-add used an altmap
+    at the block's start with the whole block free: add_memory_resource()).
+
+    :return: a list of :class:`inspect_vmemmap.model.HostedBlock`; [] where blocks have
+        neither member (no memmap_on_memory); None where the blocks cannot be found.
+    :raises FaultError, KeyError: when they cannot be read; ValueError when the block size
+        is not one any kernel uses (a corrupt dump).
+    """
+    from inspect_vmemmap.model import Altmap, HostedBlock
+
+    xa = symbol("memory_blocks")
+    spb_addr = symbol("sections_per_block")
+    if xa is None or spb_addr is None:
+        return None
+    spb = _u32(mem, spb_addr)
+    pps = layout.pages_per_section
+    if not 0 < spb * pps <= 1 << (40 - layout.page_shift):  # blocks of a section .. 1 TiB
+        raise ValueError(f"sections_per_block {spb}")
+    o_start = types.offsetof("struct memory_block", "start_section_nr")
+    if types.has_member("struct memory_block", "altmap"):
+        o_alt, o_nr = types.offsetof("struct memory_block", "altmap"), None
+    elif types.has_member("struct memory_block", "nr_vmemmap_pages"):
+        o_alt, o_nr = None, types.offsetof("struct memory_block", "nr_vmemmap_pages")
+    else:
+        return []
+    out = []
+    for mb in xarray_entries(mem, types, xa):
+        start = _u64(mem, mb + o_start) * pps
+        end = start + spb * pps
+        if o_alt is not None:
+            alt = _u64(mem, mb + o_alt)
+            if alt:
+                a = _altmap(mem, types, alt)
+                out.append(HostedBlock(start, end, a, a.free))
+        else:
+            n = _u64(mem, mb + o_nr)
+            if n:
+                out.append(HostedBlock(start, end, Altmap(start, 0, end - start), n))
+    return out
+
+
+def memmap_on_memory_mode(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> Optional[str]:
+    """memory_hotplug.memmap_on_memory (mm/memory_hotplug.c): in 6.12 and 7.2 ``memmap_mode``,
+    an int of the anonymous enum MEMMAP_ON_MEMORY_{DISABLE, ENABLE, FORCE}; in 6.1 the
+    bool ``memmap_on_memory``.
+
+    :return: "off", "enable" or "force"; None where neither variable is there (no
+        CONFIG_MHP_MEMMAP_ON_MEMORY) or it cannot be read.
+    """
+    addr = symbol("memmap_mode")
+    try:
+        if addr is not None:
+            v = _u32(mem, addr)
+            force = types.enum_value("MEMMAP_ON_MEMORY_FORCE")
+            enable = types.enum_value("MEMMAP_ON_MEMORY_ENABLE")
+            return {0: "off", 1 if enable is None else enable: "enable",
+                    2 if force is None else force: "force"}.get(v)
+        addr = symbol("memmap_on_memory")
+        if addr is not None:
+            return "enable" if mem.read(addr, 1)[0] else "off"
+    except FaultError:
+        return None
+    return None

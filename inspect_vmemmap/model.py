@@ -1,9 +1,11 @@
 """The reference model: an executable statement of the kernel's sparsemem/vmemmap rules.
 
 Pure Python, no drgn. From a plain, JSON-serialisable :class:`Inputs` (layout constants,
-RAM ranges, nodes, HugeTLB folios) it predicts what the kernel must have built:
-which sections are present with which flags, which struct pages must be mapped, what may
-be mapped besides, on which node, and how HugeTLB vmemmap optimisation (HVO) reshaped it.
+RAM ranges, nodes, HugeTLB folios, ZONE_DEVICE page maps, memmap_on_memory blocks) it
+predicts what the kernel must have built: which sections are present with which flags,
+which struct pages must be mapped, what may be mapped besides, on which node, how
+HugeTLB vmemmap optimisation (HVO) and ZONE_DEVICE compound-page dedup reshaped it, and
+which vmemmap an altmap backs (memmap_on_memory, device memory with its memmap on itself).
 
 Each rule cites the kernel source it states; sources read are Debian's linux-source 6.1,
 6.12 and 7.2.
@@ -11,6 +13,7 @@ Each rule cites the kernel source it states; sources read are Debian's linux-sou
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -28,6 +31,92 @@ class Folio:
     optimized: bool  # HPG_vmemmap_optimized in the head's (folio's) ->private
     nid: Optional[int] = None
     zone: Optional[int] = None
+
+
+@dataclass
+class Altmap:
+    """struct vmem_altmap (include/linux/memremap.h) as the hot-add starts it: the memmap
+    of the memory being added is allocated from its own pfns ``[base_pfn + reserve,
+    base_pfn + reserve + free)`` (mm/sparse-vmemmap.c altmap_alloc_block_buf)."""
+
+    base_pfn: int
+    reserve: int
+    free: int
+
+    def to_json(self) -> dict:
+        return {"base_pfn": self.base_pfn, "reserve": self.reserve, "free": self.free}
+
+    @classmethod
+    def from_json(cls, d: Optional[dict]) -> Optional["Altmap"]:
+        return None if d is None else cls(int(d["base_pfn"]), int(d["reserve"]), int(d["free"]))
+
+
+@dataclass
+class DeviceMap:
+    """One ZONE_DEVICE page map (struct dev_pagemap, include/linux/memremap.h), as
+    mm/memremap.c's ``pgmap_array`` holds it."""
+
+    #: physical byte ranges [start, end) (pgmap->ranges[], whose ends are inclusive)
+    ranges: List[Interval]
+    #: compound pages of 1 << vmemmap_shift pages (device-dax align > PAGE_SIZE)
+    vmemmap_shift: int = 0
+    #: the memmap on the device itself (PGMAP_ALTMAP_VALID: nvdimm pfn/dax mode "pmem")
+    altmap: Optional[Altmap] = None
+    #: enum memory_type, by name (MEMORY_DEVICE_GENERIC for device-dax, ...)
+    type: Optional[str] = None
+
+    def to_json(self) -> dict:
+        return {"ranges": [[hex(a), hex(b)] for a, b in self.ranges], "vmemmap_shift": self.vmemmap_shift,
+                "altmap": None if self.altmap is None else self.altmap.to_json(), "type": self.type}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DeviceMap":
+        m = cls(ranges=_ranges(d.get("ranges", [])), vmemmap_shift=int(d.get("vmemmap_shift", 0)),
+                altmap=Altmap.from_json(d.get("altmap")), type=d.get("type"))
+        m.validate()
+        return m
+
+    def validate(self, max_physmem_bits: int = 64) -> None:
+        """:raises ValueError: on what no kernel builds (empty or inverted ranges, ranges
+        past the physical address space, a compound page larger than it)."""
+        if not 0 <= self.vmemmap_shift < max_physmem_bits - 12:
+            raise ValueError(f"device map: vmemmap_shift {self.vmemmap_shift}")
+        for a, b in self.ranges:
+            if not 0 <= a < b <= 1 << max_physmem_bits:
+                raise ValueError(f"device map: range {a:#x}-{b:#x}")
+        if self.altmap is not None and min(self.altmap.base_pfn, self.altmap.reserve, self.altmap.free) < 0:
+            raise ValueError("device map: negative altmap")
+
+
+@dataclass
+class HostedBlock:
+    """A hot-added memory block whose memmap is on its own first pages
+    (memory_hotplug.memmap_on_memory), as its struct memory_block records it: since
+    6.12 and 7.2 ``mem->altmap`` (one altmap per block), in 6.1 ``mem->nr_vmemmap_pages`` (the
+    altmap started at the block with the whole block free)."""
+
+    start_pfn: int
+    end_pfn: int
+    altmap: Altmap
+    #: the vmemmap pages the kernel accounts to the block (online_memory_block() onlines
+    #: the rest): altmap->free in 6.12 and 7.2, nr_vmemmap_pages in 6.1
+    recorded_pages: int
+
+    def to_json(self) -> dict:
+        return {"start_pfn": self.start_pfn, "end_pfn": self.end_pfn, "altmap": self.altmap.to_json(),
+                "recorded_pages": self.recorded_pages}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "HostedBlock":
+        b = cls(int(d["start_pfn"]), int(d["end_pfn"]), Altmap.from_json(d["altmap"]), int(d["recorded_pages"]))
+        if not 0 <= b.start_pfn < b.end_pfn <= b.start_pfn + (1 << 30) \
+                or min(b.altmap.base_pfn, b.altmap.reserve, b.altmap.free) < 0:
+            raise ValueError(f"memory block pfn {b.start_pfn}-{b.end_pfn}: not a block")
+        return b
+
+
+def _ranges(lst) -> List[Interval]:
+    return [(int(a, 0) if isinstance(a, str) else a, int(b, 0) if isinstance(b, str) else b) for a, b in lst]
 
 
 @dataclass
@@ -50,6 +139,16 @@ class Inputs:
     zones: List[Tuple[int, int, int, int]] = field(default_factory=list)
     #: page->flags layout: {"nodes_shift": NODES_PGSHIFT, "nodes_width": .., "zones_shift": .., "zones_width": ..}
     page_flags: Optional[Dict[str, int]] = None
+    #: ZONE_DEVICE page maps (mm/memremap.c pgmap_array); None: not read (then sections
+    #: tainted ZONE_DEVICE are not compared and device memory's vmemmap is not predicted)
+    device_maps: Optional[List[DeviceMap]] = None
+    #: hot-added memory blocks with their memmap on themselves; None: not read
+    hosted_blocks: Optional[List[HostedBlock]] = None
+    #: memory_hotplug.memmap_on_memory: "off", "enable" or "force" (6.12, 7.2: memmap_mode;
+    #: 6.1's bool memmap_on_memory gives "off"/"enable"); None: not read
+    memmap_on_memory: Optional[str] = None
+    #: pageblock_order (include/linux/pageblock-flags.h), for memmap_on_memory=force
+    pageblock_order: Optional[int] = None
 
     def to_json(self) -> dict:
         return {
@@ -63,13 +162,16 @@ class Inputs:
             "offline_blocks": [list(b) for b in self.offline_blocks],
             "zones": [list(z) for z in self.zones],
             "page_flags": self.page_flags,
+            "device_maps": None if self.device_maps is None else [m.to_json() for m in self.device_maps],
+            "hosted_blocks": None if self.hosted_blocks is None else [b.to_json() for b in self.hosted_blocks],
+            "memmap_on_memory": self.memmap_on_memory,
+            "pageblock_order": self.pageblock_order,
         }
 
     @classmethod
     def from_json(cls, d: dict) -> "Inputs":
-        def rng(lst):
-            return [(int(a, 0) if isinstance(a, str) else a, int(b, 0) if isinstance(b, str) else b) for a, b in lst]
-
+        rng = _ranges
+        dm, hb = d.get("device_maps"), d.get("hosted_blocks")
         return cls(
             layout=KernelLayout.from_json(d["layout"]),
             ram=rng(d.get("ram", [])),
@@ -80,6 +182,10 @@ class Inputs:
             offline_blocks=[tuple(b) for b in d.get("offline_blocks", [])],
             zones=[tuple(z) for z in d.get("zones", [])],
             page_flags=d.get("page_flags"),
+            device_maps=None if dm is None else [DeviceMap.from_json(m) for m in dm],
+            hosted_blocks=None if hb is None else [HostedBlock.from_json(b) for b in hb],
+            memmap_on_memory=d.get("memmap_on_memory"),
+            pageblock_order=d.get("pageblock_order"),
         )
 
 
@@ -91,6 +197,11 @@ class SectionPrediction:
     #: pfn runs whose struct pages must be mapped (pfn_valid)
     valid: List[Interval]
     nid: Optional[int]
+    #: SECTION_TAINT_ZONE_DEVICE: device memory starts or ends inside the section
+    zone_device: bool = False
+    #: the section holds device memory (ZONE_DEVICE), and RAM only if ``ram``
+    device: bool = False
+    ram: bool = True
 
     @property
     def flags(self) -> List[str]:
@@ -99,6 +210,8 @@ class SectionPrediction:
             f.append("online")
         if self.early:
             f.append("early")
+        if self.zone_device:
+            f.append("zone_device")
         return f
 
 
@@ -116,6 +229,108 @@ class HvoPrediction:
 
 
 @dataclass
+class Hosted:
+    """vmemmap ``[start, end)`` that an altmap backs: it must map physical memory from
+    ``phys`` on, contiguously."""
+
+    start: int
+    end: int
+    phys: int
+    what: str
+
+
+@dataclass
+class DevicePrediction:
+    """What memremap_pages() builds for one ZONE_DEVICE page map."""
+
+    map: DeviceMap
+    #: True: the tail vmemmap of its compound pages is deduplicated; False: every struct
+    #: page has its own memory; None: either, the kernel's data cannot tell (dax_dedup())
+    dedup: Optional[bool]
+    why: str
+    #: compound pages whose vmemmap the dedup builds (a head page and one tail page each)
+    compound_pages: int = 0
+    #: the dedup, one entry per populated chunk, in address order: ``(start, end, period,
+    #: target)``. With a period: from ``start`` on, every ``period`` bytes of vmemmap are
+    #: one compound page's: its first two pages its own, the others mapping the second's
+    #: page. Without (0): every page in [start, end) maps the page that maps ``target``.
+    #: PAGE_KERNEL, writable. Compact: one entry per section, not per compound page.
+    segments: List[Tuple[int, int, int, int]] = field(default_factory=list)
+    #: vmemmap allocated from the device's altmap
+    hosted: List[Hosted] = field(default_factory=list)
+    #: the vmemmap pages that map another's page (PTEs onto shared tail pages)
+    shared_ptes: int = 0
+    page_size: int = 4096
+
+    def target_of(self, va: int) -> Optional[int]:
+        """:return: the vaddr of the vmemmap page whose page ``va``'s must be; None for a
+        page of its own (a head page, a compound's second page) or outside the dedup."""
+        i = bisect_right(self._starts, va) - 1
+        if i < 0:
+            return None
+        s, e, period, target = self.segments[i]
+        if va >= e:
+            return None
+        if not period:
+            return target
+        off = (va - s) % period
+        return None if off < 2 * self.page_size else va - off + self.page_size
+
+    def tails(self, target: int) -> int:
+        """:return: how many vmemmap pages must map ``target``'s page."""
+        n = self._extra.get(target, 0)
+        i = bisect_right(self._starts, target) - 1
+        if i >= 0:
+            s, e, period, _ = self.segments[i]
+            head = target - self.page_size
+            if period and head < e and (head - s) % period == 0:
+                n += max(0, min(head + period, e) - (head + 2 * self.page_size)) // self.page_size
+        return n
+
+    def runs(self):
+        """``(start, end, target)`` per compound page (merged over sections), for small
+        layouts (tests): every page in [start, end) maps ``target``'s page."""
+        cur = None
+        for s, e, period, target in self.segments:
+            if not period:
+                if cur is not None and cur[1] == s and cur[2] == target:
+                    cur = (cur[0], e, target)
+                    continue
+                if cur is not None:
+                    yield cur
+                cur = (s, e, target)
+                continue
+            for b in range(s, e, period):
+                if cur is not None:
+                    yield cur
+                cur = (b + 2 * self.page_size, min(b + period, e), b + self.page_size)
+                if cur[1] <= cur[0]:
+                    cur = None
+        if cur is not None:
+            yield cur
+
+    def _index(self) -> None:
+        self.segments.sort()
+        self._starts = [seg[0] for seg in self.segments]
+        self._extra: Dict[int, int] = {}
+        for s, e, period, target in self.segments:
+            if not period:
+                self._extra[target] = self._extra.get(target, 0) + (e - s) // self.page_size
+
+
+@dataclass
+class BlockPrediction:
+    """A memmap_on_memory memory block: its vmemmap on its own first pages."""
+
+    block: HostedBlock
+    #: the vmemmap pages the kernel's rule reserves at the block's start (None: unknown)
+    reserved_pages: Optional[int]
+    #: the vmemmap pages the population takes from the altmap
+    used_pages: int
+    hosted: List[Hosted]
+
+
+@dataclass
 class Prediction:
     sections: Dict[int, SectionPrediction]
     #: virtual ranges that must be mapped (struct pages of valid pfns), merged
@@ -123,6 +338,14 @@ class Prediction:
     #: virtual ranges that may be mapped (required, rounded to population granularity)
     allowed: List[Interval]
     hvo: List[HvoPrediction]
+    device: List[DevicePrediction] = field(default_factory=list)
+    blocks: List[BlockPrediction] = field(default_factory=list)
+
+    @property
+    def hosted(self) -> List[Hosted]:
+        """Every altmap-backed vmemmap range (memmap_on_memory blocks, device altmaps)."""
+        return sorted([h for b in self.blocks for h in b.hosted] + [h for d in self.device for h in d.hosted],
+                      key=lambda h: h.start)
 
     def to_json(self) -> dict:
         return {
@@ -132,6 +355,16 @@ class Prediction:
             "allowed": [[hex(a), hex(b)] for a, b in self.allowed],
             "hvo": [{"head_pfn": h.folio.head_pfn, "order": h.folio.order, "vmemmap": hex(h.start),
                      "pages": h.pages, "readonly": h.pages - 1, "tails_map": h.tail_target} for h in self.hvo],
+            "device": [{"ranges": [[hex(a), hex(b)] for a, b in d.map.ranges], "type": d.map.type,
+                        "vmemmap_shift": d.map.vmemmap_shift, "altmap": d.map.altmap is not None,
+                        "dedup": d.dedup, "why": d.why, "compound_pages": d.compound_pages,
+                        "shared_ptes": d.shared_ptes,
+                        "hosted": [[hex(h.start), hex(h.end), hex(h.phys)] for h in d.hosted]} for d in self.device],
+            "memmap_on_memory": [{"start_pfn": b.block.start_pfn, "end_pfn": b.block.end_pfn,
+                                  "reserved_pages": b.reserved_pages, "recorded_pages": b.block.recorded_pages,
+                                  "used_pages": b.used_pages,
+                                  "hosted": [[hex(h.start), hex(h.end), hex(h.phys)] for h in b.hosted]}
+                                 for b in self.blocks],
         }
 
 
@@ -212,6 +445,31 @@ def predict(inp: Inputs) -> Prediction:
             # Rule: hot-added memory is valid per subsection: section_activate() ->
             # subsection_mask_set() over [pfn, pfn + nr_pages), subsection-aligned.
             sp.valid.append((lo // sub * sub, (hi + sub - 1) // sub * sub))
+    # Rule: ZONE_DEVICE memory is hot-added like RAM (mm/memremap.c pagemap_range():
+    # arch_add_memory() or, for MEMORY_DEVICE_PRIVATE, add_pages(), both __add_pages() ->
+    # sparse_add_section() per section, valid per subsection) but never onlined: no
+    # online_pages(), so no SECTION_IS_ONLINE. move_pfn_range_to_zone() taints only the
+    # sections where a range starts or ends off a section boundary, the ones it can share
+    # with other memory, with SECTION_TAINT_ZONE_DEVICE (section_taint_zone_device() in
+    # mm/memory_hotplug.c, read by pfn_to_online_page()); a section-aligned range's
+    # sections carry no mark of ZONE_DEVICE at all.
+    for dm in inp.device_maps or ():
+        for ra, rb in dm.ranges:
+            a, b = ra >> shift, (rb + (1 << shift) - 1) >> shift
+            if b <= a:
+                continue
+            for nr in range(a // pps, (b - 1) // pps + 1):
+                s0 = nr * pps
+                lo, hi = max(a, s0), min(b, s0 + pps)
+                sp = sections.get(nr)
+                if sp is None:
+                    sp = sections[nr] = SectionPrediction(nr, False, False, [], None, ram=False)
+                sp.device = True
+                sp.valid.append((lo // sub * sub, (hi + sub - 1) // sub * sub))
+            if a % pps:
+                sections[a // pps].zone_device = True
+            if b % pps:
+                sections[b // pps].zone_device = True
     for sp in sections.values():
         s0 = sp.nr * pps
         if sp.early:
@@ -223,7 +481,7 @@ def predict(inp: Inputs) -> Prediction:
             sp.valid = merge(sp.valid)
             # Rule: SECTION_IS_ONLINE is set by online_mem_sections() when all of the
             # section's memory is onlined (mm/sparse.c), cleared by offline_mem_sections().
-            sp.online = subtract([(s0, s0 + pps)], offline) == [(s0, s0 + pps)]
+            sp.online = sp.ram and subtract([(s0, s0 + pps)], offline) == [(s0, s0 + pps)]
         sp.nid = _node_of(inp.nodes, s0, s0 + pps)
 
     required = merge([(lay.pfn_to_page(a), lay.pfn_to_page(b)) for sp in sections.values() for a, b in sp.valid])
@@ -262,7 +520,211 @@ def predict(inp: Inputs) -> Prediction:
         pages = ((1 << f.order) * sps) // page
         target = ("shared" if inp.hvo_shared_tails else "head") if hvo_supported(lay) else "unsupported"
         hvo.append(HvoPrediction(f, lay.pfn_to_page(f.head_pfn), pages, target))
-    return Prediction(sections, required, allowed, hvo)
+    device = [predict_device(lay, dm) for dm in inp.device_maps or ()]
+    blocks = [predict_block(inp, hb) for hb in inp.hosted_blocks or ()]
+    return Prediction(sections, required, allowed, hvo, device, blocks)
+
+
+def dax_dedup(lay: KernelLayout, vmemmap_shift: int, altmap: bool) -> Tuple[Optional[bool], str]:
+    """Whether memremap_pages() deduplicates the tail vmemmap of a page map's compound
+    pages, and why.
+
+    Rule, 6.1 (mm/sparse-vmemmap.c __populate_section_memmap()): on every architecture,
+    when ``is_power_of_2(sizeof(struct page)) && pgmap_vmemmap_nr(pgmap) > 1 && !altmap``.
+    Rule, 6.12 and 7.2 (vmemmap_can_optimize(), include/linux/mm.h, from upstream's
+    "mm/vmemmap/devdax: fix kernel crash when probing devdax devices"): only where the
+    architecture selects ARCH_WANT_OPTIMIZE_DAX_VMEMMAP (arch/x86/Kconfig for X86_64;
+    arm64 does not), with no altmap, a power-of-2 struct page and more than
+    VMEMMAP_RESERVE_NR (2) vmemmap pages per compound page. Where the two rules disagree
+    (arm64; x86_64 compound pages of 2..127 base pages, which device-dax's 4K/2M/1G
+    alignments never make) nothing in the kernel's data tells the eras apart: None.
+
+    :return: ``(True | False | None, reason)``.
+    """
+    if altmap:
+        return False, "the memmap is on the device (altmap)"
+    if not vmemmap_shift:
+        return False, "no compound pages (vmemmap_shift 0)"
+    sps = lay.struct_page_size
+    if sps & (sps - 1):
+        return False, f"sizeof(struct page) {sps} is not a power of 2"
+    vmemmap_pages = ((1 << vmemmap_shift) * sps) // lay.page_size
+    new = lay.arch == "x86_64" and vmemmap_pages > 2
+    if new:
+        return True, f"compound pages of {1 << vmemmap_shift} pages, {vmemmap_pages} vmemmap pages each"
+    return None, (f"{lay.arch} compound pages of {1 << vmemmap_shift} pages: deduplicated before "
+                  f"vmemmap_can_optimize() (6.1), not since (6.12, 7.2)")
+
+
+def _add_chunks(lay: KernelLayout, a: int, b: int) -> List[Tuple[int, int]]:
+    """``(pfn, nr_pages)`` of each sparse_add_section() call for pfns [a, b): __add_pages()
+    (mm/memory_hotplug.c) goes section by section."""
+    pps = lay.pages_per_section
+    out = []
+    while a < b:
+        n = min(b - a, (a // pps + 1) * pps - a)
+        out.append((a, n))
+        a += n
+    return out
+
+
+def _compound_segments(lay: KernelLayout, a: int, b: int, shift: int,
+                       segs: List[Tuple[int, int, int, int]]) -> Tuple[int, int]:
+    """Rule: vmemmap_populate_compound_pages() (mm/sparse-vmemmap.c, the same in 6.1,
+    6.12 and 7.2) for each section chunk of pfns [a, b) of one range: compound pages
+    start at the range's start; for each, vmemmap page 0 (the head's) and page 1 get
+    pages of their own and pages 2.. map page 1's page (PAGE_KERNEL, writable;
+    Documentation/mm/vmemmap_dedup.rst "Device DAX": "Deduplicated tail pages are not
+    mapped read-only"). A chunk that starts inside a compound page larger than a
+    subsection (1G ones over 128M sections, reuse_compound_section()) maps all its pages
+    onto what the vmemmap page before it maps (compound_section_tail_page()).
+
+    Appends to ``segs`` (see DevicePrediction.segments).
+
+    :return: ``(compound pages begun, vmemmap pages mapping another's page)``.
+    """
+    page = lay.page_size
+    sps = lay.struct_page_size
+    nr = 1 << shift
+    heads = shared = 0
+    for pfn, n in _add_chunks(lay, a, b):
+        start, end = lay.pfn_to_page(pfn), lay.pfn_to_page(pfn + n)
+        last = segs[-1] if segs else None
+        if (pfn - a) % nr and nr > lay.pages_per_subsection:
+            prev = start - page
+            target = prev
+            if last is not None and last[0] <= prev < last[1]:
+                s, e, period, t = last
+                if not period:
+                    target = t
+                elif (prev - s) % period >= 2 * page:
+                    target = prev - (prev - s) % period + page
+            shared += (end - start) // page
+            if last is not None and last[1] == start and not last[2] and last[3] == target:
+                segs[-1] = (last[0], end, 0, target)
+            else:
+                segs.append((start, end, 0, target))
+            continue
+        # the kernel steps by min(chunk, compound) and populates up to addr + size; ranges
+        # are compound-aligned (device-dax sizes are multiples of its alignment), so that
+        # stays within the chunk
+        period = min(end - start, nr * sps)
+        full, rest = divmod(end - start, period)
+        heads += full + (1 if rest else 0)
+        shared += full * max(0, period // page - 2) + max(0, rest // page - 2)
+        if last is not None and last[1] == start and last[2] == period and (start - last[0]) % period == 0:
+            segs[-1] = (last[0], end, period, 0)
+        else:
+            segs.append((start, end, period, 0))
+    return heads, shared
+
+
+def _altmap_alloc(lay: KernelLayout, chunks: List[Tuple[int, int]], altmap: Altmap, what: str) -> Tuple[List[Hosted], int]:
+    """Rule: the vmemmap allocations a hot-add makes from an altmap (mm/sparse-vmemmap.c
+    altmap_alloc_block_buf(): the next pfn after base_pfn + reserve + alloc + align,
+    aligned to the allocation's lowest set bit, as long as ``free`` lasts; the same in
+    6.1, 6.12 and 7.2), section chunk by section chunk in address order:
+
+    - x86_64 vmemmap_populate() (arch/x86/mm/init_64.c): a whole section's memmap by
+      vmemmap_populate_hugepages(), one PMD_SIZE block per PMD from the altmap, no
+      fallback when it runs out; a partial section's by vmemmap_populate_basepages()
+      with a NULL altmap, so from ordinary RAM;
+    - arm64 vmemmap_populate() (arch/arm64/mm/mmu.c): with 4K pages a whole section's
+      memmap by PMD blocks as on x86_64; otherwise base pages, each from the altmap.
+
+    :return: the altmap-backed vmemmap ranges, and the pages allocated.
+    """
+    page = lay.page_size
+    shift = lay.page_shift
+    pmd = 1 << (2 * shift - 3)
+    alloc = align = 0
+    out: List[Hosted] = []
+    for pfn, n in chunks:
+        start, end = lay.pfn_to_page(pfn), lay.pfn_to_page(pfn + n)
+        whole = end - start >= lay.pages_per_section * lay.struct_page_size
+        if lay.arch == "x86_64":
+            if not whole:
+                continue
+            block = pmd
+        else:
+            block = pmd if page == 4096 and whole else page
+        addr = start // block * block
+        blocks = (end - addr + block - 1) // block
+        nr_pfns = block >> shift
+        # the first allocation aligns (to nr_pfns' lowest set bit); the rest follow it
+        nxt = altmap.base_pfn + altmap.reserve + alloc + align
+        nr_align = -nxt % (nr_pfns & -nr_pfns)
+        room = altmap.free - (alloc + align) if altmap.free > alloc + align else 0
+        fits = min(blocks, (room - nr_align) // nr_pfns) if room >= nr_align else 0
+        if fits:
+            alloc += fits * nr_pfns
+            align += nr_align
+            phys = (nxt + nr_align) << shift
+            if out and out[-1].end == addr and out[-1].phys + (out[-1].end - out[-1].start) == phys:
+                out[-1].end = addr + fits * block
+            else:
+                out.append(Hosted(addr, addr + fits * block, phys, what))
+        if fits < blocks:
+            return out, alloc  # -ENOMEM: the hot-add fails here
+    return out, alloc
+
+
+def predict_device(lay: KernelLayout, dm: DeviceMap) -> DevicePrediction:
+    """The vmemmap of one ZONE_DEVICE page map (see dax_dedup(), _compound_segments() and
+    _altmap_alloc()). Rule: only the first range may have an altmap (mm/memremap.c
+    pagemap_range() refuses an altmap with range_id > 0)."""
+    shift = lay.page_shift
+    dedup, why = dax_dedup(lay, dm.vmemmap_shift, dm.altmap is not None)
+    pred = DevicePrediction(dm, dedup, why, page_size=lay.page_size)
+    for i, (ra, rb) in enumerate(dm.ranges):
+        a, b = ra >> shift, (rb + (1 << shift) - 1) >> shift
+        if dedup is not False:
+            heads, shared = _compound_segments(lay, a, b, dm.vmemmap_shift, pred.segments)
+            pred.compound_pages += heads
+            pred.shared_ptes += shared
+        elif dm.altmap is not None and i == 0:
+            hosted, _ = _altmap_alloc(lay, _add_chunks(lay, a, b), dm.altmap,
+                                      f"the altmap of device memory {ra:#x}-{rb - 1:#x}")
+            pred.hosted.extend(hosted)
+    pred._index()
+    return pred
+
+
+def memmap_on_memory_pages(lay: KernelLayout, block_pages: int, mode: Optional[str],
+                           pageblock_order: Optional[int]) -> Optional[int]:
+    """Rule, 6.12 and 7.2 (mm/memory_hotplug.c memory_block_memmap_on_memory_pages()): a block
+    reserves PFN_UP(its memmap's size), rounded up to whole pageblocks in "force" mode
+    (pageblock_align()). None where the mode is unknown."""
+    n = -(-block_pages * lay.struct_page_size // lay.page_size)
+    if mode == "force":
+        if pageblock_order is None:
+            return None
+        pb = 1 << pageblock_order
+        n = -(-n // pb) * pb
+    elif mode is None:
+        return None
+    return n
+
+
+def predict_block(inp: Inputs, hb: HostedBlock) -> BlockPrediction:
+    """Rule: a memory block hot-added with memmap_on_memory has its memmap allocated from
+    its own first pages (mm/memory_hotplug.c; the altmap starts at the block, reserve 0):
+    in 6.12 and 7.2 one altmap per block (upstream "mm/memory_hotplug: split
+    memmap_on_memory requests across memblocks"), created by create_altmaps_and_memory_blocks() with
+    ``free`` = memory_block_memmap_on_memory_pages(), which is what the block reserves;
+    in 6.1 one altmap for the one-block hot-add (mhp_supports_memmap_on_memory(size)
+    requires size == memory_block_size_bytes()) with the whole block free, and the block
+    reserves what the population used (create_memory_block_devices(start, size,
+    mhp_altmap.alloc, ...))."""
+    lay = inp.layout
+    b = hb
+    hosted, used = _altmap_alloc(lay, _add_chunks(lay, b.start_pfn, b.end_pfn), b.altmap,
+                                 f"memory block {b.start_pfn << lay.page_shift:#x}'s first pages (memmap_on_memory)")
+    if b.altmap.free >= b.end_pfn - b.start_pfn:  # 6.1: the whole block free, the use reserved
+        reserved: Optional[int] = used
+    else:
+        reserved = memmap_on_memory_pages(lay, b.end_pfn - b.start_pfn, inp.memmap_on_memory, inp.pageblock_order)
+    return BlockPrediction(b, reserved, used, hosted)
 
 
 def hvo_supported(lay: KernelLayout) -> bool:

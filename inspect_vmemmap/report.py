@@ -135,7 +135,8 @@ def print_pfn(console: Console, info: dict) -> None:
 
 
 def print_check(console: Console, target: dict, layout: KernelLayout, sections: SectionTable, vm: VmemmapMap,
-                hvo: dict, findings: List[Finding], notes: List[str], nodes) -> None:
+                hvo: dict, findings: List[Finding], notes: List[str], nodes, device_dedup: Optional[dict] = None,
+                self_hosted: Optional[dict] = None) -> None:
     s = summarize(findings)
     target_line(console, target, layout)
     if s["errors"]:
@@ -165,6 +166,12 @@ def print_check(console: Console, target: dict, layout: KernelLayout, sections: 
     console.print(t)
     console.print(f"{vm.split_pmds} split PMDs, {vm.readonly_ptes} read-only leaves; HVO: {hvo['optimized_folios']} "
                   f"optimized folios, {hvo['remapped_ptes']} remapped PTEs, {size_label(hvo['freed_bytes']) if hvo['freed_bytes'] else '0'} freed")
+    if device_dedup and device_dedup["compound_pages"]:
+        console.print(f"ZONE_DEVICE: {device_dedup['compound_pages']} compound pages with deduplicated tail vmemmap, "
+                      f"{device_dedup['remapped_ptes']} shared PTEs, {size_label(device_dedup['saved_bytes'])} saved")
+    if self_hosted and (self_hosted["memory_blocks"] or self_hosted["device_maps"]):
+        console.print(f"memmap on the memory itself: {self_hosted['memory_blocks']} memory blocks (memmap_on_memory), "
+                      f"{self_hosted['device_maps']} device page maps (altmap), {size_label(self_hosted['bytes'])}")
     print_node_pictures(console, layout, sections, vm, findings, nodes)
     for n in notes:
         console.print(f"[dim]assumed: {n}[/]")
@@ -214,6 +221,17 @@ def print_model(console: Console, inputs, pred) -> None:
     if pred.hvo:
         console.print(f"HVO: {len(pred.hvo)} optimized folios; each keeps 1 writable vmemmap page and maps "
                       f"the rest read-only onto {'its first page' if pred.hvo[0].tail_target == 'head' else 'the zone shared tail page'}")
+    for d in pred.device:
+        ranges = ", ".join(f"{a:#x}-{b - 1:#x}" for a, b in d.map.ranges)
+        what = {True: f"{d.compound_pages} compound pages, {d.shared_ptes} tail vmemmap pages mapping their "
+                      f"compound page's second one", False: "no dedup",
+                None: f"{d.compound_pages} compound pages whose tails may or may not be deduplicated"}[d.dedup]
+        where = f"; memmap on the device: {size_label(sum(h.end - h.start for h in d.hosted))}" if d.hosted else ""
+        console.print(f"ZONE_DEVICE {d.map.type or ''} {ranges}: vmemmap_shift {d.map.vmemmap_shift}, {what} ({d.why}){where}")
+    for b in pred.blocks:
+        console.print(f"memmap_on_memory block pfn {b.block.start_pfn}-{b.block.end_pfn - 1}: memmap on its first "
+                      f"{b.used_pages} pages, {b.reserved_pages if b.reserved_pages is not None else '?'} reserved "
+                      f"(the kernel records {b.block.recorded_pages})")
 
 
 def print_node_pictures(console: Console, layout: KernelLayout, sections: SectionTable, vm: VmemmapMap,

@@ -258,9 +258,10 @@ def _check_flags(table: SectionTable, s: Section) -> None:
     if s.valid and not s.present:
         table.findings.append(Finding("section-flags", "error",
                                       f"section {s.nr}: has a mem_map but is not present (section_mem_map {s.section_mem_map:#x})", **where))
-    if "ZONE_DEVICE" in s.flags and "ONLINE" in s.flags:
-        table.findings.append(Finding("section-flags", "error",
-                                      f"section {s.nr}: ZONE_DEVICE-tainted and online at once", **where))
+    # ZONE_DEVICE-tainted and online at once is not impossible: the taint marks the
+    # sections device memory shares with other memory, online RAM among it
+    # (mm/memory_hotplug.c section_taint_zone_device(), pfn_to_online_page()); the model
+    # says which sections must carry it (model.predict()).
     if s.early and not s.valid and s.present:
         table.findings.append(Finding("section-flags", "error",
                                       f"section {s.nr}: early but without a mem_map", **where))

@@ -783,6 +783,7 @@ def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
     zone_list: List = []
     page_flags = None
     offline_blocks: List = []
+    device_maps = hosted = mom_mode = pageblock_order = None
     if types is None:
         notes.append("no type information (no DWARF, no BTF): boot RAM, HugeTLB pools unknown; "
                      "HVO remaps will show as unexplained")
@@ -813,10 +814,41 @@ def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
         page_flags = _page_flags_layout(t, types)
         if page_flags is None:
             notes.append("page->flags layout unknown: struct pages' node and zone unchecked")
+        try:
+            device_maps = kstructs.device_pagemaps(t.memory, types, symbol, t.layout.max_physmem_bits)
+        except (FaultError, KeyError, ValueError) as e:
+            notes.append(f"ZONE_DEVICE page maps could not be read ({_one_line(e)}): device memory's sections "
+                         "and vmemmap not predicted")
+        try:
+            hosted = kstructs.hosted_memory_blocks(t.memory, types, symbol, t.layout)
+        except (FaultError, KeyError, ValueError) as e:
+            notes.append(f"memory blocks' memmap_on_memory altmaps could not be read ({_one_line(e)}): "
+                         "where their vmemmap lives is not predicted")
+        mom_mode = kstructs.memmap_on_memory_mode(t.memory, types, symbol)
+        pageblock_order = _pageblock_order(t, symbol)
     return Inputs(layout=t.layout, ram=ram.ranges, boot_ram=boot_ram, nodes=t.node_spans(), folios=folios,
                   hvo_shared_tails=shared_tails, offline_blocks=offline_blocks,
                   zones=zone_list if types is not None else [],
-                  page_flags=page_flags if types is not None else None)
+                  page_flags=page_flags if types is not None else None,
+                  device_maps=device_maps, hosted_blocks=hosted, memmap_on_memory=mom_mode,
+                  pageblock_order=pageblock_order)
+
+
+def _pageblock_order(t: "Target", symbol) -> Optional[int]:
+    """pageblock_order (include/linux/pageblock-flags.h): the variable where the kernel has
+    one (CONFIG_HUGETLB_PAGE_SIZE_VARIABLE), else the PMD order capped by MAX_PAGE_ORDER
+    (NR_PAGE_ORDERS - 1, VMCOREINFO LENGTH(zone.free_area)), which is what x86_64 and arm64
+    define (HUGETLB_PAGE_ORDER / HPAGE_PMD_ORDER). 7.2 caps it by CONFIG_PAGE_BLOCK_MAX_ORDER
+    instead, whose default (mm/Kconfig) is that same MAX_PAGE_ORDER: assumed. Only
+    memmap_on_memory=force uses it."""
+    addr = symbol("pageblock_order")
+    if addr is not None:
+        try:
+            return struct.unpack("<I", t.memory.read(addr, 4))[0]
+        except FaultError:
+            pass
+    orders = t.vmcoreinfo.length("zone.free_area")
+    return min(t.layout.page_shift - 3, (orders or 11) - 1)
 
 
 def _page_flags_layout(t: "Target", types) -> Optional[dict]:

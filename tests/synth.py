@@ -121,7 +121,9 @@ BACKING_SIZE = 1 << 30
 class SynthKernel:
     """Sections and vmemmap page tables for :class:`inspect_vmemmap.model.Inputs`,
     populated the way x86_64 does it (PMD blocks for whole sections, base pages for
-    sub-sections, HVO splitting the PMD and remapping tails read-only)."""
+    sub-sections, HVO splitting the PMD and remapping tails read-only, ZONE_DEVICE
+    compound pages with their tail vmemmap pages on one shared page, altmap-backed
+    vmemmap of memmap_on_memory blocks and devices on the memory itself)."""
 
     def __init__(self, inputs, shared_tails: bool = False) -> None:
         from inspect_vmemmap.model import predict
@@ -135,7 +137,7 @@ class SynthKernel:
         self.pred = predict(inputs)
         flags = {}
         for nr, sp in self.pred.sections.items():
-            f = 0x3 | (0x4 if sp.online else 0) | (0x8 if sp.early else 0)
+            f = 0x3 | (0x4 if sp.online else 0) | (0x8 if sp.early else 0) | (0x10 if sp.zone_device else 0)
             bits = 0
             for a, b in sp.valid:
                 for k in range((a - nr * lay.pages_per_section) // lay.pages_per_subsection,
@@ -144,15 +146,37 @@ class SynthKernel:
             flags[nr] = (f, bits)
         build_sections(self.mem, lay, flags)
         self.leaves = {}  # vaddr -> (size, entry address)
+        # vmemmap_populate_compound_pages(): own pages but where a run maps its target's page
+        special = []
+        for d in self.pred.device:
+            if not d.dedup:
+                continue
+            tails = {}
+            for a, b, t in d.runs():
+                for v in range(a, b, 4096):
+                    tails[v] = t
+            for ra, rb in d.map.ranges:
+                va, end = lay.pfn_to_page(ra >> 12), lay.pfn_to_page(rb >> 12)
+                special.append((va, end))
+                for v in range(va, end, 4096):
+                    phys = (self.tables.get(self.leaves[tails[v]][1]) & 0x000FFFFFFFFFF000) if v in tails \
+                        else self.alloc(4096, 0)
+                    self.leaves[v] = (4096, self.tables.map(v, phys, 4096))
+        # altmap allocations: where the model says, in the block sizes it says
+        for h in self.pred.hosted:
+            special.append((h.start, h.end))
+            size = 1 << 21 if (h.end - h.start) % (1 << 21) == 0 and h.start % (1 << 21) == 0 else 4096
+            for v in range(h.start, h.end, size):
+                self.leaves[v] = (size, self.tables.map(v, h.phys + (v - h.start), size))
         for nr, sp in sorted(self.pred.sections.items()):
             for a, b in sp.valid:
                 va, end = lay.pfn_to_page(a), lay.pfn_to_page(b)
-                if end - va >= 1 << 21 and va % (1 << 21) == 0:
-                    for v in range(va, end, 1 << 21):
-                        self.leaves[v] = (1 << 21, self.tables.map(v, self.alloc(1 << 21, sp.nid), 1 << 21))
-                else:
-                    for v in range(va // 4096 * 4096, end, 4096):
-                        self.leaves[v] = (4096, self.tables.map(v, self.alloc(4096, sp.nid), 4096))
+                rest = [(va, end)]
+                for x, y in special:
+                    rest = [(p, min(q, x)) for p, q in rest if p < x] + [(max(p, y), q) for p, q in rest if q > y]
+                for va, end in rest:
+                    if end > va:
+                        self._populate(va, end, sp.nid)
         shared = {}
         for h in self.pred.hvo:
             self.split(h.start)
@@ -164,6 +188,16 @@ class SynthKernel:
                 target = shared.setdefault(key, self.alloc(4096, h.folio.nid))
             for k in range(1, h.pages):
                 self.tables.map(h.start + k * 4096, target, 4096, PAGE_KERNEL_RO)
+
+    def _populate(self, va: int, end: int, nid) -> None:
+        """PMD blocks for whole PMDs of a range that starts on one, base pages for the rest."""
+        v = va // 4096 * 4096
+        if va % (1 << 21) == 0:
+            while end - v >= 1 << 21:
+                self.leaves[v] = (1 << 21, self.tables.map(v, self.alloc(1 << 21, nid), 1 << 21))
+                v += 1 << 21
+        for v in range(v, end, 4096):
+            self.leaves[v] = (4096, self.tables.map(v, self.alloc(4096, nid), 4096))
 
     def alloc(self, size: int, nid) -> int:
         """Backing from node ``nid``'s backing range (vmemmap_alloc_block_buf on the node)."""

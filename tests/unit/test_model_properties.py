@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from inspect_vmemmap.analysis import load_map, load_sections
 from inspect_vmemmap.check import run_check
 from inspect_vmemmap.memory import PhysRanges
-from inspect_vmemmap.model import Folio, Inputs, merge, predict
+from inspect_vmemmap.model import Altmap, DeviceMap, Folio, HostedBlock, Inputs, merge, predict
 from inspect_vmemmap.vmemmap import NodeMap
 from tests.synth import SynthKernel, backing_range, with_backing_ram, x86_layout
 
@@ -40,6 +40,16 @@ def layouts(draw):
         end = start + draw(st.integers(1, 96)) * SUB
         hot.append((start, end))
         base = (end + SEC - 1) // SEC * SEC + SEC
+    # memmap_on_memory blocks, hot-added above: 6.12+ records the block's altmap (free = the
+    # 512 pages of its memmap), 6.1 nr_vmemmap_pages (the altmap had the whole block free)
+    hosted = []
+    for _ in range(draw(st.integers(0, 2))):
+        start = base // SEC * SEC
+        pfn = start >> 12
+        free = 512 if draw(st.booleans()) else SEC >> 12
+        hosted.append(HostedBlock(pfn, pfn + (SEC >> 12), Altmap(pfn, 0, free), 512))
+        hot.append((start, start + SEC))
+        base = start + 2 * SEC
     split = draw(st.integers(1, 2))
     boot_ram = with_backing_ram(merge(boot), split)
     ram = merge(boot_ram + hot)
@@ -63,8 +73,26 @@ def layouts(draw):
         nid = 0 if split == 1 or pfn < nodes[1][1] else 1
         folios.append(Folio(pfn, 9, draw(st.booleans()), nid, 2))
     shared = draw(st.booleans())
+    # ZONE_DEVICE page maps above all memory: device-dax with 4K, 2M or 1G compound pages,
+    # the memmap in RAM or (2M) on the device; neighbours may share a section
+    devices = []
+    for _ in range(draw(st.integers(0, 2))):
+        kind = draw(st.sampled_from(["4K", "2M", "1G", "altmap"]))
+        if kind == "1G":
+            start = (base + (1 << 30) - 1) >> 30 << 30
+            size = draw(st.integers(1, 2)) << 30
+        else:
+            start = base + draw(st.integers(0, 63)) * SUB
+            size = draw(st.integers(1, 160)) * SUB
+        altmap = None
+        if kind == "altmap":  # drivers/nvdimm/pfn_devs.c: base, 8K info block reserved, padded memmap
+            altmap = Altmap(start >> 12, 2, (size // SEC + 2) * 512)
+        devices.append(DeviceMap([(start, start + size)], {"4K": 0, "2M": 9, "1G": 18, "altmap": 9}[kind], altmap,
+                                 "MEMORY_DEVICE_GENERIC"))
+        base = start + size
     return Inputs(layout=x86_layout(), ram=ram, boot_ram=boot_ram, nodes=nodes, folios=folios,
-                  hvo_shared_tails=shared)
+                  hvo_shared_tails=shared, device_maps=devices, hosted_blocks=hosted, memmap_on_memory="enable",
+                  pageblock_order=9)
 
 
 def _observe(k: SynthKernel):
@@ -107,6 +135,50 @@ def test_model_walker_and_check_agree(inp):
         start = inp.layout.pfn_to_page(f.head_pfn)
         own = {by_va[start + i * 4096] for i in range(8)} - ({by_va[start + 4096]} if inp.hvo_shared_tails else set())
         assert len(own) == 1
+    # ZONE_DEVICE: every compound page's tails recognised; altmaps where the model puts them
+    dedup = [d for d in pred.device if d.dedup]
+    assert res.device_dedup["compound_pages"] == sum(d.compound_pages for d in dedup)
+    assert res.device_dedup["remapped_ptes"] == sum(d.shared_ptes for d in dedup)
+    assert res.self_hosted["memory_blocks"] == len(inp.hosted_blocks)
+    assert res.self_hosted["device_maps"] == sum(1 for d in pred.device if d.hosted)
+    for b in pred.blocks:  # the block's own first pages, 512 of them (a 2M PMD)
+        assert b.used_pages == b.reserved_pages == 512
+        assert [(h.start, h.end, h.phys) for h in b.hosted] == [
+            (inp.layout.pfn_to_page(b.block.start_pfn), inp.layout.pfn_to_page(b.block.start_pfn + 512 * 64),
+             b.block.start_pfn << 12)]
+
+
+def _tail_and_block(k: SynthKernel):
+    """A deduplicated tail vmemmap page and an altmap-backed PMD of the synthetic kernel."""
+    tail = next(((a + 4096 * ((b - a) // 8192), t) for d in k.pred.device if d.dedup for a, b, t in d.runs()), None)
+    block = next((h for h in k.pred.hosted if h.end - h.start >= 1 << 21), None)
+    return tail, block
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts())
+def test_misplaced_backing_is_found_where_it_is(inp):
+    """A deduplicated tail or an altmap-backed PMD pointed elsewhere (at a page no one else
+    maps): exactly one backing-misplaced error, there."""
+    k = SynthKernel(inp)
+    tail, block = _tail_and_block(k)
+    if tail is None and block is None:
+        return
+    lay = inp.layout
+    if tail is not None:
+        va, target = tail
+        k.tables.map(va, backing_range(0)[1] - 4096, 4096)
+        where = (va, va + 4096)
+    else:
+        va = block.start
+        k.tables.map(va, backing_range(0)[1] - (1 << 21), 1 << 21)
+        where = (va, va + (1 << 21))
+    sections, vm, leaves = _observe(k)
+    res = run_check(inp, sections, leaves)
+    errs = [f for f in res.findings if f.severity == "error"]
+    assert [(f.kind, f.vaddr, f.vaddr_end) for f in errs] == [("backing-misplaced",) + where], \
+        [f.to_json() for f in errs]
+    assert errs[0].pfn_start == lay.page_to_pfn(where[0])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
