@@ -11,6 +11,11 @@ boots a guest that can take pc-dimms; ``guest.hotplug("1G", node=None)`` adds on
 returns once the guest has onlined it (``guest.dimms[-1]`` is where QEMU put it,
 ``guest.account`` the guest's account afterwards).
 
+NVDIMMs: ``GuestSpec(maxmem=..., nvdimms=(Nvdimm("2G", devdax_align="1G"),))`` boots with
+emulated NVDIMMs that /init turns into device-dax devices through sysfs (``location="dev"``
+puts their memmap on the device); ``guest.nvdimms`` is where QEMU put them,
+``guest.devdax`` the guest's own account of the dax devices.
+
 Everything fails with :class:`LabError`. Artifacts are cached under
 ``$INSPECT_VMEMMAP_CACHE`` (default ``${XDG_CACHE_HOME:-~/.cache}/inspect-vmemmap``).
 """
@@ -20,7 +25,7 @@ from .arch import ARCHES, ArchInfo
 from .cache import cache_root
 from .debian import SERIES, DebianKernel, fetch_debian_kernel
 from .errors import LabError
-from .guest import Dimm, Guest, GuestSpec, boot_guest, kvm_usable
+from .guest import DevDax, Dimm, Guest, GuestSpec, Nvdimm, boot_guest, kvm_usable
 from .initramfs import build_initramfs
 from .qmp import dump_vmcoreinfo, qmp_command
 
@@ -28,11 +33,13 @@ __all__ = [
     "ARCHES",
     "ArchInfo",
     "DebianKernel",
+    "DevDax",
     "Dimm",
     "Guest",
     "GuestAccount",
     "GuestSpec",
     "LabError",
+    "Nvdimm",
     "SERIES",
     "boot_guest",
     "build_initramfs",

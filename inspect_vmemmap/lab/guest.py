@@ -26,6 +26,27 @@ DEFAULT_TIMEOUT = 180.0
 _SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes; keep a margin
 #: memhp_default_state= values (mm/memory_hotplug.c mhp_online_type_from_str)
 HOTPLUG_ONLINE_STATES = ("online", "online_kernel", "online_movable", "offline")
+#: device-dax alignments x86_64 offers (drivers/nvdimm/pfn_devs.c nd_pfn_supported_alignments():
+#: PAGE_SIZE, HPAGE_PMD_SIZE, HPAGE_PUD_SIZE)
+DEVDAX_ALIGNS = {"4K": 4096, "2M": 2 << 20, "1G": 1 << 30}
+#: where a device-dax device keeps its memmap: nd_pfn mode "ram" (PFN_MODE_RAM) or "pmem" (PFN_MODE_PMEM)
+DEVDAX_LOCATIONS = {"mem": "ram", "dev": "pmem"}
+#: modules an NVDIMM turned into device-dax needs (ACPI NFIT, the nd bus's dax_pmem driver, device_dax)
+NVDIMM_MODULES = ("nfit", "dax_pmem", "device_dax")
+MARK_DEVDAX = "IVM-DEVDAX"
+
+
+@dataclass(frozen=True)
+class Nvdimm:
+    """An emulated NVDIMM (QEMU ``nvdimm`` on a sparse file, without labels, so the
+    kernel gives its region one raw "io" namespace) that /init turns into a device-dax
+    device through sysfs alone, as ndctl create-namespace -m devdax would: the region's
+    dax seed gets a uuid, ``align`` and ``mode`` and claims the namespace, and is bound to
+    the dax_pmem driver (drivers/nvdimm/pfn_devs.c, dax_devs.c; drivers/dax/pmem.c)."""
+
+    size: str = "1G"  # QEMU size syntax
+    devdax_align: str | None = "2M"  # '4K' | '2M' | '1G'; None: leave the namespace raw
+    location: str = "mem"  # the memmap in RAM ('mem') or on the device ('dev', an altmap)
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,96 @@ class GuestSpec:
     memmap_on_memory: bool = False  # memory_hotplug.memmap_on_memory=1
     flavour: str = ""  # Debian kernel flavour ('' the arch's default; 'arm64-16k')
     lpa2: bool | None = None  # aarch64: False gives a CPU without FEAT_LPA2 (48-bit VA/PA); None: max
+    # NVDIMMs (x86_64; needs maxmem): QEMU places them in the hotplug area in order; each
+    # becomes device-dax (Guest.devdax has the guest's own account of them)
+    nvdimms: Sequence[Nvdimm] = ()
+
+
+@dataclass(frozen=True)
+class DevDax:
+    """A device-dax device as the guest's /init set it up (its own sysfs account)."""
+
+    region: str
+    namespace_start: int  # the namespace (the whole NVDIMM), physical
+    namespace_size: int
+    device: str  # daxN.M
+    align: int
+    mode: str  # nd_pfn mode: 'ram' (memmap in RAM) or 'pmem' (memmap on the device)
+    data_start: int  # where the dax device's data starts (after the info block and any memmap)
+    data_size: int
+
+
+def parse_devdax(console: str) -> list[DevDax]:
+    """The IVM-DEVDAX lines /init printed: ``IVM-DEVDAX region ns_start ns_size dev align
+    mode data_start data_size`` (numbers as sysfs shows them)."""
+    out = []
+    for line in console.replace("\r", "").split("\n"):
+        f = line.split()
+        if len(f) == 9 and f[0] == MARK_DEVDAX:
+            try:
+                out.append(DevDax(f[1], int(f[2], 0), int(f[3], 0), f[4], int(f[5], 0), f[6], int(f[7], 0),
+                                  int(f[8], 0)))
+            except ValueError:
+                continue
+    return out
+
+
+def devdax_script(spec: GuestSpec) -> str:
+    """Shell for /init that turns the spec's NVDIMMs into device-dax devices, in the
+    spec's order, and prints one IVM-DEVDAX line for each (``fail`` on error)."""
+    if not spec.nvdimms:
+        return ""
+    lines = [
+        "echo 1 > /proc/sys/kernel/printk",
+        "ivm_devdax() {",
+        "  [ -n \"$1\" ] || { fail \"devdax: fewer nd regions than NVDIMMs\"; return; }",
+        "  r=/sys/bus/nd/devices/region$1; ns=namespace$1.0",
+        '  [ -d $r ] || { fail "devdax: no region$1 (nd devices: $(ls /sys/bus/nd/devices | tr "\\n" " "))"; return; }',
+        "  d=/sys/bus/nd/devices/$(cat $r/dax_seed)",
+        '  why() { echo "$1 (dmesg: $(dmesg | tail -n 2 | tr "\\n" " "))"; }',
+        '  cat /proc/sys/kernel/random/uuid > $d/uuid || { fail "devdax: $(why "uuid of $d")"; return; }',
+        '  echo $2 > $d/align || { fail "devdax: $(why "align $2 of $d, supported: $(cat $d/supported_alignments)")"; return; }',
+        '  echo $3 > $d/mode || { fail "devdax: $(why "mode $3 of $d")"; return; }',
+        '  echo $ns > $d/namespace || { fail "devdax: $(why "$d claiming $ns")"; return; }',
+        '  echo ${d##*/} > /sys/bus/nd/drivers/dax_pmem/bind || { fail "devdax: $(why "binding ${d##*/} to dax_pmem")"; return; }',
+        "  x=/sys/bus/dax/devices/${d##*/}",
+        '  [ -e $x/driver ] || { fail "devdax: $(why "${d##*/} has no device_dax driver")"; return; }',
+        '  echo "%s region$1 $(cat /sys/bus/nd/devices/$ns/resource) $(cat /sys/bus/nd/devices/$ns/size)'
+        ' ${d##*/} $2 $3 $(cat $d/resource) $(cat $d/size)"' % MARK_DEVDAX,
+        "}",
+    ]
+    # the kernel numbers regions in its own order: the i-th NVDIMM is the i-th region by
+    # address (QEMU places them in order, one after another)
+    lines.append("ivm_regions=$(for r in /sys/bus/nd/devices/region*; do [ -e $r/resource ] && "
+                 "echo \"$(( $(cat $r/resource) )) ${r##*/region}\"; done | sort -n | cut -d' ' -f2)")
+    for i, n in enumerate(spec.nvdimms):
+        if n.devdax_align is not None:
+            lines.append(f"ivm_devdax $(echo $ivm_regions | cut -d' ' -f{i + 1}) {DEVDAX_ALIGNS[n.devdax_align]} "
+                         f"{DEVDAX_LOCATIONS[n.location]}")
+    return "\n".join(lines) + "\n"
+
+
+def _check_nvdimms(spec: GuestSpec) -> None:
+    if not spec.nvdimms:
+        return
+    if spec.arch != "x86_64":
+        raise LabError("NVDIMMs: x86_64 guests only (QEMU pc with nvdimm=on and ACPI NFIT)")
+    if not spec.maxmem:
+        raise LabError("NVDIMMs need maxmem (QEMU puts them in the memory hotplug area)")
+    for n in spec.nvdimms:
+        parse_size_mib(n.size)
+        if n.devdax_align is not None and n.devdax_align not in DEVDAX_ALIGNS:
+            raise LabError(f"devdax_align {n.devdax_align!r}: not one of {', '.join(DEVDAX_ALIGNS)}")
+        if n.location not in DEVDAX_LOCATIONS:
+            raise LabError(f"nvdimm location {n.location!r}: not one of {', '.join(DEVDAX_LOCATIONS)}")
+    total = parse_size_mib(spec.mem) + sum(parse_size_mib(n.size) for n in spec.nvdimms)
+    if total > parse_size_mib(spec.maxmem):
+        raise LabError(f"maxmem {spec.maxmem} is less than mem plus the NVDIMMs ({total}M)")
+
+
+def nvdimm_files(spec: GuestSpec, workdir: Path) -> list[Path]:
+    """The sparse files backing the spec's NVDIMMs."""
+    return [Path(workdir) / f"nvdimm{i}.img" for i in range(len(spec.nvdimms))]
 
 
 @dataclass(frozen=True)
@@ -133,6 +244,12 @@ def qemu_argv(
         "-chardev", f"socket,id=ivmctl,path={control_socket},server=on,wait=off",
         "-mon", "chardev=ivmctl,mode=control",
     ]
+    _check_nvdimms(spec)
+    if spec.nvdimms:
+        argv += ["-machine", "nvdimm=on"]
+        for i, (n, f) in enumerate(zip(spec.nvdimms, nvdimm_files(spec, Path(console_log).parent))):
+            argv += ["-object", f"memory-backend-file,id=ivm-nvm{i},share=on,mem-path={f},size={parse_size_mib(n.size)}M",
+                     "-device", f"nvdimm,id=ivm-nvdimm{i},memdev=ivm-nvm{i}"]
     if spec.numa:
         if spec.numa > smp:
             raise LabError(f"numa={spec.numa} needs smp >= {spec.numa}")
@@ -168,6 +285,8 @@ class Guest:
         self.account: GuestAccount | None = None  # refreshed by hotplug()
         self.boot_seconds: float | None = None
         self.dimms: list[Dimm] = []  # hot-added by hotplug(), in order
+        self.nvdimms: list[Dimm] = []  # the spec's NVDIMMs, where QEMU placed them
+        self.devdax: list[DevDax] = []  # the guest's account of its device-dax devices
 
     # -- console -------------------------------------------------------------------------------
 
@@ -319,6 +438,9 @@ class Guest:
         for p in (self.console_log, self.qmp_socket, self.control_socket):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        for n, f in zip(self.spec.nvdimms, nvdimm_files(self.spec, self.workdir)):
+            with open(f, "wb") as fh:  # sparse, fresh: no info block from an earlier boot
+                fh.truncate(parse_size_mib(n.size) << 20)
         report(f"booting {self.kernel.release} ({self.spec.mem}, {self.spec.accel})")
         start = time.monotonic()
         with open(self.qemu_log, "wb") as log:
@@ -348,6 +470,18 @@ class Guest:
         if errors:
             raise LabError(f"guest {self.kernel.release}: " + "; ".join(errors))
         self.account = parse_account(text)
+        if self.spec.nvdimms:
+            self.devdax = parse_devdax(text)
+            for d in self.qmp("query-memory-devices"):
+                data = d.get("data", {})
+                if d.get("type") == "nvdimm" and str(data.get("id", "")).startswith("ivm-nvdimm"):
+                    self.nvdimms.append(Dimm(data["id"], str(data.get("memdev", "")), int(data["addr"]),
+                                             int(data["size"]), data.get("node")))
+            self.nvdimms.sort(key=lambda d: int(d.id[len("ivm-nvdimm"):]))
+            want = sum(1 for n in self.spec.nvdimms if n.devdax_align is not None)
+            if len(self.devdax) != want:
+                raise LabError(f"guest {self.kernel.release}: {len(self.devdax)} device-dax devices set up, "
+                               f"{want} asked for; last console lines:\n" + "\n".join(self.console_tail(30)))
         if self.spec.la57 is not None and self.account.la57 != self.spec.la57:
             raise LabError(
                 f"guest {self.kernel.release} runs with la57={self.account.la57}, "
@@ -365,7 +499,7 @@ class Guest:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for p in (self.qmp_socket, self.control_socket):
+        for p in (self.qmp_socket, self.control_socket, *nvdimm_files(self.spec, self.workdir)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
@@ -388,10 +522,12 @@ def boot_guest(
     qemu = require_tool(info.qemu, info.qemu_package)
     if kernel is None:
         kernel = fetch_debian_kernel(spec.debian, spec.arch, progress=progress, flavour=spec.flavour)
-    modules = kernel.ensure_modules(["qemu_fw_cfg", *spec.extra_modules], progress=progress)
+    _check_nvdimms(spec)
+    nv_modules = NVDIMM_MODULES if any(n.devdax_align is not None for n in spec.nvdimms) else ()
+    modules = kernel.ensure_modules(["qemu_fw_cfg", *nv_modules, *spec.extra_modules], progress=progress)
     # the host's busybox serves its own architecture; another one gets Debian's busybox-static
     busybox = fetch_busybox(spec.arch, kernel.suite, progress) if info.name != os.uname().machine else None
-    initrd = build_initramfs(modules, spec.init_extra, busybox=busybox, progress=progress,
+    initrd = build_initramfs(modules, devdax_script(spec) + spec.init_extra, busybox=busybox, progress=progress,
                              watch_memory=bool(spec.maxmem))
 
     own_workdir = workdir is None

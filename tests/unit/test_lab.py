@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 
@@ -243,3 +244,34 @@ def test_init_script_and_cpio():
     c.symlink("bin/sh", "busybox")
     data = c.getvalue()
     assert data.startswith(b"070701") and b"TRAILER!!!" in data and len(data) % 512 == 0
+
+
+def test_nvdimms_become_device_dax():
+    from inspect_vmemmap.lab.guest import Nvdimm, devdax_script, parse_devdax
+
+    spec = GuestSpec(debian="6.12", mem="1G", maxmem="8G", slots=4,
+                     nvdimms=(Nvdimm("2G", devdax_align="1G"), Nvdimm("192M", location="dev"),
+                              Nvdimm("64M", devdax_align=None)))
+    argv = qemu_argv(spec, ARCHES["x86_64"], "qemu", "vmlinuz", "initrd", "q.sock", "c.sock", "/w/console.log")
+    assert argv[argv.index("nvdimm=on") - 1] == "-machine"
+    assert "memory-backend-file,id=ivm-nvm0,share=on,mem-path=/w/nvdimm0.img,size=2048M" in argv
+    assert "nvdimm,id=ivm-nvdimm1,memdev=ivm-nvm1" in argv and "nvdimm,id=ivm-nvdimm2,memdev=ivm-nvm2" in argv
+    assert argv[argv.index("-m") + 1] == "1024M,slots=4,maxmem=8192M"
+    # sysfs: the region's dax seed gets uuid, align (bytes) and mode (ram: memmap in RAM,
+    # pmem: on the device), claims the raw namespace and is bound to dax_pmem; the third
+    # NVDIMM stays a raw namespace
+    script = devdax_script(spec)
+    assert "-f1) 1073741824 ram\n" in script and "-f2) 2097152 pmem\n" in script
+    assert "-f3)" not in script and "sort -n" in script  # regions matched to NVDIMMs by address
+    assert "/sys/bus/nd/drivers/dax_pmem/bind" in script
+    assert devdax_script(GuestSpec()) == ""
+    console = ("[    1.0] noise\nIVM-DEVDAX region0 0x100000000 2147483648 dax0.0 1073741824 ram 0x140000000 "
+               "1073741824\nIVM-DEVDAX broken\n")
+    d, = parse_devdax(console)
+    assert (d.region, d.namespace_start, d.namespace_size, d.device) == ("region0", 4 << 30, 2 << 30, "dax0.0")
+    assert (d.align, d.mode, d.data_start, d.data_size) == (1 << 30, "ram", 5 << 30, 1 << 30)
+    for bad, why in ((dict(maxmem=None, slots=0), "maxmem"), (dict(maxmem="2G"), "less than"),
+                     (dict(arch="aarch64"), "x86_64"), (dict(nvdimms=(Nvdimm(devdax_align="4M"),)), "devdax_align"),
+                     (dict(nvdimms=(Nvdimm(location="disk"),)), "location")):
+        with pytest.raises(LabError, match=why):
+            qemu_argv(replace(spec, **bad), ARCHES["x86_64"], "qemu", "k", "i", "q", "c", "/w/c.log")
