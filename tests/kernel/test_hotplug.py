@@ -211,3 +211,64 @@ def test_check_live(hot):
     assert errors(doc) == [], doc["findings"]
     assert rc == 0
     assert doc["target"]["source"] != "vmcore"
+
+
+def _self_hosted_blocks(hot) -> list:
+    """Start pfns of the memory blocks whose memmap the kernel must put on themselves."""
+    bs = hot.block_size
+    return [b * bs // PAGE for d in hot.guest.dimms if hot.self_hosted(d) for b in range(d.addr // bs, d.end // bs)]
+
+
+def test_memmap_on_memory_prediction(hot, tmp_path):
+    """The model's exact prediction for each memmap_on_memory block (`check --save-layout`,
+    `model`): its memmap, a 2M PMD per 128M section, on the block's own first pages; the
+    block reserves those 512 pages of a 128M block, by the rule of its kernel (6.1: what
+    the population used, 6.12 and 7.2: memory_block_memmap_on_memory_pages()) and as the kernel's
+    own record says (nr_vmemmap_pages, altmap->free). check finds it so."""
+    layout = tmp_path / "layout.json"
+    rc, doc = hot.cli("check", "--save-layout", str(layout))
+    p = subprocess.run([sys.executable, "-m", "inspect_vmemmap", "model", str(layout), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    blocks = json.loads(p.stdout)["model"]["memmap_on_memory"]
+    starts = _self_hosted_blocks(hot)
+    assert [b["start_pfn"] for b in blocks] == starts
+    _, smap = hot.cli("sections")
+    mem_map = {s["nr"]: int(s["mem_map"], 16) for s in smap["sections"]["list"]}
+    per_block = hot.block_size // PAGE * STRUCT_PAGE // PAGE  # 512 pages of struct pages
+    for b in blocks:
+        assert b["end_pfn"] - b["start_pfn"] == hot.block_size // PAGE
+        assert b["reserved_pages"] == b["recorded_pages"] == b["used_pages"] == per_block
+        va = mem_map[b["start_pfn"] * PAGE // SECTION]
+        assert b["hosted"] == [[hex(va), hex(va + per_block * PAGE), hex(b["start_pfn"] * PAGE)]]
+    assert doc["self_hosted"] == {"memory_blocks": len(starts), "device_maps": 0, "bytes": len(starts) * per_block * PAGE}
+
+
+def test_memmap_elsewhere_is_found(hot):
+    """A memmap_on_memory block's vmemmap PMD pointed at another hot-added section's memmap
+    (RAM of the same zone, so its struct pages still say the right node and zone): exactly
+    one backing-misplaced error, for that block's struct pages; the sharing it makes is not
+    reported again as an alias."""
+    starts = _self_hosted_blocks(hot)
+    if not starts:
+        pytest.skip("no memmap_on_memory block in this scenario")
+    b = hot.booted
+    prog = b.prog()
+    base = ind.vmemmap_base(prog)
+    pfn = starts[-1]
+    va = base + pfn * STRUCT_PAGE
+    hot_nrs = [nr for d in hot.guest.dimms for nr in hot.sections_of(d) if nr != pfn * PAGE // SECTION]
+    other = ind.follow(prog, base + hot_nrs[0] * SECTION // PAGE * STRUCT_PAGE)
+    addr, e = ind.entry_addr(prog, va, ind.levels(prog) - 2)
+    assert ind.is_block(prog, e) and ind.leaf_phys(prog, e) == pfn * PAGE
+    core = ind.ElfCore(str(b.core))
+    try:
+        core.write_u64(addr, ind.with_addr(prog, e, other))
+        rc, doc = hot.cli("check")
+    finally:
+        core.restore()
+    assert rc == 1
+    f = errors(doc)
+    assert [(x["kind"], x["section"], x["pfn_start"], x["pfn_end"], int(x["phys"], 16)) for x in f] == [
+        ("backing-misplaced", pfn * PAGE // SECTION, pfn, pfn + SECTION // PAGE - 1, other)], f
+    assert doc["self_hosted"]["memory_blocks"] == len(starts) - 1
