@@ -339,27 +339,28 @@ def memory_block_states(mem: Memory, types, symbol: Callable[[str], Optional[int
     MEM_OFFLINE is enumerator 2 of enum memory_block_state since 6.x's conversion, and the
     #define ``1 << 2`` before it (include/linux/memory.h).
 
-    :return: the blocks, or None where they cannot be read.
+    :return: the blocks, or None where the kernel has none (or no types for them).
+    :raises FaultError: where they cannot be read (a filtered or truncated dump).
     """
     xa = symbol("memory_blocks")
     spb_addr = symbol("sections_per_block")
     if xa is None or spb_addr is None:
         return None
     try:
-        spb = _u32(mem, spb_addr)
         offline = types.enum_value("MEM_OFFLINE")
         if offline is None:
             offline = 1 << 2
         o_start = types.offsetof("struct memory_block", "start_section_nr")
         o_state = types.offsetof("struct memory_block", "state")
-        pps = layout.pages_per_section
-        out = []
-        for mb in xarray_entries(mem, types, xa):
-            start = _u64(mem, mb + o_start) * pps
-            out.append((start, start + spb * pps, _u32(mem, mb + o_state) != offline))
-        return out
-    except (FaultError, KeyError):
+    except KeyError:
         return None
+    spb = _u32(mem, spb_addr)
+    pps = layout.pages_per_section
+    out = []
+    for mb in xarray_entries(mem, types, xa):
+        start = _u64(mem, mb + o_start) * pps
+        out.append((start, start + spb * pps, _u32(mem, mb + o_state) != offline))
+    return out
 
 
 #: PGMAP_ALTMAP_VALID (include/linux/memremap.h: a #define, 1 << 0 in 6.1, 6.12 and 7.2)

@@ -806,10 +806,15 @@ def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
             notes.append(f"HugeTLB pools could not be read ({_one_line(e)})")
         shared_tails = types.has_member("struct zone", "vmemmap_tails")
         zone_list = [(nid, s, e, z) for s, e, z, nid in zones.spans]
-        blocks = kstructs.memory_block_states(t.memory, types, symbol, t.layout)
-        if blocks is None:
-            notes.append("memory blocks: not read; all memory treated as online")
+        try:
+            blocks = kstructs.memory_block_states(t.memory, types, symbol, t.layout)
+        except FaultError as e:
+            blocks = None
+            notes.append(f"memory blocks could not be read ({_one_line(e)}): all memory treated as online")
         else:
+            if blocks is None:
+                notes.append("memory blocks: not read; all memory treated as online")
+        if blocks is not None:
             offline_blocks = [(a, b) for a, b, online in blocks if not online]
         page_flags = _page_flags_layout(t, types)
         if page_flags is None:

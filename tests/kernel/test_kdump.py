@@ -35,6 +35,10 @@ SCENARIOS = {
     "6.12-pmd-e": ("--debian", "6.12", "--no-la57", "--hugepages", "8"),
 }
 SAVES = ("elf-d0", "kdump-d31", "elf-d31")
+#: scenarios whose -d 31 save leaves out model inputs, and what: Debian 12's makedumpfile
+#: 1.7.2 predates 7.2's struct page layout and leaves out the (kzalloc'd, slab) pages that
+#: hold the struct memory_block objects; the check reads every page table and section there
+INCOMPLETE_INPUTS = {"7.2-hvo": "memory blocks"}
 CLASSES = ["zero", "cache", "private cache", "user data", "free"]
 
 
@@ -135,7 +139,12 @@ def test_filtered_save_says_what_it_left_out(kd):
     else:
         if kd.name == "6.12-numa2-hvo":
             assert not d["excluded_vmemmap"]  # HVO's split PMDs make makedumpfile give -e up
-        assert doc["summary"] == full["summary"] and d["complete"]
+        assert doc["summary"] == full["summary"]
+        if kd.name in INCOMPLETE_INPUTS:
+            assert not d["complete"] and d["unread_inputs"], d
+            assert all(n.startswith(INCOMPLETE_INPUTS[kd.name]) for n in d["unread_inputs"]), d["unread_inputs"]
+        else:
+            assert d["complete"], d["unread_inputs"]
 
 
 def test_filtered_elf_save(kd):
@@ -161,7 +170,8 @@ def test_text_verdict(kd):
     lines = p.stdout.splitlines()
     assert lines[1].startswith("consistent"), lines[:3]
     assert lines[2].startswith("dump: kdump-compressed") and "makedumpfile -d 31" in lines[2], lines[2]
-    assert ("check read every page it needed" in lines[2]) == (kd.name != "6.12-pmd-e"), lines[2]
+    assert ("check read every page it needed" in lines[2]) == (kd.name not in ("6.12-pmd-e", *INCOMPLETE_INPUTS)), \
+        lines[2]
 
 
 # -- the filter leaving out a page-table page: real makedumpfile output, one more page out --
