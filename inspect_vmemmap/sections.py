@@ -8,6 +8,7 @@ include/linux/mmzone.h (``__nr_to_section``, ``SECTION_*``) and mm/sparse.c
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -65,10 +66,10 @@ class Section:
 
     def letters(self) -> str:
         """crash's ``kmem -n`` STATE column."""
-        return "".join(FLAG_LETTERS[f] for f in ("PRESENT", "HAS_MEM_MAP", "ONLINE", "EARLY", "ZONE_DEVICE", "VMEMMAP_PREINIT") if f in self.flags)
+        return _letters(self.flags)
 
     def flag_names(self) -> List[str]:
-        return [FLAG_NAMES[f] for f in ("PRESENT", "HAS_MEM_MAP", "ONLINE", "EARLY", "ZONE_DEVICE", "VMEMMAP_PREINIT") if f in self.flags]
+        return list(_names(self.flags))
 
     def valid_subsections(self, layout: KernelLayout) -> int:
         """Bitmap of subsections whose pfns are valid (pfn_valid(): early sections are
@@ -105,6 +106,19 @@ class Section:
             else:
                 i += 1
         return out
+
+
+_ORDER = ("PRESENT", "HAS_MEM_MAP", "ONLINE", "EARLY", "ZONE_DEVICE", "VMEMMAP_PREINIT")
+
+
+@functools.lru_cache(maxsize=None)
+def _letters(flags: frozenset) -> str:
+    return "".join(FLAG_LETTERS[f] for f in _ORDER if f in flags)
+
+
+@functools.lru_cache(maxsize=None)
+def _names(flags: frozenset) -> Tuple[str, ...]:
+    return tuple(FLAG_NAMES[f] for f in _ORDER if f in flags)
 
 
 class SectionTable:
