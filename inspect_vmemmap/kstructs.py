@@ -198,32 +198,33 @@ class BuddyChecker:
     """Whether pfns are free in the buddy allocator: PageBuddy on the pfn or on an aligned
     block head whose order (page_private, buddy_order() in mm/internal.h) covers it.
 
-    PageBuddy: since 6.11 ``page_type >> 24 == PGTY_buddy`` (enum pagetype); before,
-    ``(page_type & (PAGE_TYPE_BASE | PG_buddy)) == PAGE_TYPE_BASE`` with the #defines
-    0xf0000000 and 0x80 (include/linux/page-flags.h).
+    PageBuddy is ``page_type & mask == value`` (include/linux/page-flags.h), by era:
+    since 6.11 ``page_type >> 24 == PGTY_buddy`` (enum pagetype); 6.9 and 6.10
+    ``(page_type & (PAGE_TYPE_BASE | PG_buddy)) == PAGE_TYPE_BASE`` with the enumerators
+    0x80000000 and 0x40000000 ("mm: allow reuse of the lower 16 bit of the page type with
+    an actual type"); before, the same test with 0xf0000000 and 0x80 (#defines, later
+    enumerators of the same values). See :func:`buddy_checker`.
     """
 
     def __init__(self, mem: Memory, layout: KernelLayout, off_type: int, off_priv: int,
-                 pgty: Optional[int], max_order: int) -> None:
+                 mask: int, value: int, max_order: int) -> None:
         self.mem = mem
         self.layout = layout
         self.max_order = max_order
-        self.pgty = pgty
+        self.mask, self.value = mask, value
         self.lo = min(off_type, off_priv)
         self.span = max(off_type + 4, off_priv + 8) - self.lo
         self.off_type, self.off_priv = off_type, off_priv
-        # bulk scans: a byte table per column of page_type that maps a possible buddy to 1
-        if pgty is not None:
-            self._top = bytes(int(v == pgty) for v in range(256))
-            self._low = bytes([1]) * 256
-        else:
-            self._top = bytes(int(v & 0xF0 == 0xF0) for v in range(256))
-            self._low = bytes(int(not v & 0x80) for v in range(256))
+        # bulk scans: for each byte of page_type the test looks at, a table that maps the
+        # byte to 1 where it passes (page_type is a little-endian u32)
+        self._columns = []
+        for k in range(4):
+            m, v = mask >> 8 * k & 0xFF, value >> 8 * k & 0xFF
+            if m:
+                self._columns.append((k, bytes(int(b & m == v) for b in range(256))))
 
     def is_buddy(self, pt: int) -> bool:
-        if self.pgty is not None:
-            return pt >> 24 == self.pgty
-        return pt & (0xF0000000 | 0x80) == 0xF0000000
+        return pt & self.mask == self.value
 
     def __call__(self, pfn: int) -> bool:
         """:return: whether ``pfn`` is free (False where its struct pages cannot be read)."""
@@ -272,11 +273,9 @@ class BuddyChecker:
             except FaultError:
                 unread.append((c, c + n))
                 continue
-            top = buf[self.off_type + 3::sps][:n].translate(self._top)
-            if not top.count(1):
+            hits = self._candidates(buf, n, sps)
+            if hits is None:
                 continue
-            low = buf[self.off_type::sps][:n].translate(self._low)
-            hits = (int.from_bytes(top, "little") & int.from_bytes(low, "little")).to_bytes(n, "little")
             i = hits.find(1)
             while i >= 0:
                 at = i * sps
@@ -288,6 +287,20 @@ class BuddyChecker:
                 i = hits.find(1, i + 1)
         return merge(free), unread
 
+    def _candidates(self, buf: bytes, n: int, sps: int) -> Optional[bytes]:
+        """:return: one byte per struct page in ``buf``, 1 where its page_type passes the
+        PageBuddy test byte by byte (the AND of the columns, as one big integer); None
+        where none does."""
+        acc = None
+        for k, table in self._columns:
+            col = buf[self.off_type + k::sps][:n].translate(table)
+            if 1 not in col:
+                return None
+            acc = int.from_bytes(col, "little") if acc is None else acc & int.from_bytes(col, "little")
+            if not acc:
+                return None
+        return bytes([1]) * n if acc is None else acc.to_bytes(n, "little")
+
 
 def buddy_checker(mem: Memory, types, layout: KernelLayout, max_order: int = 10) -> Optional[BuddyChecker]:
     """:return: a :class:`BuddyChecker`; None without the needed types."""
@@ -296,7 +309,15 @@ def buddy_checker(mem: Memory, types, layout: KernelLayout, max_order: int = 10)
         off_priv = types.offsetof("struct page", "private")
     except KeyError:
         return None
-    return BuddyChecker(mem, layout, off_type, off_priv, types.enum_value("PGTY_buddy"), max_order)
+    pgty = types.enum_value("PGTY_buddy")
+    if pgty is not None:
+        mask, value = 0xFF000000, pgty << 24
+    else:
+        base, bit = types.enum_value("PAGE_TYPE_BASE"), types.enum_value("PG_buddy")
+        if base is None or bit is None or bit >> 32 or base >> 32:
+            base, bit = 0xF0000000, 0x80  # the #defines
+        mask, value = base | bit, base
+    return BuddyChecker(mem, layout, off_type, off_priv, mask, value, max_order)
 
 
 def xarray_entries(mem: Memory, types, xa: int, limit: int = 1 << 20) -> List[int]:

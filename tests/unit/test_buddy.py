@@ -1,5 +1,5 @@
 """kstructs.BuddyChecker: the bulk scan (check --deep, every page that backs the vmemmap)
-must say exactly what asking pfn by pfn says, for both encodings of PageBuddy."""
+must say exactly what asking pfn by pfn says, in each era's encoding of PageBuddy."""
 
 from __future__ import annotations
 
@@ -37,18 +37,23 @@ class StructPages:
         return bytes(self.buf[off:off + size])
 
 
+#: PageBuddy by era (kstructs.buddy_checker): (mask, value), a free block head's page_type,
+#: and what other pages hold there (no type, mapcounts, other types, near misses)
+ERAS = {
+    "6.11+": (0xFF000000, PGTY_BUDDY << 24, PGTY_BUDDY << 24,
+              [0xFFFFFFFF, 0, 5, 0xF2000000, 0xF1000003, 0xEF000000, 0x00F00000]),
+    "6.9": (0xC0000000, 0x80000000, 0xBFFFFFFF,
+            [0xFFFFFFFF, 0, 5, 0xEFFFFFFF, 0xFDFFFFFF, 0x3FFFFFFF, 0x7FFFFFFF]),
+    "6.1": (0xF0000080, 0xF0000000, 0xFFFFFF7F,
+            [0xFFFFFFFF, 0, 5, 0xFFFFFFFE, 0xF00000FF, 0xEFFFFF7F, 0x7FFFFF7F]),
+}
+
+
 @st.composite
 def pages(draw):
-    new = draw(st.booleans())  # 6.11+ PGTY_buddy, or the PAGE_TYPE_BASE | PG_buddy encoding
+    mask, value, buddy_type, noise = ERAS[draw(st.sampled_from(sorted(ERAS)))]
     lay = x86_layout()
     mem = StructPages(lay)
-    # what other pages hold there: no type, mapcounts, other types, and near misses
-    if new:
-        noise = [0xFFFFFFFF, 0, 5, 0xF2000000, 0xF1000003, 0xEF000000, 0x00F00000]
-        buddy_type = PGTY_BUDDY << 24
-    else:
-        noise = [0xFFFFFFFF, 0, 5, 0xFFFFFFFE, 0xF00000FF, 0xEFFFFF7F, 0x7FFFFF7F]
-        buddy_type = 0xFFFFFF7F
     rng = random.Random(draw(st.integers(0, 1 << 32)))  # page contents: too many to draw one by one
     for pfn in range(PAGES):
         mem.put(pfn, rng.choice(noise), rng.randrange(21))
@@ -61,7 +66,7 @@ def pages(draw):
         if rng.random() < 0.5:
             mem.put(pfn, buddy_type, order)  # a free block: only its head says so
         pfn += 1 << order
-    checker = BuddyChecker(mem, lay, OFF_TYPE, OFF_PRIV, PGTY_BUDDY if new else None, max_order=10)
+    checker = BuddyChecker(mem, lay, OFF_TYPE, OFF_PRIV, mask, value, max_order=10)
     start = draw(st.integers(0, PAGES - 1))
     end = draw(st.integers(start + 1, PAGES))
     chunk = draw(st.sampled_from([1, 7, 64, 1 << 15]))
@@ -80,8 +85,34 @@ def test_bulk_scan_agrees_with_one_by_one(case):
 def test_unreadable_struct_pages_are_said():
     lay = x86_layout()
     mem = StructPages(lay)
-    checker = BuddyChecker(mem, lay, OFF_TYPE, OFF_PRIV, PGTY_BUDDY, max_order=10)
+    checker = BuddyChecker(mem, lay, OFF_TYPE, OFF_PRIV, 0xFF000000, PGTY_BUDDY << 24, max_order=10)
     mem.put(8, PGTY_BUDDY << 24, 3)
     free, unread = checker.free_ranges(0, PAGES + 100, chunk=1024)
     assert free == [(8, 16)]
     assert unread == [(4096, PAGES + 100)]
+
+
+class Types:
+    """The type interface buddy_checker reads (DwarfTypes or Btf), with these enumerators."""
+
+    def __init__(self, **enums) -> None:
+        self.enums = enums
+
+    def offsetof(self, name: str, member: str) -> int:
+        return {"page_type": OFF_TYPE, "private": OFF_PRIV}[member]
+
+    def enum_value(self, name: str):
+        return self.enums.get(name)
+
+
+def test_each_era_is_told_by_its_enumerators():
+    from inspect_vmemmap.kstructs import buddy_checker
+
+    lay = x86_layout()
+    for types, era in ((Types(PGTY_buddy=PGTY_BUDDY), "6.11+"),
+                       (Types(PG_buddy=0x40000000, PAGE_TYPE_BASE=0x80000000), "6.9"),
+                       (Types(PG_buddy=0x80, PAGE_TYPE_BASE=0xF0000000), "6.1"),
+                       (Types(), "6.1")):
+        c = buddy_checker(StructPages(lay), types, lay)
+        assert (c.mask, c.value) == ERAS[era][:2], era
+        assert c.is_buddy(ERAS[era][2]) and not any(c.is_buddy(v) for v in ERAS[era][3])
