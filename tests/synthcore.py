@@ -25,6 +25,14 @@ OFF_START, OFF_SPAN = 0x100, 0x110  # pglist_data.node_start_pfn, .node_spanned_
 
 def synthetic_kernel(size: int, nodes: int = 2):
     """:return: ``(SynthKernel, ram ranges, node spans)``."""
+    saved = synth.BACKING_SIZE, synth.backing_range
+    try:
+        return _synthetic_kernel(size, nodes)
+    finally:  # tests.synth's placement of the backing is for this kernel only
+        synth.BACKING_SIZE, synth.backing_range = saved
+
+
+def _synthetic_kernel(size: int, nodes: int):
     per = size // nodes
     # each node's memmap (1/64 of its RAM) comes from the top of the node's own RAM
     synth.BACKING_SIZE = max(per // 32, 1 << 30)
