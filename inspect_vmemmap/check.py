@@ -217,6 +217,8 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
     outside: List[Tuple[int, int, int]] = []  # (vaddr, size, phys)
     offnode: List[Tuple[int, int, int, int]] = []
     free: List[Tuple[int, int, int]] = []
+    # --deep: every backing page in bulk, where the checker can (else the first of each leaf)
+    bulk = deep and hasattr(backing_free, "free_ranges")
     know_ram = bool(ram)  # no RAM list at all: nothing can be said about backing
     for va, size, phys, w in leaves:
         if know_ram and not ram.covers(phys, phys + size) and va not in placed:
@@ -228,9 +230,9 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
         bn = nodes.nid(phys >> shift)
         if sp is not None and sp.nid is not None and bn is not None and bn != sp.nid:
             offnode.append((va, size, sp.nid, bn))
-        if backing_free is not None and not deep and backing_free(phys >> shift):
+        if backing_free is not None and not bulk and backing_free(phys >> shift):
             free.append((va, size, phys))
-    if backing_free is not None and deep and hasattr(backing_free, "free_ranges"):
+    if bulk:
         free = _free_backing(backing_free, backed, shift)
     for kind, items, why in (("backing-outside-ram", outside, "which is not System RAM"),
                              ("backing-free", free, "which is free in the buddy allocator")):
@@ -537,7 +539,8 @@ def _hvo_transient(pages: int, head: Optional[LeafTuple], rw_tails: List[int], o
 def _free_backing(buddy, backed: List[Tuple[int, int, int]], shift: int) -> List[Tuple[int, int, int]]:
     """Under --deep: every page that backs the vmemmap, not only the first of each leaf,
     against the buddy allocator (their struct pages read in bulk; those that cannot be read
-    are left to the page-flags pass, which reads the same struct pages).
+    go unchecked: a filtered dump leaves out struct pages of excluded pages, which the
+    vmemmap's backing is not).
 
     :return: ``(vaddr, size, phys)`` of the vmemmap backed by free pages.
     """

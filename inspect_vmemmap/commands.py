@@ -86,6 +86,8 @@ class Analysis:
             update = self.progress.task("reading every struct page (--deep)", max(total, 1))
         res = run_check(inputs, self.sections, self._leaves, buddy_checker(self.t), self.t.memory, deep,
                         unknown=vm.unknown(), hvo_unknown=hvo_unknown, progress=update)
+        if update is not None:
+            update(total)  # offline and device sections have no flags to read: done all the same
         findings = list(self.sections.findings) + vm.findings + res.findings
         filtered = name_filter(findings, self.t)
         target = self.t.to_json()
@@ -116,8 +118,10 @@ def _errors(findings: List[Finding]) -> dict:
 def _race(f: Finding, seen: List[int], passes: int) -> Finding:
     where = {k: getattr(f, k) for k in ("section", "pfn_start", "pfn_end", "vaddr", "vaddr_end", "phys")}
     said = ", ".join(map(str, seen))
-    if seen[-1] == passes:
-        how = f"only the last of {passes} reads found it (it was not there in read {passes - 1})"
+    if seen == [passes]:
+        how = f"only the last of {passes} reads found it"
+    elif seen[-1] == passes:
+        how = f"read {said} of {passes} found it, read {passes - 1} did not"
     else:
         how = f"read {said} of {passes} found it; the last read did not"
     return Finding("race", "warning", f"the running kernel changed this while it was read: {how}: "
@@ -153,28 +157,28 @@ def confirmed_check(target, deep: bool = False, progress: Optional[Progress] = N
 
 
 def _confirmed_check(target, deep, progress, passes, between):
-    runs = []
+    # earlier reads keep only their errors: one read's analysis of a big machine is enough
+    history: List[dict] = []
     while True:
-        if runs:
+        if history:
             if between is not None:
-                between(len(runs))
+                between(len(history))
             target.forget()
         a = Analysis(target, progress)
-        runs.append((a, a.check(deep)))
-        if target.source not in LIVE_SOURCES or len(runs) >= passes:
+        doc, findings, res, inputs, notes = a.check(deep)
+        history.append(_errors(findings))
+        if target.source not in LIVE_SOURCES or len(history) >= passes:
             break
-        now = _errors(runs[-1][1][1])
-        if not now or (len(runs) > 1 and now.keys() == _errors(runs[-2][1][1]).keys()):
+        if not history[-1] or (len(history) > 1 and history[-1].keys() == history[-2].keys()):
             break
-    a, (doc, findings, res, inputs, notes) = runs[-1]
     if target.source not in LIVE_SOURCES:
         return a, doc, findings, res, inputs, notes
-    n = len(runs)
-    last = _errors(findings)
-    before = _errors(runs[-2][1][1]) if n > 1 else last
+    n = len(history)
+    last = history[-1]
+    before = history[-2] if n > 1 else last
     seen: dict = {}
-    for i, (_, out) in enumerate(runs, 1):
-        for k, f in _errors(out[1]).items():
+    for i, errors in enumerate(history, 1):
+        for k, f in errors.items():
             seen.setdefault(k, (f, []))[1].append(i)
     races = [_race(f, reads, n) for k, (f, reads) in seen.items() if k not in last or k not in before]
     findings = [f for f in findings if f.severity != "error" or _key(f) in before] + races

@@ -165,6 +165,9 @@ def test_error_that_keeps_changing(kernel):
     assert doc["target"]["reads"] == 3
     races = {(f.section, tuple(f.extra["seen_in"])) for f in findings}
     assert races == {(SECTION, (1, 3)), (2, (2,))}
+    said = {f.section: f.message for f in findings}
+    assert "read 1, 3 of 3 found it, read 2 did not" in said[SECTION]
+    assert "read 2 of 3 found it; the last read did not" in said[2]
     assert all(f.kind == "race" and f.severity == "warning" for f in findings)
     assert exit_status(findings) == 0
 
