@@ -100,7 +100,8 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
 
     # -- what is mapped against what must be ----------------------------------------
     mapped = merge([(va, va + size) for va, size, _, _ in leaves])
-    for a, b in subtract(subtract(pred.required, mapped), merge(list(unknown))):
+    unknown_iv = merge(list(unknown))
+    for a, b in subtract(subtract(pred.required, mapped), unknown_iv):
         sec, p0, p1 = _pfn_span(lay, a, b)
         out.append(Finding("memmap-unmapped", "error",
                            f"struct pages of pfn {p0}-{p1} (section {sec}) at {a:#x}-{b:#x} are not mapped",
@@ -116,7 +117,6 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
     explained_ro = set()  # vaddrs of read-only leaves the model explains
     alias_ok: Dict[int, int] = defaultdict(int)  # phys page -> extra mappings explained
     shared_tail = _shared_tails(pred, by_va, lay.page_size)
-    unknown_iv = merge(list(unknown))
     for h in pred.hvo:
         f = h.folio
         h_end = h.start + h.pages * lay.page_size

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import Dict, Optional
+from typing import Dict, FrozenSet, Optional, Tuple
 
 
 # Section flag bits before they became an enum. Linux kernel commit ed7802dd48f7 ("mm:
@@ -103,6 +103,22 @@ class KernelLayout:
     @cached_property
     def section_map_mask(self) -> int:
         return ~((1 << self.section_map_last_bit) - 1) & (2**64 - 1)
+
+    @cached_property
+    def _section_flag_decodings(self) -> Dict[int, Tuple[FrozenSet[str], int]]:
+        return {}
+
+    def decode_section_flags(self, low: int) -> Tuple[FrozenSet[str], int]:
+        """:return: the names of the flags set in ``low`` (section_mem_map's bits below
+        section_map_last_bit) and the bits no flag names; decoded once per value."""
+        decoded = self._section_flag_decodings.get(low)
+        if decoded is None:
+            known = 0
+            for bit in self.section_flags.values():
+                known |= 1 << bit
+            decoded = self._section_flag_decodings[low] = (
+                frozenset(name for name, bit in self.section_flags.items() if low >> bit & 1), low & ~known)
+        return decoded
 
     @cached_property
     def subsections_per_section(self) -> int:

@@ -28,17 +28,8 @@ class Section:
         self.addr = addr
         self.section_mem_map = section_mem_map
         self.usage = usage
-        low = section_mem_map & ((1 << layout.section_map_last_bit) - 1)
-        # decoded once per distinct flags value: a big machine has few of them
-        cache = layout.__dict__.setdefault("_section_flags_cache", {})
-        decoded = cache.get(low)
-        if decoded is None:
-            known = 0
-            for bit in layout.section_flags.values():
-                known |= 1 << bit
-            decoded = cache[low] = (frozenset(name for name, bit in layout.section_flags.items() if low >> bit & 1),
-                                    low & ~known)
-        self.flags, self.unknown_flags = decoded
+        self.flags, self.unknown_flags = layout.decode_section_flags(
+            section_mem_map & ((1 << layout.section_map_last_bit) - 1))
         self.coded_mem_map = section_mem_map & layout.section_map_mask
         self.subsection_map: Optional[int] = None  # bitmap, None where not read
         self.nid: Optional[int] = None
