@@ -34,6 +34,11 @@ SCENARIOS = {
 }
 
 
+def errors(doc: dict) -> list:
+    """The error findings of a --json document."""
+    return [f for f in doc["findings"] if f["severity"] == "error"]
+
+
 @dataclass
 class Booted:
     name: str

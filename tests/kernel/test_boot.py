@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from tests.kernel.conftest import errors
+
 pytestmark = pytest.mark.kernel
 
 SECTION = 128 << 20
@@ -32,10 +34,6 @@ def boot_json(*args: str) -> dict:
     # progress: one deliberate line per step on stderr, nothing on stdout but the document
     assert all(line.startswith("[boot] ") for line in p.stderr.splitlines()), p.stderr
     return json.loads(p.stdout)
-
-
-def errors(doc: dict) -> list:
-    return [f for f in doc["findings"] if f["severity"] == "error"]
 
 
 def section_view(doc: dict) -> list:

@@ -6,12 +6,9 @@ from __future__ import annotations
 import pytest
 
 from tests.kernel import independent as ind
+from tests.kernel.conftest import errors
 
 pytestmark = pytest.mark.kernel
-
-
-def errors(doc):
-    return [f for f in doc["findings"] if f["severity"] == "error"]
 
 
 def test_healthy_kernel_is_consistent(booted):

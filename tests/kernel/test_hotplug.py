@@ -21,7 +21,7 @@ import pytest
 
 from inspect_vmemmap.lab import GuestAccount, GuestSpec, boot_guest
 from tests.kernel import independent as ind
-from tests.kernel.conftest import Booted
+from tests.kernel.conftest import Booted, errors
 
 pytestmark = pytest.mark.kernel
 
@@ -98,10 +98,6 @@ def hot(request, tmp_path_factory):
                 os.unlink(core)
             except OSError:
                 pass
-
-
-def errors(doc):
-    return [f for f in doc["findings"] if f["severity"] == "error"]
 
 
 def test_guest_account(hot):

@@ -23,6 +23,7 @@ import sys
 import pytest
 
 from tests.kernel import independent as ind
+from tests.kernel.conftest import errors
 
 pytestmark = pytest.mark.kernel
 
@@ -84,10 +85,6 @@ def kd(request, tmp_path_factory):
     kernel = fetch_debian_kernel(args[1], "x86_64")
     yield Capture(name, out / "dumps", live, kernel.vmlinux)
     shutil.rmtree(out, ignore_errors=True)  # about 1 GiB of dumps
-
-
-def errors(doc):
-    return [f for f in doc["findings"] if f["severity"] == "error"]
 
 
 def test_capture(kd):

@@ -25,7 +25,7 @@ import pytest
 
 from inspect_vmemmap.lab import GuestSpec, Nvdimm, boot_guest
 from tests.kernel import independent as ind
-from tests.kernel.conftest import Booted
+from tests.kernel.conftest import Booted, errors
 
 pytestmark = pytest.mark.kernel
 
@@ -87,10 +87,6 @@ def dax(request, tmp_path_factory):
                 os.unlink(core)
             except OSError:
                 pass
-
-
-def errors(doc):
-    return [f for f in doc["findings"] if f["severity"] == "error"]
 
 
 def _align_up(x: int, a: int) -> int:
