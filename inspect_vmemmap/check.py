@@ -10,7 +10,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.memory import PhysRanges
-from inspect_vmemmap.model import Inputs, Prediction, merge, predict, subtract
+from inspect_vmemmap.facts import Inputs
+from inspect_vmemmap.intervals import merge, subtract
+from inspect_vmemmap.model import Prediction, predict
 from inspect_vmemmap.sections import SectionTable
 from inspect_vmemmap.vmemmap import NodeMap, size_label
 

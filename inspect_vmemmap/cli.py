@@ -37,7 +37,8 @@ def target_options(f: Callable) -> Callable:
 
 
 def _open(tgt: dict):
-    from inspect_vmemmap.target import AnalysisError, open_target
+    from inspect_vmemmap.errors import AnalysisError
+    from inspect_vmemmap.target import open_target
 
     try:
         if not sys.stderr.isatty():
@@ -57,7 +58,7 @@ def _guard(f: Callable) -> Callable:
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        from inspect_vmemmap.target import AnalysisError
+        from inspect_vmemmap.errors import AnalysisError
 
         try:
             return f(*args, **kwargs)
@@ -255,7 +256,8 @@ def model(layout_file, as_json):
     import json as _json
 
     from inspect_vmemmap import report
-    from inspect_vmemmap.model import Inputs, predict
+    from inspect_vmemmap.facts import Inputs
+    from inspect_vmemmap.model import predict
 
     try:
         with open(layout_file) as f:

@@ -21,7 +21,7 @@ import struct
 from bisect import bisect_right
 from typing import Dict, List, Optional, Tuple
 
-from inspect_vmemmap.model import merge, subtract
+from inspect_vmemmap.intervals import merge, subtract
 
 #: dump level bits (makedumpfile.h DL_EXCLUDE_*; makedumpfile(8) -d)
 DUMP_LEVEL_BITS = (

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Tuple
 
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.memory import FaultError, Memory
-from inspect_vmemmap.model import merge
+from inspect_vmemmap.intervals import merge
 
 _MAX_LIST = 1 << 22  # a corrupt list must end: at most this many entries (4M folios)
 
@@ -148,7 +148,7 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
     :raises PartialPools: with the folios of the lists that could be read, when others
         could not (a filtered dump); FaultError when the hstates cannot be read.
     """
-    from inspect_vmemmap.model import Folio
+    from inspect_vmemmap.facts import Folio
 
     hstates = symbol("hstates")
     nmax = symbol("hugetlb_max_hstate")
@@ -392,7 +392,7 @@ MEMORY_TYPES = ("MEMORY_DEVICE_PRIVATE", "MEMORY_DEVICE_COHERENT", "MEMORY_DEVIC
 
 
 def _altmap(mem: Memory, types, addr: int):
-    from inspect_vmemmap.model import Altmap
+    from inspect_vmemmap.facts import Altmap
 
     return Altmap(_u64(mem, addr + types.offsetof("struct vmem_altmap", "base_pfn")),
                   _u64(mem, addr + types.offsetof("struct vmem_altmap", "reserve")),
@@ -413,7 +413,7 @@ def device_pagemaps(mem: Memory, types, symbol: Callable[[str], Optional[int]],
     :raises FaultError, KeyError: when the maps cannot be read; ValueError when one is
         not a page map any kernel builds (a corrupt dump).
     """
-    from inspect_vmemmap.model import DeviceMap
+    from inspect_vmemmap.facts import DeviceMap
 
     xa = symbol("pgmap_array")
     if xa is None:
@@ -471,7 +471,7 @@ def hosted_memory_blocks(mem: Memory, types, symbol: Callable[[str], Optional[in
     :raises FaultError, KeyError: when they cannot be read; ValueError when the block size
         is not one any kernel uses (a corrupt dump).
     """
-    from inspect_vmemmap.model import Altmap, HostedBlock
+    from inspect_vmemmap.facts import Altmap, HostedBlock
 
     xa = symbol("memory_blocks")
     spb_addr = symbol("sections_per_block")

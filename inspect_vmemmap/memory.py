@@ -83,13 +83,9 @@ class PhysRanges:
     """A sorted set of physical address ranges ``[start, end)`` with fast lookup."""
 
     def __init__(self, ranges: Iterable[Tuple[int, int]] = ()) -> None:
-        merged: list = []
-        for start, end in sorted(r for r in ranges if r[1] > r[0]):
-            if merged and start <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        self.ranges = [(s, e) for s, e in merged]
+        from inspect_vmemmap.intervals import merge
+
+        self.ranges = merge(ranges)
         self._starts = [s for s, _ in self.ranges]
 
     def __contains__(self, addr: int) -> bool:

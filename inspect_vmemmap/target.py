@@ -14,6 +14,8 @@ import os
 import struct
 from typing import Dict, List, Optional, Tuple
 
+from inspect_vmemmap.errors import AnalysisError
+from inspect_vmemmap.errors import one_line as _one_line
 from inspect_vmemmap.layout import (
     HISTORICAL_SECTION_FLAGS,
     HISTORICAL_SECTION_MAP_LAST_BIT,
@@ -26,10 +28,6 @@ from inspect_vmemmap.memory import FaultError, PhysRanges
 _START_KERNEL_MAP = 0xFFFFFFFF80000000
 # arch/arm64/include/asm/memory.h _PAGE_END(48): the end of the linear map, MODULES_VADDR
 _ARM64_PAGE_END_48 = 0xFFFF800000000000
-
-
-class AnalysisError(Exception):
-    """The target cannot be analysed; the message is the one line the user sees."""
 
 
 def parse_vmcoreinfo(text: str) -> Dict[str, str]:
@@ -336,11 +334,6 @@ def load_btf(prog, source: str):
         return Btf.parse(prog.read(start, size))
     except (BtfError, LookupError, ValueError, OSError, Exception):
         return None
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
 
 
 def _main_has_dwarf(prog) -> bool:
@@ -769,7 +762,7 @@ def gather_inputs(t: "Target", notes: Optional[List[str]] = None):
     :return: :class:`inspect_vmemmap.model.Inputs`.
     """
     from inspect_vmemmap import kstructs
-    from inspect_vmemmap.model import Inputs
+    from inspect_vmemmap.facts import Inputs
 
     notes = notes if notes is not None else []
     types = _types(t)
