@@ -5,25 +5,18 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+from inspect_vmemmap.arch import for_layout
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.layout import KernelLayout
-from inspect_vmemmap.memory import FaultError, Memory, PhysRanges
+from inspect_vmemmap.memory import Memory, PhysRanges
 from inspect_vmemmap.pgtable import PagingFormat, translate
-from inspect_vmemmap.pgtable.arm64 import Arm64Paging
-from inspect_vmemmap.pgtable.x86_64 import X86_64Paging
 from inspect_vmemmap.sections import SectionTable, read_sections
 from inspect_vmemmap.vmemmap import NodeMap, VmemmapMap, map_vmemmap, size_label
 
 
 def paging_format(layout: KernelLayout) -> PagingFormat:
     """:return: the page-table format of the layout's architecture and paging mode."""
-    if layout.arch == "x86_64":
-        return X86_64Paging(layout.pgtable_levels, layout.max_physmem_bits, layout.sme_mask)
-    if layout.arch == "aarch64":
-        # the VA bits the tables translate at run time, the PA bits the descriptors hold
-        return Arm64Paging(layout.page_size, layout.va_bits, layout.max_physmem_bits, layout.lpa2,
-                           layout.pgtable_levels)
-    raise ValueError(f"no page-table walker for {layout.arch}")
+    return for_layout(layout).paging(layout)
 
 
 def load_sections(mem: Memory, layout: KernelLayout, nodes: NodeMap) -> SectionTable:

@@ -68,6 +68,9 @@ class Member:
 class Btf:
     """The types of one BTF blob. Build with :meth:`parse`; type ids start at 1 (0 is void)."""
 
+    #: what the type information came from (the DWARF adapter's says "dwarf")
+    source = "btf"
+
     def __init__(self, data: bytes, endian: str, types_start: int, strs_start: int, strs_end: int,
                  offsets: array, kinds: bytearray, names: Dict[str, Union[int, List[int]]]) -> None:
         self._data = data

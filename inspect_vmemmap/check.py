@@ -10,7 +10,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.memory import PhysRanges
-from inspect_vmemmap.facts import Inputs
+from inspect_vmemmap.facts import Assumption, Inputs
 from inspect_vmemmap.intervals import merge, subtract
 from inspect_vmemmap.model import Prediction, predict
 from inspect_vmemmap.sections import SectionTable
@@ -42,7 +42,7 @@ def _pfn_span(lay: KernelLayout, a: int, b: int) -> Tuple[int, int, int]:
 
 def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple],
               backing_free: Optional[Callable[[int], bool]] = None, mem=None, deep: bool = False,
-              unknown: Sequence[Interval] = (), hvo_unknown: str = "",
+              unknown: Sequence[Interval] = (), hvo_unknown: Optional[Assumption] = None,
               progress: Optional[Callable[[int], None]] = None) -> CheckResult:
     """Compare sections and leaves with the model's prediction for ``inputs``.
 
@@ -55,7 +55,7 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
     :param progress: called with the number of struct pages read so far (under ``deep``).
     :param unknown: virtual ranges whose mapping could not be read (unreadable tables):
         not reported as unmapped, since nobody knows.
-    :param hvo_unknown: why the HugeTLB pools could not be read (a filtered dump): read-only
+    :param hvo_unknown: why the HugeTLB pools could not be read (a filtered dump left them out): read-only
         leaves no folio explains are then ``unreadable``, not ``hvo-inconsistent``.
     :return: a :class:`CheckResult` with findings merged per range.
     """
@@ -205,7 +205,8 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[LeafTuple
             out.append(Finding("unreadable", "warning",
                                f"{a:#x}-{b:#x} (struct pages of pfn {p0}-{p1}) is mapped read-only; whether a "
                                f"vmemmap-optimized HugeTLB folio explains it is unknown: {hvo_unknown}",
-                               section=sec, pfn_start=p0, pfn_end=p1, vaddr=a, vaddr_end=b))
+                               section=sec, pfn_start=p0, pfn_end=p1, vaddr=a, vaddr_end=b,
+                               **({"excluded_by": hvo_unknown.excluded_by} if hvo_unknown.excluded_by else {})))
             continue
         out.append(Finding("hvo-inconsistent", "error",
                            f"{a:#x}-{b:#x} (struct pages of pfn {p0}-{p1}) is mapped read-only but no "

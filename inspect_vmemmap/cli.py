@@ -38,7 +38,7 @@ def target_options(f: Callable) -> Callable:
 
 def _open(tgt: dict):
     from inspect_vmemmap.errors import AnalysisError
-    from inspect_vmemmap.target import open_target
+    from inspect_vmemmap.source import open_target
 
     try:
         if not sys.stderr.isatty():

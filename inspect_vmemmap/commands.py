@@ -1,4 +1,4 @@
-"""What each command computes for an opened :class:`~inspect_vmemmap.target.Target`,
+"""What each command computes for an opened :class:`~inspect_vmemmap.source.target.Target`,
 as JSON documents plus the objects the text output needs. The CLI prints these; the
 fixture recorder runs them on a recording target."""
 
@@ -9,7 +9,9 @@ from typing import Callable, List, Optional, Tuple
 
 from inspect_vmemmap import report
 from inspect_vmemmap.analysis import explain_pfn, load_map, load_sections
-from inspect_vmemmap.dumpfile import name_filter
+from inspect_vmemmap.source.dumpfile import name_filter
+from inspect_vmemmap.source.gather import Reading
+from inspect_vmemmap.facts import Assumption
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.vmemmap import NodeMap, VmemmapMap
 
@@ -26,12 +28,14 @@ class Progress:
 
 
 class Analysis:
-    """Sections are read once; the map and the check are computed on demand, once."""
+    """One read of a target: sections are read once; the map and the check are computed
+    on demand, once."""
 
     def __init__(self, target, progress: Optional[Progress] = None) -> None:
         self.progress = progress or Progress()
         self.t = target
-        self.nodes = NodeMap(target.node_spans())
+        self.reading = Reading(target)
+        self.nodes = NodeMap(self.reading.node_spans())
         self.sections = load_sections(target.memory, target.layout, self.nodes)
         self._map: Optional[VmemmapMap] = None
         self._leaves: List[Tuple[int, int, int, bool]] = []
@@ -50,56 +54,56 @@ class Analysis:
                 if not len(leaves) & 1023:
                     update(l.vaddr - lo)
 
-            self._map = load_map(t.memory, lay, self.sections, self.nodes, t.ram(), on_leaf=on_leaf)
+            self._map = load_map(t.memory, lay, self.sections, self.nodes, self.reading.ram(), on_leaf=on_leaf)
             update(hi - lo)
         return self._map
 
     def sections_doc(self) -> Tuple[dict, List[Finding]]:
         findings = list(self.sections.findings)
-        name_filter(findings, self.t)
+        name_filter(findings, self.t.dump, self.t.memory)
         return report.document(self.t.to_json(), findings, sections=report.sections_json(self.sections)), findings
 
     def map_doc(self) -> Tuple[dict, List[Finding]]:
         vm = self.vmemmap()
         findings = list(self.sections.findings) + vm.findings
-        name_filter(findings, self.t)
+        name_filter(findings, self.t.dump, self.t.memory)
         return report.document(self.t.to_json(), findings, vmemmap=vm.to_json()), findings
 
     def pfn_doc(self, pfn: int) -> Tuple[dict, List[Finding]]:
         info, findings = explain_pfn(self.t.memory, self.t.layout, self.sections, self.nodes, pfn)
-        name_filter(findings, self.t)
+        name_filter(findings, self.t.dump, self.t.memory)
         return report.document(self.t.to_json(), findings, pfn=info), findings
 
     def check(self, deep: bool = False):
         """:return: ``(doc, findings, result, inputs, notes)``."""
         from inspect_vmemmap.check import run_check
-        from inspect_vmemmap.target import buddy_checker, gather_inputs
+        from inspect_vmemmap.source import gather
 
         vm = self.vmemmap()
-        notes: List[str] = []
-        inputs = gather_inputs(self.t, notes)
+        notes: List[Assumption] = []
+        inputs = gather.gather_inputs(self.reading, notes)
         # a filtered dump may have left out the struct pages the HugeTLB pool lists run through
-        hvo_unknown = next((n for n in notes if n.startswith("HugeTLB pools") and "excluded from the dump" in n), "")
+        hvo_unknown = next((n for n in notes if n.input == "hugetlb_pools" and n.excluded_by), None)
         update = None
         if deep:
             total = sum(b - a for s in self.sections if s.valid for a, b in s.pfn_ranges(self.t.layout))
             update = self.progress.task("reading every struct page (--deep)", max(total, 1))
-        res = run_check(inputs, self.sections, self._leaves, buddy_checker(self.t), self.t.memory, deep,
+        res = run_check(inputs, self.sections, self._leaves, gather.buddy_checker(self.t), self.t.memory, deep,
                         unknown=vm.unknown(), hvo_unknown=hvo_unknown, progress=update)
         if update is not None:
             update(total)  # offline and device sections have no flags to read: done all the same
         findings = list(self.sections.findings) + vm.findings + res.findings
-        filtered = name_filter(findings, self.t)
+        filtered = name_filter(findings, self.t.dump, self.t.memory)
         target = self.t.to_json()
         if "dump" in target:
             # how much of the check the dump's filter kept it from doing
             target["dump"]["unreadable_findings"] = filtered
-            target["dump"]["unread_inputs"] = [n for n in notes if "excluded from the dump" in n]
+            target["dump"]["unread_inputs"] = [n.text for n in notes if n.excluded_by]
             target["dump"]["complete"] = not filtered and not target["dump"]["unread_inputs"]
         doc = report.document(target, findings, sections=report.sections_json(self.sections),
                               vmemmap=vm.to_json(), hvo=res.hvo,
                               device_dedup=res.device_dedup, self_hosted=res.self_hosted)
-        doc["assumptions"] = notes + [f"{k}: {v}" for k, v in self.t.layout.notes.items()]
+        doc["assumptions"] = [n.text for n in notes] + [f"{k}: {v}" for k, v in self.t.layout.notes.items()]
         return doc, findings, res, inputs, notes
 
 
@@ -163,7 +167,6 @@ def _confirmed_check(target, deep, progress, passes, between):
         if history:
             if between is not None:
                 between(len(history))
-            target.forget()
         a = Analysis(target, progress)
         doc, findings, res, inputs, notes = a.check(deep)
         history.append(_errors(findings))

@@ -178,3 +178,20 @@ class Inputs:
             memmap_on_memory=d.get("memmap_on_memory"),
             pageblock_order=d.get("pageblock_order"),
         )
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """An input of the model that could not be read, and what was assumed instead: data,
+    never matched by its wording."""
+
+    #: which input: "ram", "types", "boot_ram", "hugetlb_pools", "memory_blocks",
+    #: "page_flags", "device_maps", "hosted_blocks"
+    input: str
+    #: what the user reads (``check``'s ``assumptions``)
+    text: str
+    #: the dump filter that left the input out, where one did
+    excluded_by: Optional[str] = None
+
+    def __str__(self) -> str:
+        return self.text

@@ -1,7 +1,8 @@
 """The kernel's layout: every constant the decoders, walkers and model need.
 
-One component decides it (:mod:`inspect_vmemmap.target` from DWARF or VMCOREINFO);
-everything else takes a :class:`KernelLayout` and stays free of drgn.
+One component decides it (:mod:`inspect_vmemmap.source.decide`, from VMCOREINFO and DWARF
+or BTF, with each architecture's rules from :mod:`inspect_vmemmap.arch`); everything else
+takes a :class:`KernelLayout` and stays free of drgn.
 """
 
 from __future__ import annotations

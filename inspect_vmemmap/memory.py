@@ -13,9 +13,11 @@ from typing import Dict, Iterable, Optional, Protocol, Tuple
 class FaultError(Exception):
     """Memory that could not be read (not in the dump, filtered, not RAM)."""
 
-    def __init__(self, address: int, physical: bool, reason: str = "") -> None:
+    def __init__(self, address: int, physical: bool, reason: str = "", excluded_by: Optional[str] = None) -> None:
         self.address = address
         self.physical = physical
+        #: the dump filter that left this memory out (makedumpfile's level), where one did
+        self.excluded_by = excluded_by
         kind = "physical" if physical else "virtual"
         super().__init__(f"could not read {kind} address {address:#x}" + (f": {reason}" if reason else ""))
 

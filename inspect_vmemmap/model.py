@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
+from inspect_vmemmap.arch import for_layout
 from inspect_vmemmap.layout import KernelLayout
 
 from inspect_vmemmap.facts import Altmap, DeviceMap, Folio, HostedBlock, Inputs
@@ -292,23 +293,14 @@ def predict(inp: Inputs) -> Prediction:
 
     required = merge([(lay.pfn_to_page(a), lay.pfn_to_page(b)) for sp in sections.values() for a, b in sp.valid])
 
-    # Rule: population granularity. x86_64 vmemmap_populate() (arch/x86/mm/init_64.c)
-    # uses vmemmap_populate_hugepages() (PMD blocks) for ranges of at least a section's
-    # memmap, vmemmap_populate_basepages() (PAGE_SIZE) for sub-section ranges; either
-    # way whole pages of struct pages are mapped, and a PMD block maps the PMD around it.
-    # arm64 vmemmap_populate() (arch/arm64/mm/mmu.c) does the same with 4K pages only:
-    # 6.1 its own PMD loop when ARM64_KERNEL_USES_PMD_MAPS (asm/kernel-pgtable.h: 4K
-    # pages) and the range is a whole section's memmap, 6.12 and 7.2
-    # vmemmap_populate_hugepages() when IS_ENABLED(CONFIG_ARM64_4K_PAGES) and the same
-    # length test; 16K and 64K pages always get vmemmap_populate_basepages(), PAGE_SIZE
-    # PTEs without the contiguous bit (its linear-map code notes "CONT blocks are not
-    # supported in the vmemmap"). A PMD block is possible only with 4K pages on both.
-    pmd = 1 << (lay.page_shift + lay.page_shift - 3) if lay.page_size == 4096 else lay.page_size
-    page = lay.page_size
+    # Rule: population granularity (each architecture's vmemmap_populate(): its
+    # Arch.vmemmap_block). Whole pages of struct pages are mapped, and a PMD block maps
+    # the PMD around it.
+    arch = for_layout(lay)
     section_bytes = pps * sps
     allowed = []
     for a, b in required:
-        gran = pmd if b - a >= section_bytes else page
+        gran = arch.vmemmap_block(lay, b - a >= section_bytes)
         allowed.append((a // gran * gran, (b + gran - 1) // gran * gran))
     allowed = merge(allowed)
 
@@ -323,7 +315,7 @@ def predict(inp: Inputs) -> Prediction:
     for f in inp.folios:
         if not f.optimized:
             continue
-        pages = ((1 << f.order) * sps) // page
+        pages = ((1 << f.order) * sps) // lay.page_size
         target = ("shared" if inp.hvo_shared_tails else "head") if hvo_supported(lay) else "unsupported"
         hvo.append(HvoPrediction(f, lay.pfn_to_page(f.head_pfn), pages, target))
     device = [predict_device(lay, dm) for dm in inp.device_maps or ()]
@@ -355,7 +347,7 @@ def dax_dedup(lay: KernelLayout, vmemmap_shift: int, altmap: bool) -> Tuple[Opti
     if sps & (sps - 1):
         return False, f"sizeof(struct page) {sps} is not a power of 2"
     vmemmap_pages = ((1 << vmemmap_shift) * sps) // lay.page_size
-    new = lay.arch == "x86_64" and vmemmap_pages > 2
+    new = for_layout(lay).dax_vmemmap_optimize and vmemmap_pages > 2
     if new:
         return True, f"compound pages of {1 << vmemmap_shift} pages, {vmemmap_pages} vmemmap pages each"
     return None, (f"{lay.arch} compound pages of {1 << vmemmap_shift} pages: deduplicated before "
@@ -431,29 +423,21 @@ def _altmap_alloc(lay: KernelLayout, chunks: List[Tuple[int, int]], altmap: Altm
     aligned to the allocation's lowest set bit, as long as ``free`` lasts; the same in
     6.1, 6.12 and 7.2), section chunk by section chunk in address order:
 
-    - x86_64 vmemmap_populate() (arch/x86/mm/init_64.c): a whole section's memmap by
-      vmemmap_populate_hugepages(), one PMD_SIZE block per PMD from the altmap, no
-      fallback when it runs out; a partial section's by vmemmap_populate_basepages()
-      with a NULL altmap, so from ordinary RAM;
-    - arm64 vmemmap_populate() (arch/arm64/mm/mmu.c): with 4K pages a whole section's
-      memmap by PMD blocks as on x86_64; otherwise base pages, each from the altmap.
+    each block as the architecture's vmemmap_populate() allocates it from an altmap
+    (its Arch.altmap_block: x86_64 PMD blocks for whole sections and nothing for partial
+    ones, arm64 PMD blocks with 4K pages and base pages otherwise).
 
     :return: the altmap-backed vmemmap ranges, and the pages allocated.
     """
-    page = lay.page_size
+    arch = for_layout(lay)
     shift = lay.page_shift
-    pmd = 1 << (2 * shift - 3)
     alloc = align = 0
     out: List[Hosted] = []
     for pfn, n in chunks:
         start, end = lay.pfn_to_page(pfn), lay.pfn_to_page(pfn + n)
-        whole = end - start >= lay.pages_per_section * lay.struct_page_size
-        if lay.arch == "x86_64":
-            if not whole:
-                continue
-            block = pmd
-        else:
-            block = pmd if page == 4096 and whole else page
+        block = arch.altmap_block(lay, end - start >= lay.pages_per_section * lay.struct_page_size)
+        if block is None:
+            continue  # this part's memmap comes from ordinary RAM
         addr = start // block * block
         blocks = (end - addr + block - 1) // block
         nr_pfns = block >> shift
@@ -534,17 +518,13 @@ def predict_block(inp: Inputs, hb: HostedBlock) -> BlockPrediction:
 
 
 def hvo_supported(lay: KernelLayout) -> bool:
-    """Whether the kernel can have HugeTLB vmemmap optimisation (or DAX vmemmap dedup).
+    """Whether the kernel can have HugeTLB vmemmap optimisation.
 
     Rule: HUGETLB_PAGE_OPTIMIZE_VMEMMAP (fs/Kconfig) depends on the architecture selecting
     ARCH_WANT_HUGETLB_PAGE_OPTIMIZE_VMEMMAP (6.1) / ARCH_WANT_OPTIMIZE_HUGETLB_VMEMMAP
-    (6.12, 7.2; mm/Kconfig). arch/x86/Kconfig selects it for X86_64; arch/arm64/Kconfig
-    selects neither in 6.1, 6.12 or 7.2 (nor ARCH_WANT_OPTIMIZE_DAX_VMEMMAP), and
-    Debian's arm64 and arm64-16k configs have no CONFIG_HUGETLB_PAGE_OPTIMIZE_VMEMMAP: on
-    arm64 ``hugetlb_free_vmemmap=on`` is an unknown parameter and every HugeTLB folio
-    keeps its whole vmemmap.
+    (6.12, 7.2; mm/Kconfig): each architecture's Arch.hugetlb_vmemmap_optimize says.
     """
-    return lay.arch != "aarch64"
+    return for_layout(lay).hugetlb_vmemmap_optimize
 
 
 def page_flags_layout(max_numnodes: int, max_nr_zones: int, word_bits: int = 64) -> Dict[str, int]:

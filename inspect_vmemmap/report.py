@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from inspect_vmemmap.facts import Assumption
 from inspect_vmemmap.findings import Finding, summarize
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.sections import SectionTable
@@ -135,7 +136,7 @@ def print_pfn(console: Console, info: dict) -> None:
 
 
 def print_check(console: Console, target: dict, layout: KernelLayout, sections: SectionTable, vm: VmemmapMap,
-                hvo: dict, findings: List[Finding], notes: List[str], nodes, device_dedup: Optional[dict] = None,
+                hvo: dict, findings: List[Finding], notes: List[Assumption], nodes, device_dedup: Optional[dict] = None,
                 self_hosted: Optional[dict] = None) -> None:
     s = summarize(findings)
     target_line(console, target, layout)
@@ -184,7 +185,7 @@ def print_check(console: Console, target: dict, layout: KernelLayout, sections: 
         print_findings(console, fs)
 
 
-def dump_line(dump: dict, findings: List[Finding], notes: List[str]) -> str:
+def dump_line(dump: dict, findings: List[Finding], notes: List[Assumption]) -> str:
     """One line on what a dump left out and what that kept the check from doing."""
     what = dump["format"] + (f" ({dump['compression']})" if dump.get("compression") else "")
     if dump.get("filter"):
@@ -197,7 +198,7 @@ def dump_line(dump: dict, findings: List[Finding], notes: List[str]) -> str:
     if dump.get("incomplete"):
         what += "; the dump is INCOMPLETE (makedumpfile did not finish)"
     n = sum(1 for f in findings if f.extra.get("excluded_by"))
-    m = sum(1 for x in notes if "excluded from the dump" in x)
+    m = sum(1 for x in notes if x.excluded_by)
     if not dump.get("excluded_pages"):
         tail = ""
     elif n or m:

@@ -590,7 +590,7 @@ def _check_outside(o: BootOptions, guest, kernel, progress, console_factory, aft
     from inspect_vmemmap.commands import confirmed_check
     from inspect_vmemmap.findings import exit_status
     from inspect_vmemmap.errors import AnalysisError
-    from inspect_vmemmap.target import open_target
+    from inspect_vmemmap.source import open_target
 
     vmlinux = None if o.no_debuginfo else (o.vmlinux or kernel.vmlinux)
     progress(f"checking through QMP {f'with {vmlinux}' if vmlinux else 'from BTF and kallsyms'}")

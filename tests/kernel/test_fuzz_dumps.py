@@ -295,7 +295,7 @@ def run_in_process(t):
 
 @one_scenario
 def test_random_damage_to_tables_and_sections(booted, facts):
-    from inspect_vmemmap.target import open_target
+    from inspect_vmemmap.source import open_target
 
     t = open_target(core=str(booted.core), vmlinux=str(booted.vmlinux))
     rng = random.Random(SEED)

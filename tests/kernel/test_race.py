@@ -36,7 +36,8 @@ def _pool_changes(guest) -> list:
 
 
 def test_a_change_during_a_read_is_a_race(churning, monkeypatch):
-    from inspect_vmemmap import target as target_mod
+    from inspect_vmemmap.source import gather as gather_mod
+    from inspect_vmemmap.source import open_target
     from inspect_vmemmap.commands import confirmed_check
     from inspect_vmemmap.findings import exit_status
 
@@ -47,8 +48,8 @@ def test_a_change_during_a_read_is_a_race(churning, monkeypatch):
     assert len(_pool_changes(guest)) >= 2, guest.console_tail()
     guest.qmp("stop")
     try:
-        t = target_mod.open_target(qemu=str(guest.qmp_socket), vmlinux=str(guest.kernel.vmlinux))
-        real = target_mod.gather_inputs
+        t = open_target(qemu=str(guest.qmp_socket), vmlinux=str(guest.kernel.vmlinux))
+        real = gather_mod.gather_inputs
         pools = []
 
         def gather_inputs(tgt, notes=None):
@@ -62,7 +63,7 @@ def test_a_change_during_a_read_is_a_race(churning, monkeypatch):
                 pools.append(_pool_changes(guest)[seen:])
             return real(tgt, notes)
 
-        monkeypatch.setattr(target_mod, "gather_inputs", gather_inputs)
+        monkeypatch.setattr(gather_mod, "gather_inputs", gather_inputs)
         a, doc, findings, res, inputs, notes = confirmed_check(t, passes=3)
     finally:
         guest.qmp("cont")

@@ -15,7 +15,8 @@ from inspect_vmemmap.analysis import paging_format
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.model import Folio, Inputs, hvo_supported, predict
 from inspect_vmemmap.pgtable.arm64 import Arm64Paging
-from inspect_vmemmap.target import VmcoreInfo, _arm64_layout
+from inspect_vmemmap.arch import KernelLookup, get
+from inspect_vmemmap.source.vmcoreinfo import VmcoreInfo
 
 _COMMON = {"NUMBER(VMEMMAP_END)": "0xffffffffc0000000", "SIZE(page)": "64", "NUMBER(VA_BITS)": "52"}
 
@@ -64,12 +65,13 @@ def test_layout_from_real_vmcoreinfo(name):
     entries, (va, levels, lpa2, root, region) = REAL[name]
     info = VmcoreInfo({**_COMMON, **entries})
     notes = {}
-    arm = _arm64_layout(info, int(entries["PAGESIZE"]), notes)
+    arm = get("aarch64").layout_fields(info, int(entries["PAGESIZE"]), KernelLookup(), None, notes)
+    vmemmap, _ = get("aarch64").vmemmap_base(info, KernelLookup(), None, arm)
     assert (arm["va_bits"], arm["kernel_va_bits"], arm["pgtable_levels"], arm["lpa2"]) == (va, 52, levels, lpa2)
     assert arm["pgtable_root"] == root
     assert arm["vmemmap_region_start"] == region and arm["vmemmap_region_end"] == 0xFFFFFFFFC0000000
     # the pre-6.12 formula (VMEMMAP_START - memstart_addr's pfn) gives the kernel's own SYMBOL(vmemmap)
-    assert arm["vmemmap"] == info.symbol("vmemmap")
+    assert vmemmap == info.symbol("vmemmap")
     # the region starts at the struct page of the first byte of RAM (PHYS_OFFSET on the
     # 52-bit CPU; 0x40000000 on virt either way)
     page_shift = int(entries["PAGESIZE"]).bit_length() - 1
@@ -81,15 +83,16 @@ def _layout(name: str) -> KernelLayout:
     entries, _ = REAL[name]
     info = VmcoreInfo({**_COMMON, **entries})
     page_size = int(entries["PAGESIZE"])
-    arm = _arm64_layout(info, page_size, {})
+    arm = get("aarch64").layout_fields(info, page_size, KernelLookup(), None, {})
+    vmemmap, _ = get("aarch64").vmemmap_base(info, KernelLookup(), None, arm)
     return KernelLayout(
-        arch="aarch64", page_size=page_size, pgtable_levels=arm["pgtable_levels"], vmemmap_base=arm["vmemmap"],
+        arch="aarch64", page_size=page_size, pgtable_levels=arm["pgtable_levels"], vmemmap_base=vmemmap,
         struct_page_size=64, section_size_bits=27, max_physmem_bits=arm["max_physmem_bits"],
         section_flags={"PRESENT": 0, "HAS_MEM_MAP": 1, "ONLINE": 2, "EARLY": 3, "ZONE_DEVICE": 4},
         section_map_last_bit=5, mem_section_addr=0xFFFF00003FDDE340, sparsemem_extreme=True,
         nr_section_roots=(1 << (arm["max_physmem_bits"] - 27)) // (page_size // 32),
         sections_per_root=page_size // 32, mem_section_size=32, pgtable_root=arm["pgtable_root"],
-        **{k: v for k, v in arm.items() if k not in ("pgtable_levels", "max_physmem_bits", "pgtable_root", "vmemmap")})
+        **{k: v for k, v in arm.items() if k not in ("pgtable_levels", "max_physmem_bits", "pgtable_root")})
 
 
 @pytest.mark.parametrize("name", sorted(REAL))

@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inspect_vmemmap.kstructs import BuddyChecker
+from inspect_vmemmap.source.kstructs import BuddyChecker
 from inspect_vmemmap.memory import FaultError
 from inspect_vmemmap.model import merge
 from tests.synth import x86_layout
@@ -106,7 +106,7 @@ class Types:
 
 
 def test_each_era_is_told_by_its_enumerators():
-    from inspect_vmemmap.kstructs import buddy_checker
+    from inspect_vmemmap.source.kstructs import buddy_checker
 
     lay = x86_layout()
     for types, era in ((Types(PGTY_buddy=PGTY_BUDDY), "6.11+"),

@@ -65,7 +65,8 @@ def test_live_needs_root():
 
 
 def test_live_not_root_in_process(monkeypatch):
-    from inspect_vmemmap.target import AnalysisError, open_target
+    from inspect_vmemmap.errors import AnalysisError
+    from inspect_vmemmap.source import open_target
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(AnalysisError, match="needs root"):

@@ -1,4 +1,4 @@
-"""What a dump file left out, from its headers (inspect_vmemmap.dumpfile), on hand-built
+"""What a dump file left out, from its headers (inspect_vmemmap.source.dumpfile), on hand-built
 kdump-compressed and ELF headers laid out as makedumpfile writes them; reads of what was
 left out fail and name the filter; transient states are named (check.py)."""
 
@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from inspect_vmemmap.check import _hvo_transient, _section_transient
-from inspect_vmemmap.dumpfile import ExcludingMemory, excluded_classes, name_filter, read_dump_file
+from inspect_vmemmap.source.dumpfile import ExcludingMemory, excluded_classes, name_filter, read_dump_file
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.memory import FaultError, SyntheticMemory
 
@@ -92,7 +92,7 @@ def test_excluding_memory_names_the_filter(tmp_path):
     for p in range(1, 64):
         inner.write(p * BS, bytes(BS))
     # virtual 0x10000000 + n maps phys n through 2M leaves; 0x20000000 goes through an excluded table
-    from inspect_vmemmap.dumpfile import ExcludedTable
+    from inspect_vmemmap.source.dumpfile import ExcludedTable
 
     def leaf(va):
         if va >= 0x20000000:
@@ -119,10 +119,10 @@ def test_excluding_memory_names_the_filter(tmp_path):
                     vaddr_end=0x10000000 + 6 * BS)
     other = Finding("unreadable", None, "struct pages could not be read", vaddr=0x10000000 + 7 * BS,
                     vaddr_end=0x10000000 + 8 * BS)
-    assert name_filter([table, pages, other], t) == 2
+    assert name_filter([table, pages, other], t.dump, t.memory) == 2
     assert table.extra["excluded_by"].startswith("makedumpfile -d 31") and "excluded from the dump" in table.message
     assert pages.extra["excluded_by"] and "excluded_by" not in other.extra
-    assert name_filter([table, pages, other], t) == 2 and table.message.count("excluded from") == 1  # idempotent
+    assert name_filter([table, pages, other], t.dump, t.memory) == 2 and table.message.count("excluded from") == 1  # idempotent
 
 
 def test_excluded_classes():

@@ -52,7 +52,7 @@ def test_check_cli_matches(fixture):
 
 def test_every_command_matches(fixture):
     from inspect_vmemmap.commands import Analysis
-    from inspect_vmemmap.target import open_target
+    from inspect_vmemmap.source import open_target
 
     name, core, expected = fixture
     a = Analysis(open_target(core=str(core), no_debuginfo=True))

@@ -22,6 +22,7 @@ from bisect import bisect_right
 from typing import Dict, List, Optional, Tuple
 
 from inspect_vmemmap.intervals import merge, subtract
+from inspect_vmemmap.memory import FaultError
 
 #: dump level bits (makedumpfile.h DL_EXCLUDE_*; makedumpfile(8) -d)
 DUMP_LEVEL_BITS = (
@@ -283,51 +284,46 @@ class ExcludingMemory:
     def _excluded(self, phys: int, size: int) -> bool:
         return self.dump.overlaps_excluded(phys, size)
 
-    def read(self, address: int, size: int, physical: bool = False) -> bytes:
-        from inspect_vmemmap.memory import FaultError
+    def excludes(self, va: int, end: int) -> bool:
+        """Whether virtual ``[va, end)`` touches a page the dump excluded: a page-table page
+        on the way to it, or a page it maps (only as far as the tables map it)."""
+        while va < end:
+            try:
+                leaf = self._leaf(va)
+            except ExcludedTable:
+                return True
+            if leaf is None:
+                return False  # not mapped as far as the tables say: the inner read decides
+            lva, lsize, lphys = leaf
+            n = min(end, lva + lsize) - va
+            if self._excluded(lphys + (va - lva), n):
+                return True
+            va += n
+        return False
 
-        if self.dump.has_excluded:
-            bad = False
-            if physical:
-                bad = self._excluded(address, size)
-            else:
-                va, end = address, address + size
-                while va < end:
-                    try:
-                        leaf = self._leaf(va)
-                    except ExcludedTable:
-                        bad = True
-                        break
-                    if leaf is None:
-                        break  # not mapped as far as the tables say: the inner read decides
-                    lva, lsize, lphys = leaf
-                    n = min(end, lva + lsize) - va
-                    if self._excluded(lphys + (va - lva), n):
-                        bad = True
-                        break
-                    va += n
-            if bad:
-                self.hits.append((address, physical))
-                raise FaultError(address, physical, f"excluded from the dump by {self.dump.filter_text()}")
+    def read(self, address: int, size: int, physical: bool = False) -> bytes:
+        if self.dump.has_excluded and (self._excluded(address, size) if physical
+                                       else self.excludes(address, address + size)):
+            self.hits.append((address, physical))
+            text = self.dump.filter_text()
+            raise FaultError(address, physical, f"excluded from the dump by {text}", excluded_by=text)
         return self.inner.read(address, size, physical)
 
 
-def attach_dump(target, path: str) -> None:
-    """Give a ``--core`` :class:`~inspect_vmemmap.target.Target` its ``dump`` (what the file
-    holds and left out) and, where the dump left pages out, an :class:`ExcludingMemory`."""
-    dump = describe(path, target.layout.page_size)
-    target.dump = dump
+def filtering_memory(inner, dump: Optional[DumpFile], layout):
+    """The memory to read a dump through: ``inner`` itself, or, where the dump left pages
+    out, an :class:`ExcludingMemory` over it that translates virtual addresses with the
+    kernel's own page tables (``layout``'s architecture and root)."""
     if dump is None or not dump.has_excluded:
-        return
-    from inspect_vmemmap.analysis import paging_format
+        return inner
+    from inspect_vmemmap.arch import for_layout
     from inspect_vmemmap.pgtable import translate
 
-    lay = target.layout
-    fmt = paging_format(lay)
-    inner = target.memory
+    fmt = for_layout(layout).paging(layout)
+    root = layout.pgtable_root
 
     def leaf(va: int):
-        steps = translate(inner, fmt, lay.pgtable_root, va)
+        steps = translate(inner, fmt, root, va)
         for st in steps:
             if dump.overlaps_excluded(st.table_phys, 8):
                 raise ExcludedTable(st.table_phys)
@@ -336,17 +332,17 @@ def attach_dump(target, path: str) -> None:
             return None
         return va & ~(last.size - 1), last.size, last.phys
 
-    target.memory = ExcludingMemory(inner, dump, leaf)
+    return ExcludingMemory(inner, dump, leaf)
 
 
-def name_filter(findings, target) -> int:
+def name_filter(findings, dump: Optional[DumpFile], mem) -> int:
     """Say in each ``unreadable`` finding whose memory the dump's filter left out that it
     did (``excluded_by`` and the message); idempotent.
 
+    :param mem: the memory the findings were read through (an :class:`ExcludingMemory`
+        remembers the virtual reads it refused).
     :return: how many findings name the filter.
     """
-    dump = getattr(target, "dump", None)
-    mem = target.memory
     if dump is None or not dump.has_excluded:
         return 0
     hits = [a for a, physical in getattr(mem, "hits", ()) if not physical]
@@ -355,33 +351,17 @@ def name_filter(findings, target) -> int:
     for f in findings:
         if f.kind != "unreadable":
             continue
-        if f.extra.get("excluded_by"):
+        if f.extra.get("excluded_by"):  # e.g. HVO unknown for want of the pools the filter left out
             n += 1
             continue
-        excluded = "excluded from the dump by" in f.message  # e.g. HVO unknown for want of the pools
-        if excluded:
-            f.extra["excluded_by"] = text
-            n += 1
-            continue
+        excluded = False
         if f.phys is not None:
             excluded = dump.overlaps_excluded(f.phys, 1)
         if not excluded and f.vaddr is not None:
             end = f.vaddr_end if f.vaddr_end is not None else f.vaddr + 1
             excluded = any(f.vaddr <= a < end for a in hits)
             if not excluded and isinstance(mem, ExcludingMemory):
-                va = f.vaddr
-                while va < end and not excluded:
-                    try:
-                        leaf = mem._leaf(va)
-                    except ExcludedTable:
-                        excluded = True
-                        break
-                    if leaf is None:
-                        break
-                    lva, lsize, lphys = leaf
-                    n_ = min(end, lva + lsize) - va
-                    excluded = dump.overlaps_excluded(lphys + (va - lva), n_)
-                    va += n_
+                excluded = mem.excludes(f.vaddr, end)
         if excluded:
             f.extra["excluded_by"] = text
             f.message += f" (excluded from the dump by {text})"

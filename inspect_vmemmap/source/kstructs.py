@@ -133,9 +133,10 @@ class PartialPools(Exception):
     """Some HugeTLB pool lists could not be followed to their end (a struct page on the way
     could not be read): ``folios`` holds those found, the message the first failure."""
 
-    def __init__(self, folios: list, error: Exception) -> None:
+    def __init__(self, folios: list, error: FaultError) -> None:
         super().__init__(str(error))
         self.folios = folios
+        self.excluded_by = error.excluded_by
 
 
 def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], layout: KernelLayout,
