@@ -1,8 +1,9 @@
 """The small memory interface that the decoders and walkers work on.
 
 Everything below the drgn adapter reads target memory through :class:`Memory`: one
-method, ``read(address, size, physical)``. Production passes a drgn program (whose
-``Program.read`` has exactly this signature); unit tests pass :class:`SyntheticMemory`.
+method, ``read(address, size, physical)``. Production passes the adapter's DrgnMemory
+(drgn's ``Program.read`` has exactly this signature), unit tests synthetic memory
+(tests/synthmem.py). Type information, DWARF or BTF, has one interface too: :class:`Types`.
 """
 
 from __future__ import annotations
@@ -28,57 +29,24 @@ class Memory(Protocol):
         ...
 
 
-class SyntheticMemory:
-    """Sparse physical memory made of 4 KiB-or-larger pages, for tests.
+class Types(Protocol):
+    """Type information about kernel structures: the drgn adapter's DwarfTypes and
+    :class:`inspect_vmemmap.btf.Btf` both have it. ``source`` is "dwarf" or "btf"; the
+    lookups raise KeyError for what the kernel does not have."""
 
-    Virtual reads go through one linear mapping (``virt_base + phys``), like the
-    kernel's direct map; that is all the section decoder needs.
-    """
+    source: str
 
-    def __init__(self, page_size: int = 4096, virt_base: int = 0xFFFF888000000000) -> None:
-        self.page_size = page_size
-        self.virt_base = virt_base
-        self.pages: Dict[int, bytearray] = {}
+    def sizeof(self, name: str) -> int: ...
 
-    def page(self, phys: int) -> bytearray:
-        base = phys - phys % self.page_size
-        page = self.pages.get(base)
-        if page is None:
-            page = self.pages[base] = bytearray(self.page_size)
-        return page
+    def offsetof(self, name: str, member: str) -> int: ...
 
-    def write(self, address: int, data: bytes, physical: bool = True) -> None:
-        phys = address if physical else address - self.virt_base
-        while data:
-            page = self.page(phys)
-            off = phys % self.page_size
-            n = min(len(data), self.page_size - off)
-            page[off : off + n] = data[:n]
-            data = data[n:]
-            phys += n
+    def member_size(self, name: str, member: str) -> int: ...
 
-    def write_u64(self, address: int, value: int, physical: bool = True) -> None:
-        self.write(address, (value & (2**64 - 1)).to_bytes(8, "little"), physical)
+    def has_member(self, name: str, member: str) -> bool: ...
 
-    def remove(self, phys: int) -> None:
-        self.pages.pop(phys - phys % self.page_size, None)
+    def enum_value(self, name: str) -> Optional[int]: ...
 
-    def read(self, address: int, size: int, physical: bool = False) -> bytes:
-        phys = address if physical else address - self.virt_base
-        if not physical and not 0 <= phys < 1 << 52:
-            raise FaultError(address, physical, "outside the synthetic direct map")
-        out = bytearray()
-        while size > 0:
-            base = phys - phys % self.page_size
-            page = self.pages.get(base)
-            if page is None:
-                raise FaultError(address, physical)
-            off = phys - base
-            n = min(size, self.page_size - off)
-            out += page[off : off + n]
-            size -= n
-            phys += n
-        return bytes(out)
+    def enumerators(self, enum_name: Optional[str] = None, *, containing: Optional[str] = None) -> Dict[str, int]: ...
 
 
 class PhysRanges:

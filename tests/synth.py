@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 from inspect_vmemmap.layout import KernelLayout
-from inspect_vmemmap.memory import SyntheticMemory
+from tests.synthmem import SyntheticMemory
 
 P, RW, USER, A, D, PSE, G = 1, 2, 4, 0x20, 0x40, 0x80, 0x100
 NX = 1 << 63

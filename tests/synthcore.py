@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 import tests.synth as synth
-from inspect_vmemmap.elfcore import write_elf_core
+from tests.elfcore import write_elf_core
 from inspect_vmemmap.model import Inputs
 
 GiB = 1 << 30

@@ -11,7 +11,8 @@ import pytest
 from inspect_vmemmap.check import _hvo_transient, _section_transient
 from inspect_vmemmap.source.dumpfile import ExcludingMemory, excluded_classes, name_filter, read_dump_file
 from inspect_vmemmap.findings import Finding
-from inspect_vmemmap.memory import FaultError, SyntheticMemory
+from inspect_vmemmap.memory import FaultError
+from tests.synthmem import SyntheticMemory
 
 BS = 4096
 

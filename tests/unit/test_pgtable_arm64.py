@@ -1,6 +1,6 @@
 import pytest
 
-from inspect_vmemmap.memory import SyntheticMemory
+from tests.synthmem import SyntheticMemory
 from inspect_vmemmap.pgtable import BadEntry, Leaf, Unreadable, translate, walk
 from inspect_vmemmap.pgtable.arm64 import Arm64Paging, ttbr1_root
 from tests.synth import (ARM64_CONT, ARM64_DBM, ARM64_PAGE_KERNEL, ARM64_PAGE_KERNEL_RO, ARM64_RDONLY,

@@ -1,6 +1,6 @@
 import pytest
 
-from inspect_vmemmap.memory import SyntheticMemory
+from tests.synthmem import SyntheticMemory
 from inspect_vmemmap.pgtable import BadEntry, Leaf, Unreadable, translate, walk
 from inspect_vmemmap.pgtable.x86_64 import X86_64Paging
 from tests.synth import PAGE_KERNEL_RO, PSE, X86Tables

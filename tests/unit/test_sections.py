@@ -1,4 +1,4 @@
-from inspect_vmemmap.memory import SyntheticMemory
+from tests.synthmem import SyntheticMemory
 from inspect_vmemmap.sections import read_sections
 from tests.synth import build_sections, x86_layout
 

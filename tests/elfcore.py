@@ -8,7 +8,8 @@ from __future__ import annotations
 import struct
 from typing import BinaryIO, Dict, Iterable, List, Tuple
 
-EM = {"x86_64": 62, "aarch64": 183}
+from inspect_vmemmap.arch import get as get_arch
+
 
 
 def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
@@ -35,7 +36,7 @@ def write_elf_core(f: BinaryIO, arch: str, vmcoreinfo: bytes, memory: Dict[int, 
     phnum = 1 + len(segs)
     off = 64 + 56 * phnum
     f.write(b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8))
-    f.write(struct.pack("<HHIQQQIHHHHHH", 4, EM[arch], 1, 0, 64, 0, 0, 64, 56, phnum, 0, 0, 0))
+    f.write(struct.pack("<HHIQQQIHHHHHH", 4, get_arch(arch).elf_machine, 1, 0, 64, 0, 0, 64, 56, phnum, 0, 0, 0))
     f.write(struct.pack("<IIQQQQQQ", 4, 0, off, 0, 0, len(note), len(note), 0))
     data_off = off + len(note)
     for start, size in segs:
