@@ -8,36 +8,62 @@ takes a :class:`KernelLayout` and stays free of drgn.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
-from typing import Dict, FrozenSet, Optional, Tuple
+from functools import cached_property, lru_cache
+from typing import Dict, FrozenSet, NamedTuple, Optional, Tuple
 
 
-# Section flag bits before they became an enum. Linux kernel commit ed7802dd48f7 ("mm:
-# memory_hotplug: enumerate all supported section flags", v6.0) turned them into an
-# anonymous enum; before that they were #defines with these values (include/linux/mmzone.h).
-HISTORICAL_SECTION_FLAGS: Dict[str, int] = {
-    "PRESENT": 0,  # SECTION_MARKED_PRESENT, since 29751f6991e8 (v2.6.13)
-    "HAS_MEM_MAP": 1,  # since 29751f6991e8 (v2.6.13)
-    "ONLINE": 2,  # SECTION_IS_ONLINE, 2d070eab2e82 (v4.13)
-    "EARLY": 3,  # SECTION_IS_EARLY, 326e1b8f83a4 (v5.3)
-    "ZONE_DEVICE": 4,  # SECTION_TAINT_ZONE_DEVICE, 1f90a3477df3 (v5.12)
-}
+class SectionFlag(NamedTuple):
+    """One flag in the low bits of ``mem_section.section_mem_map`` (include/linux/mmzone.h)."""
+
+    name: str  # ours, as KernelLayout.section_flags and Section.flags spell it
+    enumerator: str  # the kernel's SECTION_<X>_BIT (the anonymous enum, v6.0+)
+    json: str  # the name the JSON and the model's predictions use
+    letter: str  # crash's `kmem -n` STATE letter (memory.c); V is ours, for VMEMMAP_PREINIT
+    #: the #define's bit before commit ed7802dd48f7 ("mm: memory_hotplug: enumerate all
+    #: supported section flags", v6.0) turned them into an enum; None: an enumerator only
+    historical_bit: Optional[int]
+    since: str  # the commit that added it
+
+
+#: Every section flag, in the order the STATE column and the JSON list them.
+SECTION_FLAGS: Tuple[SectionFlag, ...] = (
+    SectionFlag("PRESENT", "SECTION_MARKED_PRESENT_BIT", "present", "P", 0, "29751f6991e8 (v2.6.13)"),
+    SectionFlag("HAS_MEM_MAP", "SECTION_HAS_MEM_MAP_BIT", "has_mem_map", "M", 1, "29751f6991e8 (v2.6.13)"),
+    SectionFlag("ONLINE", "SECTION_IS_ONLINE_BIT", "online", "O", 2, "2d070eab2e82 (v4.13)"),
+    SectionFlag("EARLY", "SECTION_IS_EARLY_BIT", "early", "E", 3, "326e1b8f83a4 (v5.3)"),
+    SectionFlag("ZONE_DEVICE", "SECTION_TAINT_ZONE_DEVICE_BIT", "zone_device", "D", 4, "1f90a3477df3 (v5.12)"),
+    # CONFIG_SPARSEMEM_VMEMMAP_PREINIT: read in Debian's 7.2 (x86 selects it); it takes
+    # the next free bit, so SECTION_MAP_LAST_BIT moves
+    SectionFlag("VMEMMAP_PREINIT", "SECTION_IS_VMEMMAP_PREINIT_BIT", "vmemmap_preinit", "V", None,
+                "an enumerator only (after v6.0)"),
+)
+#: our name -> its record
+SECTION_FLAG: Dict[str, SectionFlag] = {f.name: f for f in SECTION_FLAGS}
+
+#: Section flag bits before they became an enum (see SectionFlag.historical_bit)
+HISTORICAL_SECTION_FLAGS: Dict[str, int] = {f.name: f.historical_bit for f in SECTION_FLAGS
+                                            if f.historical_bit is not None}
 HISTORICAL_SECTION_MAP_LAST_BIT = 5
 
-#: crash's `kmem -n` STATE letters (memory.c), plus V for 7.2's IS_VMEMMAP_PREINIT
-FLAG_LETTERS = {"PRESENT": "P", "HAS_MEM_MAP": "M", "ONLINE": "O", "EARLY": "E", "ZONE_DEVICE": "D", "VMEMMAP_PREINIT": "V"}
-#: the names the JSON uses
-FLAG_NAMES = {"PRESENT": "present", "HAS_MEM_MAP": "has_mem_map", "ONLINE": "online", "EARLY": "early",
-              "ZONE_DEVICE": "zone_device", "VMEMMAP_PREINIT": "vmemmap_preinit"}
-#: enumerator names in the kernel (SECTION_<X>_BIT) for each of our names
-KERNEL_FLAG_ENUMERATORS = {
-    "SECTION_MARKED_PRESENT_BIT": "PRESENT",
-    "SECTION_HAS_MEM_MAP_BIT": "HAS_MEM_MAP",
-    "SECTION_IS_ONLINE_BIT": "ONLINE",
-    "SECTION_IS_EARLY_BIT": "EARLY",
-    "SECTION_TAINT_ZONE_DEVICE_BIT": "ZONE_DEVICE",
-    "SECTION_IS_VMEMMAP_PREINIT_BIT": "VMEMMAP_PREINIT",
-}
+
+@lru_cache(maxsize=None)
+def flag_json_names(flags: FrozenSet[str]) -> Tuple[str, ...]:
+    """Our flag names -> the JSON's, in the table's order (for output only)."""
+    return tuple(f.json for f in SECTION_FLAGS if f.name in flags)
+
+
+@lru_cache(maxsize=None)
+def flag_letters(flags: FrozenSet[str]) -> str:
+    """Our flag names -> crash's STATE letters, in the table's order (for output only)."""
+    return "".join(f.letter for f in SECTION_FLAGS if f.name in flags)
+
+
+def flag_from_json(json_name: str) -> str:
+    """A JSON flag name (as the model's predictions give them) -> ours."""
+    return _BY_JSON[json_name]
+
+
+_BY_JSON = {f.json: f.name for f in SECTION_FLAGS}
 
 
 @dataclass
@@ -175,5 +201,5 @@ def flag_bits_from_enumerators(enumerators: Dict[str, int]) -> Optional[tuple]:
     """
     if "SECTION_MARKED_PRESENT_BIT" not in enumerators or "SECTION_MAP_LAST_BIT" not in enumerators:
         return None
-    flags = {ours: enumerators[k] for k, ours in KERNEL_FLAG_ENUMERATORS.items() if k in enumerators}
+    flags = {f.name: enumerators[f.enumerator] for f in SECTION_FLAGS if f.enumerator in enumerators}
     return flags, enumerators["SECTION_MAP_LAST_BIT"]

@@ -8,12 +8,11 @@ include/linux/mmzone.h (``__nr_to_section``, ``SECTION_*``) and mm/sparse.c
 
 from __future__ import annotations
 
-import functools
 import struct
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from inspect_vmemmap.findings import Finding
-from inspect_vmemmap.layout import FLAG_LETTERS, FLAG_NAMES, KernelLayout
+from inspect_vmemmap.layout import SECTION_FLAG, KernelLayout, flag_json_names, flag_letters
 from inspect_vmemmap.memory import FaultError, Memory
 
 
@@ -57,10 +56,10 @@ class Section:
 
     def letters(self) -> str:
         """crash's ``kmem -n`` STATE column."""
-        return _letters(self.flags)
+        return flag_letters(self.flags)
 
     def flag_names(self) -> List[str]:
-        return list(_names(self.flags))
+        return list(flag_json_names(self.flags))
 
     def valid_subsections(self, layout: KernelLayout) -> int:
         """Bitmap of subsections whose pfns are valid (pfn_valid(): early sections are
@@ -99,19 +98,6 @@ class Section:
         return out
 
 
-_ORDER = ("PRESENT", "HAS_MEM_MAP", "ONLINE", "EARLY", "ZONE_DEVICE", "VMEMMAP_PREINIT")
-
-
-@functools.lru_cache(maxsize=None)
-def _letters(flags: frozenset) -> str:
-    return "".join(FLAG_LETTERS[f] for f in _ORDER if f in flags)
-
-
-@functools.lru_cache(maxsize=None)
-def _names(flags: frozenset) -> Tuple[str, ...]:
-    return tuple(FLAG_NAMES[f] for f in _ORDER if f in flags)
-
-
 class SectionTable:
     """All non-empty sections, with what could not be read."""
 
@@ -129,17 +115,11 @@ class SectionTable:
     def get(self, nr: int) -> Optional[Section]:
         return self.sections.get(nr)
 
-    def for_pfn(self, pfn: int) -> Optional[Section]:
-        return self.sections.get(pfn >> self.layout.pfn_section_shift)
-
-    def present(self) -> List[Section]:
-        return [s for s in self if s.present]
-
     def counts(self) -> Dict[str, int]:
         c = {"present": 0, "has_mem_map": 0, "online": 0, "early": 0, "zone_device": 0}
         for s in self.sections.values():
             for f in s.flags:
-                name = FLAG_NAMES[f]
+                name = SECTION_FLAG[f].json
                 if name in c:
                     c[name] += 1
         return c
