@@ -13,7 +13,7 @@ from inspect_vmemmap.source.dumpfile import name_filter
 from inspect_vmemmap.source.gather import Reading
 from inspect_vmemmap.facts import Assumption
 from inspect_vmemmap.findings import Finding
-from inspect_vmemmap.vmemmap import NodeMap, VmemmapMap
+from inspect_vmemmap.vmemmap import MappedLeaf, NodeMap, VmemmapMap
 
 
 class Progress:
@@ -38,7 +38,7 @@ class Analysis:
         self.nodes = NodeMap(self.reading.node_spans())
         self.sections = load_sections(target.memory, target.layout, self.nodes)
         self._map: Optional[VmemmapMap] = None
-        self._leaves: List[Tuple[int, int, int, bool]] = []
+        self._leaves: List[MappedLeaf] = []
 
     def vmemmap(self) -> VmemmapMap:
         if self._map is None:
@@ -50,7 +50,7 @@ class Analysis:
             update = self.progress.task("walking the vmemmap page tables", max(hi - lo, 1))
 
             def on_leaf(l) -> None:
-                leaves.append((l.vaddr, l.size, l.phys, l.writable))
+                leaves.append(MappedLeaf.of(l))
                 if not len(leaves) & 1023:
                     update(l.vaddr - lo)
 

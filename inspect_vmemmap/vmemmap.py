@@ -8,7 +8,7 @@ Works on plain data: a page-table walk (:func:`inspect_vmemmap.pgtable.walk`), a
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.layout import KernelLayout
@@ -28,6 +28,20 @@ def size_label(size: int) -> str:
         if size >= unit and size % unit == 0:
             return f"{size // unit}{suffix}"
     return f"{size}B" if size < 1024 else f"{size / 1024:.1f}K"
+
+
+class MappedLeaf(NamedTuple):
+    """One vmemmap leaf as the checks need it: ``[vaddr, vaddr + size)`` mapped onto
+    ``[phys, phys + size)`` (a :class:`~inspect_vmemmap.pgtable.Leaf` without its entry)."""
+
+    vaddr: int
+    size: int
+    phys: int
+    writable: bool
+
+    @classmethod
+    def of(cls, leaf: Leaf) -> "MappedLeaf":
+        return cls(leaf.vaddr, leaf.size, leaf.phys, leaf.writable)
 
 
 class NodeMap:

@@ -139,11 +139,12 @@ def test_no_hvo_on_arm64():
     assert h.tail_target == "unsupported"
 
     from inspect_vmemmap.check import run_check
+    from inspect_vmemmap.vmemmap import MappedLeaf
     from inspect_vmemmap.sections import SectionTable
 
     # every struct page mapped by RW PMD blocks, as the kernel left them
     start, end = lay.pfn_to_page(0x40000), lay.pfn_to_page(0x80000)
-    leaves = [(va, 2 << 20, 0x7E000000 + (va - start), True) for va in range(start, end, 2 << 20)]
+    leaves = [MappedLeaf(va, 2 << 20, 0x7E000000 + (va - start), True) for va in range(start, end, 2 << 20)]
     res = run_check(inp, SectionTable(lay), leaves)
     hv = [f for f in res.findings if f.kind == "hvo-inconsistent"]
     assert len(hv) == 1 and hv[0].pfn_start == 0x50000 and "aarch64" in hv[0].message

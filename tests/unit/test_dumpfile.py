@@ -12,6 +12,7 @@ from inspect_vmemmap.check import _hvo_transient, _section_transient
 from inspect_vmemmap.source.dumpfile import ExcludingMemory, excluded_classes, name_filter, read_dump_file
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.memory import FaultError
+from inspect_vmemmap.vmemmap import MappedLeaf
 from tests.synthmem import SyntheticMemory
 
 BS = 4096
@@ -133,7 +134,7 @@ def test_excluded_classes():
 
 
 def test_transient_hvo_states():
-    head = (0x1000, 4096, 0x9000, True)
+    head = MappedLeaf(0x1000, 4096, 0x9000, True)
     # PMD split, every tail still writable on its own page: remap started or restore finishing
     assert "every tail still writable" in _hvo_transient(8, head, list(range(1, 8)), False, True)
     # a read-only prefix (optimising) or suffix (restoring)
@@ -144,7 +145,7 @@ def test_transient_hvo_states():
     assert _hvo_transient(8, head, [6, 7], True, True) == ""
     # flagged, PMD not split yet: the remap had not started
     assert "had not started" in _hvo_transient(8, None, [], True, False)
-    assert _hvo_transient(8, (0x1000, 4096, 0x9000, False), [6, 7], False, True) == ""
+    assert _hvo_transient(8, MappedLeaf(0x1000, 4096, 0x9000, False), [6, 7], False, True) == ""
 
 
 def test_transient_section_states():

@@ -43,7 +43,7 @@ from inspect_vmemmap.memory import FaultError, PhysRanges
 from inspect_vmemmap.model import Folio, Inputs, merge
 from inspect_vmemmap.pgtable import TABLE, Leaf, Unreadable, translate, walk
 from inspect_vmemmap.sections import read_sections
-from inspect_vmemmap.vmemmap import NodeMap
+from inspect_vmemmap.vmemmap import MappedLeaf, NodeMap
 from tests.synth import PAGE_KERNEL, PAGE_KERNEL_LARGE, PAGE_KERNEL_RO, PSE, SynthKernel, backing_range, \
     with_backing_ram, x86_layout
 
@@ -442,7 +442,7 @@ def observe(k, text=False):
     # the root array (whole, else page by page), each root once, each usage once
     assert len(cmem.reads) <= 1 + root_pages + lay.nr_section_roots + len(sections)
     leaves = []
-    vm = load_map(k.mem, lay, sections, nodes, ram, on_leaf=lambda l: leaves.append((l.vaddr, l.size, l.phys, l.writable)))
+    vm = load_map(k.mem, lay, sections, nodes, ram, on_leaf=lambda l: leaves.append(MappedLeaf.of(l)))
     top = ram.end
     events = walk_bounded(k, fmt, vm.start, vm.end, (lambda p: p < top) if ram else None)
     assert [(e.vaddr, e.size, e.phys, e.writable) for e in events if type(e) is Leaf] == leaves

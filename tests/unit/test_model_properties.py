@@ -14,7 +14,7 @@ from inspect_vmemmap.analysis import load_map, load_sections
 from inspect_vmemmap.check import run_check
 from inspect_vmemmap.memory import PhysRanges
 from inspect_vmemmap.model import Altmap, DeviceMap, Folio, HostedBlock, Inputs, merge, predict
-from inspect_vmemmap.vmemmap import NodeMap
+from inspect_vmemmap.vmemmap import MappedLeaf, NodeMap
 from tests.synth import SynthKernel, backing_range, with_backing_ram, x86_layout
 
 SEC = 1 << 27  # bytes per section
@@ -101,7 +101,7 @@ def _observe(k: SynthKernel):
     sections = load_sections(k.mem, lay, nodes)
     leaves = []
     vm = load_map(k.mem, lay, sections, nodes, PhysRanges(k.inputs.ram),
-                  on_leaf=lambda l: leaves.append((l.vaddr, l.size, l.phys, l.writable)))
+                  on_leaf=lambda l: leaves.append(MappedLeaf.of(l)))
     return sections, vm, leaves
 
 

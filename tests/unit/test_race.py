@@ -17,7 +17,7 @@ from inspect_vmemmap.check import run_check
 from inspect_vmemmap.findings import exit_status
 from inspect_vmemmap.memory import PhysRanges
 from inspect_vmemmap.model import Inputs
-from inspect_vmemmap.vmemmap import NodeMap
+from inspect_vmemmap.vmemmap import MappedLeaf, NodeMap
 from tests.synth import SynthKernel, with_backing_ram, x86_layout
 
 GiB = 1 << 30
@@ -69,7 +69,7 @@ class SynthAnalysis:
         inp = self.t.inputs
         leaves = []
         vm = load_map(self.t.memory, inp.layout, self.sections, self.nodes, PhysRanges(inp.ram),
-                      on_leaf=lambda l: leaves.append((l.vaddr, l.size, l.phys, l.writable)))
+                      on_leaf=lambda l: leaves.append(MappedLeaf.of(l)))
         res = run_check(inp, self.sections, leaves)
         findings = list(self.sections.findings) + vm.findings + res.findings
         doc = report.document(self.t.to_json(), findings, hvo=res.hvo)
