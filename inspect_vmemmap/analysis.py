@@ -33,7 +33,7 @@ def load_sections(mem: Memory, layout: KernelLayout, nodes: NodeMap) -> SectionT
         if s.valid and s.coded_mem_map != layout.vmemmap_base:
             start = s.start_pfn(layout)
             table.findings.append(Finding(
-                "mem-map-mismatch", "error",
+                "mem-map-mismatch", None,
                 f"section {s.nr}: coded mem_map {s.coded_mem_map:#x} is not the vmemmap base {layout.vmemmap_base:#x} "
                 f"(its struct pages would be at {s.mem_map(layout):#x} instead of {layout.pfn_to_page(start):#x})",
                 section=s.nr, pfn_start=start, pfn_end=start + layout.pages_per_section - 1, vaddr=s.addr))

@@ -128,7 +128,7 @@ def _race(f: Finding, seen: List[int], passes: int) -> Finding:
         how = f"read {said} of {passes} found it, read {passes - 1} did not"
     else:
         how = f"read {said} of {passes} found it; the last read did not"
-    return Finding("race", "warning", f"the running kernel changed this while it was read: {how}: "
+    return Finding("race", None, f"the running kernel changed this while it was read: {how}: "
                    f"{f.kind}: {f.message}", was=f.kind, seen_in=seen, **where)
 
 

@@ -26,11 +26,9 @@ KINDS: Dict[str, str] = {
     "race": "warning",
 }
 
-SEVERITIES = ("error", "warning", "info")
-
-
 class Finding:
-    """One thing that is wrong or notable: what (``kind``), where, and why (``message``)."""
+    """One thing that is wrong or notable: what (``kind``), where, and why (``message``).
+    ``severity`` None: the kind's own (:data:`KINDS`); give one only where it differs."""
 
     __slots__ = ("kind", "severity", "message", "section", "pfn_start", "pfn_end", "vaddr", "vaddr_end", "phys", "extra")
 

@@ -146,7 +146,7 @@ def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) ->
     most = -(-(1 << max(0, layout.max_physmem_bits - layout.section_size_bits)) // max(spr, 1))
     if nroots > most:
         table.findings.append(Finding(
-            "unreadable", "warning",
+            "unreadable", None,
             f"mem_section has {nroots} roots by LENGTH(mem_section), more than the {most} that MAX_PHYSMEM_BITS "
             f"{layout.max_physmem_bits} and SECTION_SIZE_BITS {layout.section_size_bits} allow: roots {most}- not read"))
         nroots = most
@@ -155,7 +155,7 @@ def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) ->
     if layout.sparsemem_extreme:
         base = layout.mem_section_addr
         if not base:
-            table.findings.append(Finding("section-flags", "error", "mem_section is NULL: sparse_init never ran or the pointer was overwritten"))
+            table.findings.append(Finding("section-flags", None, "mem_section is NULL: sparse_init never ran or the pointer was overwritten"))
             return table
         for i, p in _read_roots(table, mem, base, nroots, spr):
             if p:
@@ -169,7 +169,7 @@ def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) ->
             raw = mem.read(addr, spr * size)
         except FaultError:
             table.findings.append(Finding(
-                "unreadable", "warning",
+                "unreadable", None,
                 f"mem_section root {ri} at {addr:#x} could not be read: sections {ri * spr}-{ri * spr + spr - 1} unknown",
                 vaddr=addr, section=ri * spr))
             continue
@@ -191,7 +191,7 @@ def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) ->
             except FaultError:
                 if not s.early:
                     table.findings.append(Finding(
-                        "unreadable", "warning",
+                        "unreadable", None,
                         f"section {s.nr}: usage at {s.usage:#x} could not be read; its subsection map is unknown",
                         section=s.nr, vaddr=s.usage))
     return table
@@ -226,7 +226,7 @@ def _read_roots(table: SectionTable, mem: Memory, base: int, nroots: int, spr: i
         i += n
     for a, b in bad:
         table.findings.append(Finding(
-            "unreadable", "warning",
+            "unreadable", None,
             f"mem_section root pointers {a}-{b - 1} at {base + a * 8:#x}-{base + b * 8:#x} could not be read: "
             f"sections {a * spr}-{b * spr - 1} unknown", vaddr=base + a * 8, vaddr_end=base + b * 8, section=a * spr))
     return out
@@ -238,18 +238,18 @@ def _check_flags(table: SectionTable, s: Section) -> None:
     end = start + layout.pages_per_section - 1
     where = dict(section=s.nr, pfn_start=start, pfn_end=end, vaddr=s.addr)
     if s.unknown_flags:
-        table.findings.append(Finding("section-flags", "error",
+        table.findings.append(Finding("section-flags", None,
                                       f"section {s.nr}: unknown flag bits {s.unknown_flags:#x} in section_mem_map {s.section_mem_map:#x}", **where))
     if s.valid and not s.present:
-        table.findings.append(Finding("section-flags", "error",
+        table.findings.append(Finding("section-flags", None,
                                       f"section {s.nr}: has a mem_map but is not present (section_mem_map {s.section_mem_map:#x})", **where))
     # ZONE_DEVICE-tainted and online at once is not impossible: the taint marks the
     # sections device memory shares with other memory, online RAM among it
     # (mm/memory_hotplug.c section_taint_zone_device(), pfn_to_online_page()); the model
     # says which sections must carry it (model.predict()).
     if s.early and not s.valid and s.present:
-        table.findings.append(Finding("section-flags", "error",
+        table.findings.append(Finding("section-flags", None,
                                       f"section {s.nr}: early but without a mem_map", **where))
     if not s.present and s.section_mem_map and not s.flags and not s.unknown_flags:
-        table.findings.append(Finding("section-flags", "error",
+        table.findings.append(Finding("section-flags", None,
                                       f"section {s.nr}: section_mem_map {s.section_mem_map:#x} is set on a section that is not present", **where))

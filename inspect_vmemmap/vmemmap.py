@@ -243,7 +243,7 @@ def map_vmemmap(
             cur = None
             p0, p1 = pfns_of(ev)
             vm.findings.append(Finding(
-                "bad-entry", "error",
+                "bad-entry", None,
                 f"malformed {ev.level} entry {ev.entry:#018x} for {ev.vaddr:#x}-{ev.vaddr + ev.size:#x} "
                 f"(struct pages of pfn {p0}-{p1}): {ev.reason}",
                 section=p0 >> pfn_shift, pfn_start=p0, pfn_end=p1, vaddr=ev.vaddr,
@@ -252,7 +252,7 @@ def map_vmemmap(
             cur = None
             p0, p1 = pfns_of(ev)
             vm.findings.append(Finding(
-                "unreadable", "warning",
+                "unreadable", None,
                 f"{ev.level} table at phys {ev.table_phys:#x} could not be read: the mapping of "
                 f"{ev.vaddr:#x}-{ev.vaddr + ev.size:#x} (struct pages of pfn {p0}-{p1}) is unknown",
                 section=p0 >> pfn_shift, pfn_start=p0, pfn_end=p1, vaddr=ev.vaddr, vaddr_end=ev.vaddr + ev.size,
