@@ -1,6 +1,6 @@
 """What a dump file left out, from its headers (inspect_vmemmap.source.dumpfile), on hand-built
 kdump-compressed and ELF headers laid out as makedumpfile writes them; reads of what was
-left out fail and name the filter; transient states are named (check.py)."""
+left out fail and name the filter; transient states are named (check/)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import struct
 
 import pytest
 
-from inspect_vmemmap.check import _hvo_transient, _section_transient
+from inspect_vmemmap.check.flags import _section_transient
+from inspect_vmemmap.check.hvo import _hvo_transient
 from inspect_vmemmap.source.dumpfile import ExcludingMemory, excluded_classes, name_filter, read_dump_file
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.memory import FaultError
@@ -149,6 +150,6 @@ def test_transient_hvo_states():
 
 
 def test_transient_section_states():
-    assert "hot-add in progress" in _section_transient({"present"}, {"present", "has_mem_map", "online"})
-    assert "onlining or offlining" in _section_transient({"present", "has_mem_map"}, {"present", "has_mem_map", "online"})
-    assert _section_transient({"present", "has_mem_map", "online"}, {"present", "has_mem_map", "online", "early"}) == ""
+    assert "hot-add in progress" in _section_transient({"PRESENT"}, {"PRESENT", "HAS_MEM_MAP", "ONLINE"})
+    assert "onlining or offlining" in _section_transient({"PRESENT", "HAS_MEM_MAP"}, {"PRESENT", "HAS_MEM_MAP", "ONLINE"})
+    assert _section_transient({"PRESENT", "HAS_MEM_MAP", "ONLINE"}, {"PRESENT", "HAS_MEM_MAP", "ONLINE", "EARLY"}) == ""
