@@ -80,14 +80,6 @@ def _guard(f: Callable) -> Callable:
     return wrapper
 
 
-def _console() -> Console:
-    """Rich console on stdout: as wide as the terminal; piped, lines are never wrapped
-    (tables take the width their contents need)."""
-    if sys.stdout.isatty():
-        return Console()
-    return Console(width=1000, no_color=True)
-
-
 class _RichProgress:
     """A transient progress bar on stderr, for work that can take more than a second."""
 
@@ -156,7 +148,7 @@ def sections(tgt, as_json):
     if as_json:
         report.print_json(doc)
     else:
-        con = _console()
+        con = report.stdout_console()
         report.target_line(con, ld.t.to_json(), ld.t.layout)
         report.print_sections(con, ld.sections)
         report.print_findings(con, findings)
@@ -175,7 +167,7 @@ def map_(tgt, as_json):
     if as_json:
         report.print_json(doc)
     else:
-        con = _console()
+        con = report.stdout_console()
         report.target_line(con, ld.t.to_json(), ld.t.layout)
         report.print_map(con, ld.vmemmap())
         report.print_findings(con, findings)
@@ -207,7 +199,7 @@ def pfn(pfn_text, tgt, as_json):
     if as_json:
         report.print_json(doc)
     else:
-        con = _console()
+        con = report.stdout_console()
         report.target_line(con, ld.t.to_json(), ld.t.layout)
         report.print_pfn(con, info)
         report.print_findings(con, findings)
@@ -240,9 +232,7 @@ def check(tgt, as_json, save_layout, deep, reads):
     if as_json:
         report.print_json(doc)
     else:
-        con = _console()
-        report.print_check(con, doc["target"], ld.t.layout, ld.sections, ld.vmemmap(), res.hvo, findings, notes, ld.nodes,
-                           device_dedup=res.device_dedup, self_hosted=res.self_hosted)
+        report.print_check_report(report.stdout_console(), ld, doc, findings, res, notes)
     sys.exit(exit_status(findings))
 
 
@@ -272,7 +262,7 @@ def model(layout_file, as_json):
                                                    "arch": inputs.layout.arch}, "model": pred.to_json()}
         report.print_json(doc)
     else:
-        report.print_model(_console(), inputs, pred)
+        report.print_model(report.stdout_console(), inputs, pred)
     sys.exit(0)
 
 

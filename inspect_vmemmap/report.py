@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Iterable, List, Optional
 
 from rich.console import Console
@@ -53,6 +54,14 @@ def print_json(doc: dict) -> None:
 
 
 # -- text ------------------------------------------------------------------------
+
+
+def stdout_console() -> Console:
+    """Rich console on stdout: as wide as the terminal; piped, lines are never wrapped
+    (tables take the width their contents need)."""
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=1000, no_color=True)
 
 
 def target_line(console: Console, target: dict, layout: KernelLayout) -> None:
@@ -133,6 +142,14 @@ def print_pfn(console: Console, info: dict) -> None:
         console.print(f"  backed by a {b['size']} page at {b['phys']} ({'RW' if b['writable'] else 'ro'} "
                       f"{' '.join(b['attrs'])}, {b['level']}), node {b['nid'] if b['nid'] is not None else '-'}; "
                       f"the struct page is at phys {info['struct_page_phys']}")
+
+
+def print_check_report(console: Console, analysis, doc: dict, findings: List[Finding], result,
+                       notes: List[str]) -> None:
+    """The text report of ``check``, and of ``boot``, which checks a guest the same way:
+    what :func:`inspect_vmemmap.commands.confirmed_check` returned, for people."""
+    print_check(console, doc["target"], analysis.t.layout, analysis.sections, analysis.vmemmap(), result.hvo,
+                findings, notes, analysis.nodes, device_dedup=result.device_dedup, self_hosted=result.self_hosted)
 
 
 def print_check(console: Console, target: dict, layout: KernelLayout, sections: SectionTable, vm: VmemmapMap,

@@ -113,9 +113,9 @@ def command(**kwargs) -> int:
     guest on its own /proc/kcore. Same report and exit status as `check`; --json adds
     the guest's own account (`guest`). Progress goes to stderr.
     """
-    from inspect_vmemmap.cli import _console
+    from inspect_vmemmap.report import stdout_console
 
-    return main(kwargs, _console)
+    return main(kwargs, stdout_console)
 
 
 @dataclass
@@ -615,8 +615,7 @@ def _check_outside(o: BootOptions, guest, kernel, progress, console_factory, aft
         report.print_json(doc)
     else:
         con = console_factory()
-        report.print_check(con, doc["target"], ld.t.layout, ld.sections, ld.vmemmap(), res.hvo, findings, notes,
-                           ld.nodes)
+        report.print_check_report(con, ld, doc, findings, res, notes)
         con.print(account_line(guest), highlight=False)
         sys.stdout.flush()
         if after is not None:

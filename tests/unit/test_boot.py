@@ -117,3 +117,45 @@ def test_channel_timeout(tmp_path):
         ch.run_check([], timeout=1)
     ch.close()
     server.close()
+
+
+def test_boot_prints_the_check_report(tmp_path, monkeypatch):
+    """`boot` checked from the host prints `check`'s text report for the same target, then
+    the guest's own account: here on the 6.12 device-dax fixture, whose report has the
+    ZONE_DEVICE dedup and memmap-on-the-memory lines (a QMP target stands in for a dump)."""
+    import io
+    import lzma
+    import shutil
+    from pathlib import Path
+
+    from click.testing import CliRunner
+    from rich.console import Console
+
+    from inspect_vmemmap import cli, target
+    from inspect_vmemmap.lab import boot
+
+    core = tmp_path / "core"
+    fixture = Path(__file__).resolve().parent.parent.parent / "fixtures" / "6.12-devdax.core.xz"
+    with lzma.open(fixture) as f, open(core, "wb") as out:
+        shutil.copyfileobj(f, out)
+    checked = CliRunner().invoke(cli.cli, ["check", "--core", str(core), "--no-debuginfo"])
+    assert checked.exit_code == 0, checked.output
+
+    open_target = target.open_target
+    monkeypatch.setattr(target, "open_target", lambda **kw: open_target(core=str(core), no_debuginfo=True))
+    monkeypatch.setattr(boot, "account_line", lambda guest: "the guest's own account")
+
+    class Guest:
+        qmp_socket = tmp_path / "qmp"
+
+        def qmp(self, command: str) -> None:
+            pass
+
+    out = io.StringIO()
+    status = boot._check_outside(BootOptions(debian="6.12", no_debuginfo=True), Guest(), None, lambda msg: None,
+                                 lambda: Console(file=out, width=1000, no_color=True))
+    assert status == 0
+    lines = out.getvalue().splitlines()
+    assert lines == checked.output.splitlines() + ["the guest's own account"]
+    assert any(line.startswith("ZONE_DEVICE: 98 compound pages") for line in lines)
+    assert any(line.startswith("memmap on the memory itself: 0 memory blocks") for line in lines)
