@@ -123,10 +123,6 @@ class KernelLayout:
     def pages_per_section(self) -> int:
         return 1 << self.pfn_section_shift
 
-    @property
-    def nr_mem_sections(self) -> int:
-        return 1 << (self.max_physmem_bits - self.section_size_bits)
-
     @cached_property
     def section_map_mask(self) -> int:
         return ~((1 << self.section_map_last_bit) - 1) & (2**64 - 1)

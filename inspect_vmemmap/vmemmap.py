@@ -95,10 +95,6 @@ class Range:
         self.holds = holds
         self.first_section, self.last_section = sec
 
-    @property
-    def phys_end(self) -> int:
-        return self.phys_start + (self.count * self.page_size if self.stride else self.page_size)
-
     def to_json(self) -> dict:
         d = {
             "start": hex(self.start), "end": hex(self.end), "page_size": self.page_size,

@@ -5,8 +5,8 @@ One module per family of findings, each over the same :class:`Observed` inputs g
 first: :mod:`.flags` (section flags, struct pages' node and zone), :mod:`.placement`
 (unmapped and stray vmemmap), :mod:`.hvo` (HugeTLB vmemmap optimisation), :mod:`.device`
 (ZONE_DEVICE dedup and altmap-backed vmemmap) and :mod:`.backing` (RAM, buddy, aliases,
-nodes). Families run in that order (flags and placement aside) because each explains
-sharing and placement for the ones after it (:class:`Explained`).
+nodes). HVO and device run before backing: they say which sharing and which placement
+of the backing the model explains (:class:`Explained`), and backing reports the rest.
 """
 
 from __future__ import annotations
