@@ -131,7 +131,7 @@ def test_boot_prints_the_check_report(tmp_path, monkeypatch):
     from click.testing import CliRunner
     from rich.console import Console
 
-    from inspect_vmemmap import cli, target
+    from inspect_vmemmap import cli, source
     from inspect_vmemmap.lab import boot
 
     core = tmp_path / "core"
@@ -141,8 +141,8 @@ def test_boot_prints_the_check_report(tmp_path, monkeypatch):
     checked = CliRunner().invoke(cli.cli, ["check", "--core", str(core), "--no-debuginfo"])
     assert checked.exit_code == 0, checked.output
 
-    open_target = target.open_target
-    monkeypatch.setattr(target, "open_target", lambda **kw: open_target(core=str(core), no_debuginfo=True))
+    open_target = source.open_target
+    monkeypatch.setattr(source, "open_target", lambda **kw: open_target(core=str(core), no_debuginfo=True))
     monkeypatch.setattr(boot, "account_line", lambda guest: "the guest's own account")
 
     class Guest:
