@@ -58,14 +58,6 @@ def flag_letters(flags: FrozenSet[str]) -> str:
     return "".join(f.letter for f in SECTION_FLAGS if f.name in flags)
 
 
-def flag_from_json(json_name: str) -> str:
-    """A JSON flag name (as the model's predictions give them) -> ours."""
-    return _BY_JSON[json_name]
-
-
-_BY_JSON = {f.json: f.name for f in SECTION_FLAGS}
-
-
 @dataclass
 class KernelLayout:
     arch: str  # "x86_64" | "aarch64"

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from inspect_vmemmap.arch import for_layout
-from inspect_vmemmap.layout import KernelLayout
+from inspect_vmemmap.layout import KernelLayout, flag_json_names
 
 from inspect_vmemmap.facts import Altmap, DeviceMap, Folio, HostedBlock, Inputs
 from inspect_vmemmap.intervals import Interval, merge, subtract
@@ -39,15 +39,14 @@ class SectionPrediction:
     ram: bool = True
 
     @property
-    def flags(self) -> List[str]:
-        f = ["present", "has_mem_map"]
-        if self.online:
-            f.append("online")
-        if self.early:
-            f.append("early")
-        if self.zone_device:
-            f.append("zone_device")
-        return f
+    def flags(self) -> FrozenSet[str]:
+        """The flags the section must have, by our names (layout.SECTION_FLAGS)."""
+        return frozenset(["PRESENT", "HAS_MEM_MAP"] + ["ONLINE"] * self.online + ["EARLY"] * self.early
+                         + ["ZONE_DEVICE"] * self.zone_device)
+
+    def flag_names(self) -> List[str]:
+        """:return: the flags by their JSON names, in the table's order (as Section's)."""
+        return list(flag_json_names(self.flags))
 
 
 @dataclass
@@ -184,7 +183,7 @@ class Prediction:
 
     def to_json(self) -> dict:
         return {
-            "sections": [{"nr": s.nr, "flags": s.flags, "valid_pfns": [list(v) for v in s.valid], "nid": s.nid}
+            "sections": [{"nr": s.nr, "flags": s.flag_names(), "valid_pfns": [list(v) for v in s.valid], "nid": s.nid}
                          for s in sorted(self.sections.values(), key=lambda s: s.nr)],
             "required": [[hex(a), hex(b)] for a, b in self.required],
             "allowed": [[hex(a), hex(b)] for a, b in self.allowed],

@@ -231,7 +231,7 @@ def print_model(console: Console, inputs, pred) -> None:
     console.print(f"[bold]{lay.kernel_release or 'layout'}[/] {lay.arch}: {len(pred.sections)} sections should be present")
     for sp in sorted(pred.sections.values(), key=lambda s: s.nr):
         runs = ", ".join(f"{a}-{b - 1}" for a, b in sp.valid)
-        console.print(f"  section {sp.nr:6}  {'+'.join(sp.flags):35} node {sp.nid if sp.nid is not None else '-'}  valid pfns {runs}")
+        console.print(f"  section {sp.nr:6}  {'+'.join(sp.flag_names()):35} node {sp.nid if sp.nid is not None else '-'}  valid pfns {runs}")
     total = sum(b - a for a, b in pred.required)
     console.print(f"vmemmap that must be mapped: {size_label(total) if total else '0'} in {len(pred.required)} range(s)")
     for a, b in pred.required:

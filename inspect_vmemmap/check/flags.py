@@ -10,7 +10,7 @@ from inspect_vmemmap.check.observed import Observed
 from inspect_vmemmap.facts import Inputs
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.intervals import Interval, coalesce, merge, subtract
-from inspect_vmemmap.layout import SECTION_FLAG, flag_from_json
+from inspect_vmemmap.layout import SECTION_FLAG
 from inspect_vmemmap.memory import FaultError
 
 # A dump is taken from a kernel that was crashing: states the kernel passes through while
@@ -37,7 +37,7 @@ def check_section_flags(obs: Observed) -> List[Finding]:
                                f"is not present" + note, **where, **({"transient": True} if note else {})))
             continue
         have = set(s.flags) - {"VMEMMAP_PREINIT"}
-        want = {flag_from_json(name) for name in sp.flags}
+        want = set(sp.flags)
         if "ZONE_DEVICE" in have and "ZONE_DEVICE" not in want:
             # a taint stays while the section holds any memory (mm/sparse.c
             # section_deactivate() clears section_mem_map only when it empties), so one

@@ -117,7 +117,7 @@ def test_model_walker_and_check_agree(inp):
     # sections: exactly the predicted ones, with the predicted flags
     assert sorted(s.nr for s in sections if s.present) == sorted(pred.sections)
     for s in sections:
-        assert sorted(s.flag_names()) == sorted(pred.sections[s.nr].flags)
+        assert sorted(s.flag_names()) == sorted(pred.sections[s.nr].flag_names())
     # leaves never overlap, and every valid pfn's struct page is covered exactly once
     prev_end = 0
     for va, size, _, _ in leaves:
