@@ -1,4 +1,4 @@
-"""The command line (../shared/CONTRACT.md)."""
+"""The command line (docs/CONTRACT.md)."""
 
 from __future__ import annotations
 

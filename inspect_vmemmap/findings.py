@@ -1,4 +1,4 @@
-"""The one finding vocabulary (../shared/CONTRACT.md, "Finding kinds")."""
+"""The one finding vocabulary (docs/CONTRACT.md, "Finding kinds")."""
 
 from __future__ import annotations
 
