@@ -34,6 +34,15 @@ SCENARIOS = {
 }
 
 
+def cli_json(stdout: str, command: str) -> dict:
+    """Parse a command's ``--json`` output and validate it against docs/schema.json."""
+    from tests import schema
+
+    doc = json.loads(stdout)
+    schema.validate(doc, command)
+    return doc
+
+
 def errors(doc: dict) -> list:
     """The error findings of a --json document."""
     return [f for f in doc["findings"] if f["severity"] == "error"]
@@ -71,7 +80,7 @@ class Booted:
         if check_status:
             assert p.returncode in (0, 1), f"{cmd} exited {p.returncode}: {p.stderr}"
             assert not p.stderr.strip() or "Traceback" not in p.stderr, p.stderr
-        return json.loads(p.stdout)
+        return cli_json(p.stdout, args[0])
 
 
 @pytest.fixture(scope="session", params=sorted(SCENARIOS))

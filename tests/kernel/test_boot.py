@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.kernel.conftest import errors
+from tests.kernel.conftest import cli_json, errors
 
 pytestmark = pytest.mark.kernel
 
@@ -33,7 +33,7 @@ def boot_json(*args: str) -> dict:
     assert p.returncode == 0, f"boot {' '.join(args)} exited {p.returncode}: {p.stderr}"
     # progress: one deliberate line per step on stderr, nothing on stdout but the document
     assert all(line.startswith("[boot] ") for line in p.stderr.splitlines()), p.stderr
-    return json.loads(p.stdout)
+    return cli_json(p.stdout, "boot")
 
 
 def section_view(doc: dict) -> list:
@@ -112,7 +112,7 @@ def test_dump_agrees_with_check_core(tmp_path):
     assert errors(doc) == []
     p = cli("check", "--core", str(core), "--json")
     assert p.returncode == 0, p.stderr
-    dumped = json.loads(p.stdout)
+    dumped = cli_json(p.stdout, "check")
     assert dumped["target"]["source"] == "vmcore"
     assert dumped["target"]["vmemmap_base"] == doc["target"]["vmemmap_base"]
     for key in ("sections", "vmemmap", "hvo", "summary"):

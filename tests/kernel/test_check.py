@@ -48,7 +48,9 @@ def _check(booted, *extra):
     p = subprocess.run([sys.executable, "-m", "inspect_vmemmap", "check", "--core", str(booted.core),
                         "--vmlinux", str(booted.vmlinux), "--json", *extra], capture_output=True, text=True, timeout=600)
     assert "Traceback" not in p.stderr, p.stderr
-    return p.returncode, json.loads(p.stdout)
+    from tests.kernel.conftest import cli_json
+
+    return p.returncode, cli_json(p.stdout, "check")
 
 
 def _pmd_leaf_section(prog):

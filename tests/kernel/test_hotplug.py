@@ -78,7 +78,9 @@ class Hot:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert "Traceback" not in p.stderr, p.stderr
         assert p.returncode in (0, 1), f"{cmd} exited {p.returncode}: {p.stderr}"
-        return p.returncode, json.loads(p.stdout)
+        from tests.kernel.conftest import cli_json
+
+        return p.returncode, cli_json(p.stdout, args[0])
 
 
 @pytest.fixture(scope="module", params=sorted(SCENARIOS))

@@ -66,7 +66,9 @@ class Capture:
                                 "--vmlinux", str(self.vmlinux), "--json", *extra],
                                capture_output=True, text=True, timeout=600)
             assert p.returncode in (0, 1) and "Traceback" not in p.stderr, p.stderr
-            self._docs[key] = (p.returncode, json.loads(p.stdout))
+            from tests.kernel.conftest import cli_json
+
+            self._docs[key] = (p.returncode, cli_json(p.stdout, "check"))
         return self._docs[key]
 
 
@@ -81,7 +83,9 @@ def kd(request, tmp_path_factory):
                         "--json"], capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, f"boot {' '.join(args)} --dump-kdump exited {p.returncode}: {p.stderr}"
     assert all(line.startswith("[boot] ") for line in p.stderr.splitlines()), p.stderr
-    live = json.loads(p.stdout)
+    from tests.kernel.conftest import cli_json
+
+    live = cli_json(p.stdout, "boot")
     kernel = fetch_debian_kernel(args[1], "x86_64")
     yield Capture(name, out / "dumps", live, kernel.vmlinux)
     shutil.rmtree(out, ignore_errors=True)  # about 1 GiB of dumps

@@ -60,7 +60,9 @@ class Dax:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert "Traceback" not in p.stderr, p.stderr
         assert p.returncode in (0, 1), f"{cmd} exited {p.returncode}: {p.stderr}"
-        return p.returncode, json.loads(p.stdout)
+        from tests.kernel.conftest import cli_json
+
+        return p.returncode, cli_json(p.stdout, args[0])
 
     def devices(self):
         """(QEMU's NVDIMM, the guest's dax device, the spec) for each NVDIMM, in order."""
@@ -269,7 +271,9 @@ def _check(dax):
     p = subprocess.run([sys.executable, "-m", "inspect_vmemmap", "check", "--core", str(dax.booted.core),
                         "--vmlinux", str(dax.booted.vmlinux), "--json"], capture_output=True, text=True, timeout=900)
     assert "Traceback" not in p.stderr, p.stderr
-    return p.returncode, json.loads(p.stdout)
+    from tests.kernel.conftest import cli_json
+
+    return p.returncode, cli_json(p.stdout, "check")
 
 
 def _compound_vmemmap(prog, dax, k: int) -> int:
