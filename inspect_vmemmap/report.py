@@ -14,6 +14,9 @@ from inspect_vmemmap.facts import Assumption
 from inspect_vmemmap.findings import Finding, summarize
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.sections import SectionTable
+from rich.markup import escape
+
+from inspect_vmemmap.tables import Column, human_size, plural, print_table
 from inspect_vmemmap.vmemmap import VmemmapMap, size_label
 
 SCHEMA = "inspect-vmemmap/1"
@@ -77,18 +80,18 @@ def target_line(console: Console, target: dict, layout: KernelLayout) -> None:
 def print_sections(console: Console, table: SectionTable) -> None:
     layout = table.layout
     full = (1 << layout.subsections_per_section) - 1
-    t = Table(box=None, header_style="bold", pad_edge=False)
-    for col, just in (("NR", "right"), ("SECTION", "left"), ("CODED_MEM_MAP", "left"), ("MEM_MAP", "left"),
-                      ("STATE", "left"), ("PFN", "right"), ("NODE", "right"), ("SUBSECTIONS", "left")):
-        t.add_column(col, justify=just, no_wrap=True)
+    columns = [Column(col, just) for col, just in (
+        ("NR", "right"), ("SECTION", "left"), ("CODED_MEM_MAP", "left"), ("MEM_MAP", "left"), ("STATE", "left"),
+        ("PFN", "right"), ("NODE", "right"), ("SUBSECTIONS", "left"))]
+    rows = []
     for s in table:
         sub = ""
         if s.subsection_map is not None and (s.subsection_map & full) != full:
             sub = f"{bin(s.subsection_map & full).count('1')}/{layout.subsections_per_section} {s.subsection_map & full:#x}"
-        t.add_row(str(s.nr), f"{s.addr:016x}", f"{s.coded_mem_map:016x}",
-                  f"{s.mem_map(layout):016x}" if s.valid else "-", s.letters() or "-",
-                  str(s.start_pfn(layout)), "-" if s.nid is None else str(s.nid), sub)
-    console.print(t)
+        rows.append([str(s.nr), f"{s.addr:016x}", f"{s.coded_mem_map:016x}",
+                     f"{s.mem_map(layout):016x}" if s.valid else "-", s.letters() or "-",
+                     str(s.start_pfn(layout)), "-" if s.nid is None else str(s.nid), sub])
+    print_table(console, columns, rows)
     c = table.counts()
     console.print(f"{len(table)} sections: {c['present']} present, {c['has_mem_map']} with mem_map, "
                   f"{c['online']} online, {c['early']} early, {c['zone_device']} zone-device "
@@ -96,10 +99,11 @@ def print_sections(console: Console, table: SectionTable) -> None:
 
 
 def print_map(console: Console, vm: VmemmapMap) -> None:
-    t = Table(box=None, header_style="bold", pad_edge=False)
-    for col, just in (("START", "left"), ("END", "left"), ("SIZE", "right"), ("PERM", "left"), ("FLAGS", "left"),
-                      ("LEVEL", "left"), ("PHYS", "left"), ("NODE", "right"), ("HOLDS", "left"), ("SECTIONS", "left")):
-        t.add_column(col, justify=just, no_wrap=True)
+    # FLAGS and LEVEL may go when the terminal is narrow (in --json: attrs, level); addresses never
+    columns = [Column(col, just, optional=col in ("FLAGS", "LEVEL")) for col, just in (
+        ("START", "left"), ("END", "left"), ("SIZE", "right"), ("PERM", "left"), ("FLAGS", "left"), ("LEVEL", "left"),
+        ("PHYS", "left"), ("NODE", "right"), ("HOLDS", "left"), ("SECTIONS", "left"))]
+    rows = []
     for r in vm.ranges:
         phys = f"{r.phys_start:#x}"
         if r.count > 1 and r.stride == 0:
@@ -107,12 +111,14 @@ def print_map(console: Console, vm: VmemmapMap) -> None:
         secs = "" if r.first_section is None else (str(r.first_section) if r.first_section == r.last_section
                                                    else f"{r.first_section}-{r.last_section}")
         perm = Text("RW") if r.writable else Text("ro", style="yellow")
-        t.add_row(f"{r.start:#018x}", f"{r.end:#018x}", size_label(r.end - r.start), perm,
-                  " ".join(a for a in r.attrs), r.level, phys, "-" if r.nid is None else str(r.nid),
-                  r.holds, secs)
-    console.print(t)
+        rows.append([f"{r.start:#018x}", f"{r.end:#018x}", size_label(r.end - r.start), perm,
+                     " ".join(a for a in r.attrs), r.level, phys, "-" if r.nid is None else str(r.nid),
+                     r.holds, secs])
+    # folded: the physical backing under the virtual start
+    print_table(console, columns, rows, fold_order=("START", "END", "SIZE", "PERM", "HOLDS",
+                                                    "PHYS", "SECTIONS", "NODE", "LEVEL", "FLAGS"))
     leaves = ", ".join(f"{n} x {k}" for k, n in vm.leaves.items() if n)
-    console.print(f"leaves: {leaves or 'none'}; {vm.split_pmds} split PMDs; {vm.readonly_ptes} read-only; "
+    console.print(f"leaves: {leaves or 'none'}; {plural(vm.split_pmds, 'split PMD')}; {vm.readonly_ptes} read-only; "
                   f"{size_label(vm.bytes_mapped) if vm.bytes_mapped else '0'} mapped")
 
 
@@ -127,9 +133,11 @@ def print_findings(console: Console, findings: Iterable[Finding]) -> None:
 
 
 def print_pfn(console: Console, info: dict) -> None:
+    state = f"state {info['state']}" if info["state"] else "not present"
+    node = f"node {info['nid']}" if info["nid"] is not None else "in no node's span (a hole)"
     console.print(f"pfn [bold]{info['pfn']}[/] (phys {info['phys']}): section {info['section']} "
-                  f"[{info['state'] or 'not present'}], subsection {info['subsection']}, "
-                  f"{'valid' if info['valid'] else 'not valid'}, node {info['nid'] if info['nid'] is not None else '-'}")
+                  f"({escape(state)}), subsection {info['subsection']}, "
+                  f"{'valid' if info['valid'] else 'not valid (pfn_valid() is false)'}, {node}")
     if "mem_map" in info:
         console.print(f"  coded mem_map {info['coded_mem_map']}, mem_map {info['mem_map']}")
     console.print(f"  struct page at [cyan]{info['struct_page']}[/]")
@@ -139,8 +147,9 @@ def print_pfn(console: Console, info: dict) -> None:
         console.print(f"    {s['level']:>4}[{s['index']:3}] @ {s['table_phys']} = {s['entry']}  {tail}")
     b = info.get("backing")
     if b:
+        where = f"node {b['nid']}" if b["nid"] is not None else "in no node's span"
         console.print(f"  backed by a {b['size']} page at {b['phys']} ({'RW' if b['writable'] else 'ro'} "
-                      f"{' '.join(b['attrs'])}, {b['level']}), node {b['nid'] if b['nid'] is not None else '-'}; "
+                      f"{' '.join(b['attrs'])}, {b['level']}), {where}; "
                       f"the struct page is at phys {info['struct_page_phys']}")
 
 
@@ -180,16 +189,17 @@ def print_check(console: Console, target: dict, layout: KernelLayout, sections: 
     t.add_column("TOTAL", justify="right")
     for nid in sorted({k[0] for k in per}, key=lambda n: -1 if n is None else n):
         row = [per.get((nid, k), 0) for k in labels]
-        t.add_row("-" if nid is None else str(nid), *[size_label(v) if v else "0" for v in row], size_label(sum(row)))
+        t.add_row("-" if nid is None else str(nid), *[human_size(v) for v in row], human_size(sum(row)))
     console.print(t)
-    console.print(f"{vm.split_pmds} split PMDs, {vm.readonly_ptes} read-only leaves; HVO: {hvo['optimized_folios']} "
-                  f"optimized folios, {hvo['remapped_ptes']} remapped PTEs, {size_label(hvo['freed_bytes']) if hvo['freed_bytes'] else '0'} freed")
+    console.print(f"{plural(vm.split_pmds, 'split PMD')}, {plural(vm.readonly_ptes, 'read-only leaf', 'read-only leaves')}; "
+                  f"HVO: {plural(hvo['optimized_folios'], 'optimized folio')}, {plural(hvo['remapped_ptes'], 'remapped PTE')}, "
+                  f"{human_size(hvo['freed_bytes'])} freed")
     if device_dedup and device_dedup["compound_pages"]:
-        console.print(f"ZONE_DEVICE: {device_dedup['compound_pages']} compound pages with deduplicated tail vmemmap, "
-                      f"{device_dedup['remapped_ptes']} shared PTEs, {size_label(device_dedup['saved_bytes'])} saved")
+        console.print(f"ZONE_DEVICE: {plural(device_dedup['compound_pages'], 'compound page')} with deduplicated tail "
+                      f"vmemmap, {plural(device_dedup['remapped_ptes'], 'shared PTE')}, {human_size(device_dedup['saved_bytes'])} saved")
     if self_hosted and (self_hosted["memory_blocks"] or self_hosted["device_maps"]):
-        console.print(f"memmap on the memory itself: {self_hosted['memory_blocks']} memory blocks (memmap_on_memory), "
-                      f"{self_hosted['device_maps']} device page maps (altmap), {size_label(self_hosted['bytes'])}")
+        console.print(f"memmap on the memory itself: {plural(self_hosted['memory_blocks'], 'memory block')} (memmap_on_memory), "
+                      f"{plural(self_hosted['device_maps'], 'device page map')} (altmap), {human_size(self_hosted['bytes'])}")
     print_node_pictures(console, layout, sections, vm, findings, nodes)
     for n in notes:
         console.print(f"[dim]assumed: {n}[/]")
@@ -272,8 +282,9 @@ def print_node_pictures(console: Console, layout: KernelLayout, sections: Sectio
     for nid in sorted(spans):
         s, e = spans[nid]
         first, last = s // pps, (e - 1) // pps
-        console.print(f"node {nid}: sections {first}-{last}  [dim](# PMD blocks, + base pages, % both, ? unmapped, . none; "
-                      f"green early, cyan hot-added, red error)[/]")
+        colours = "; green early, cyan hot-added, red error" if console.color_system else ""  # not on a pipe
+        console.print(f"node {nid}: sections {first}-{last}  [dim](# PMD blocks, + base pages, % both, ? unmapped, . none"
+                      f"{colours})[/]")
         for row in range(first, last + 1, width):
             text = Text(f"  {(row * pps) << layout.page_shift:#014x} ")
             for nr in range(row, min(row + width, last + 1)):
