@@ -39,18 +39,24 @@ def target_options(f: Callable) -> Callable:
 def _open(tgt: dict):
     from inspect_vmemmap.errors import AnalysisError
     from inspect_vmemmap.source import open_target
+    from inspect_vmemmap.userfiles import UserFileError, plain_core
 
+    status = Console(stderr=True).status if sys.stderr.isatty() else None
+    given = tgt.get("core")
     try:
-        if not sys.stderr.isatty():
+        if given:  # a compressed dump (.xz, .gz, .bz2, .zst) is read from a decompressed copy
+            tgt = dict(tgt, core=plain_core(given, status))
+        if status is None:
             return open_target(**tgt)
-        from rich.console import Console
-
-        what = tgt.get("core") or tgt.get("qemu") or "the running kernel"
+        what = given or tgt.get("qemu") or "the running kernel"
         how = f", loading debug info from {tgt['vmlinux']}" if tgt.get("vmlinux") else ""
-        with Console(stderr=True).status(f"opening {what}{how}"):  # DWARF takes seconds
+        with status(f"opening {what}{how}"):  # DWARF takes seconds
             return open_target(**tgt)
-    except AnalysisError as e:
+    except UserFileError as e:
         _fail(str(e))
+    except AnalysisError as e:
+        # messages name the file opened: the user's, not the decompressed copy
+        _fail(str(e).replace(tgt["core"], f"{given} (decompressed)") if given and tgt["core"] != given else str(e))
 
 
 def _guard(f: Callable) -> Callable:
@@ -67,7 +73,9 @@ def _guard(f: Callable) -> Callable:
         except KeyboardInterrupt:
             _fail("interrupted")
         except BrokenPipeError:
-            sys.exit(0)
+            from inspect_vmemmap.report import reader_went_away
+
+            reader_went_away()
         except MemoryError:
             _fail("out of memory")
         except Exception as e:  # a bug: still one line, the traceback on request
@@ -243,19 +251,14 @@ def check(tgt, as_json, save_layout, deep, reads):
 def model(layout_file, as_json):
     """The reference model alone, offline: what the kernel should have built for LAYOUT
     (a JSON file written by `check --save-layout`)."""
-    import json as _json
-
     from inspect_vmemmap import report
-    from inspect_vmemmap.facts import Inputs
     from inspect_vmemmap.model import predict
+    from inspect_vmemmap.userfiles import UserFileError, read_layout
 
     try:
-        with open(layout_file) as f:
-            inputs = Inputs.from_json(_json.load(f))
-    except OSError as e:
-        _fail(f"{layout_file}: {e.strerror}")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        _fail(f"{layout_file}: not a layout description ({type(e).__name__}: {e})")
+        inputs = read_layout(layout_file)
+    except UserFileError as e:
+        _fail(str(e))
     pred = predict(inputs)
     if as_json:
         doc = {"schema": report.SCHEMA, "target": {"source": "layout", "kernel_release": inputs.layout.kernel_release,

@@ -59,12 +59,31 @@ def print_json(doc: dict) -> None:
 # -- text ------------------------------------------------------------------------
 
 
+def reader_went_away() -> None:
+    """stdout's reader closed the pipe (``check | head -1``): it read what it wanted, so
+    exit 0 ("done"), not 1 ("errors found"); nothing more is written there."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(0)
+
+
+class _StdoutConsole(Console):
+    def on_broken_pipe(self) -> None:  # rich's own exits 1
+        self.quiet = True
+        reader_went_away()
+
+
 def stdout_console() -> Console:
     """Rich console on stdout: as wide as the terminal; piped, lines are never wrapped
     (tables take the width their contents need)."""
     if sys.stdout.isatty():
-        return Console()
-    return Console(width=1000, no_color=True)
+        return _StdoutConsole()
+    return _StdoutConsole(width=1000, no_color=True)
 
 
 def target_line(console: Console, target: dict, layout: KernelLayout) -> None:

@@ -31,6 +31,7 @@ from . import inguest
 from . import modules as kmod
 from .arch import ARCHES, arch_info
 from .cache import require_tool
+from .debian import SERIES
 from .errors import LabError
 
 EXIT_BAD_INPUT = 2
@@ -50,8 +51,9 @@ class BootError(Exception):
 def click_options(f: Callable) -> Callable:
     """The ``boot`` command's options (cli.py applies them)."""
     opts = [
-        click.option("--debian", metavar="SERIES", type=click.Choice(["6.1", "6.12", "7.2"]),
-                     help="Boot the lab's current Debian kernel of this series (downloaded and cached)."),
+        click.option("--debian", metavar="SERIES", type=click.Choice(list(SERIES)),
+                     help="Boot the lab's current Debian kernel of this series: "
+                          + ", ".join(f"{k} ({v})" for k, v in SERIES.items()) + " (downloaded and cached)."),
         click.option("--kernel", "kernel_image", metavar="IMAGE", type=click.Path(dir_okay=False),
                      help="Boot your own kernel image (bzImage; arm64 Image)."),
         click.option("--vmlinux", type=click.Path(dir_okay=False),
@@ -480,7 +482,7 @@ def _run(o: BootOptions, progress, console_factory) -> int:
     from .initramfs import find_static_busybox
 
     if bool(o.debian) == bool(o.kernel_image):
-        raise BootError("give --debian SERIES or --kernel IMAGE (one of them)")
+        raise BootError(f"give --debian SERIES ({', '.join(SERIES)}) or --kernel IMAGE (one of them)")
     if o.debian and o.modules_dir:
         raise BootError("--modules is for --kernel; Debian kernels bring their own")
     if o.memmap_on_memory and not o.hotplug:

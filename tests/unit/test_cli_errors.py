@@ -51,7 +51,7 @@ def test_bad_arguments(files):
 
 
 def test_bad_layout(files):
-    one_line(run("model", str(files["random"])), "not a layout description")
+    one_line(run("model", str(files["random"])), "not a layout")
     one_line(run("model", str(files["dir"] / "nope.json")), "nope.json")
 
 
@@ -198,3 +198,143 @@ def test_impossible_vmcoreinfo_values(tmp_path, bad):
     p = run("check", "--core", str(core), "--no-debuginfo")
     one_line(p, key)
     assert "internal error" not in p.stderr and "out of memory" not in p.stderr
+
+
+# -- what a new user meets first (issue 17) --------------------------------------------------
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"{}", ["no \"layout\" object", "check --save-layout"]),
+    (b"[1, 2]", ["a JSON list", "not a layout"]),
+    (b"{\"layout\": [1]}", ["\"layout\" is a JSON list"]),
+    (b"{\"layout\": {\"arch\": \"x86_64\"}}", ["\"layout\" lacks", "page_size"]),
+    (b"{\"layout\": {\"arch\": \"x86_64\", \"frob\": 1}}", ["does not know: frob"]),
+    (b"{\"layo", ["not JSON (line 1"]),
+    (bytes(range(128, 256)), ["not a text file"]),
+    (b"\x7fELF\x02\x01\x01" + bytes(100), ["a crash dump, not a layout", "check --core"]),
+    (b"{\"schema\": \"inspect-vmemmap/1\", \"target\": {}}", ["a `--json` report, not a layout"]),
+])
+def test_model_bad_input_in_words(tmp_path, content, words):
+    f = tmp_path / "layout.json"
+    f.write_bytes(content)
+    p = run("model", str(f))
+    one_line(p, str(f), *words)
+    for python in ("KeyError", "UnicodeDecodeError", "AttributeError", "TypeError", "codec", "internal error"):
+        assert python not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("fmt", ["xz", "gzip", "bzip2", "zstd"])
+def test_compressed_core_is_read(tmp_path, fmt):
+    """A dump compressed with xz, gzip, bzip2 or zstd gives what the plain one gives."""
+    import bz2
+    import gzip
+    import lzma
+    import shutil
+
+    plain = tmp_path / "vmcore"
+    elf_core(plain, VMCOREINFO_SPARSE)
+    packed = tmp_path / f"vmcore.{fmt}"
+    if fmt == "zstd":
+        zstd = shutil.which("zstd")
+        assert zstd, "zstd is not installed (scripts/setup installs it)"
+        subprocess.run([zstd, "-q", str(plain), "-o", str(packed)], check=True)
+    else:
+        opener = {"xz": lzma.open, "gzip": gzip.open, "bzip2": bz2.open}[fmt]
+        with open(plain, "rb") as src, opener(packed, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    want = run("sections", "--core", str(plain), "--no-debuginfo", "--json")
+    got = run("sections", "--core", str(packed), "--no-debuginfo", "--json")
+    assert want.returncode in (0, 1), want.stderr
+    assert (got.returncode, got.stdout) == (want.returncode, want.stdout), got.stderr
+    # cut short: one line naming the file and what is wrong
+    data = packed.read_bytes()
+    cut = tmp_path / f"cut.{fmt}"
+    cut.write_bytes(data[: len(data) // 2])
+    one_line(run("sections", "--core", str(cut), "--no-debuginfo"), str(cut), fmt)
+
+
+def test_compressed_foreign_file_names_the_users_file(tmp_path, files):
+    import lzma
+
+    packed = tmp_path / "random.xz"
+    with lzma.open(packed, "wb") as f:
+        f.write(files["random"].read_bytes())
+    p = run("sections", "--core", str(packed))
+    one_line(p, f"{packed} (decompressed)", "not a kernel crash dump")
+    assert "/tmp/inspect-vmemmap-" not in p.stderr
+
+
+def test_temporary_copy_is_removed(tmp_path):
+    import lzma
+
+    plain = tmp_path / "vmcore"
+    elf_core(plain, VMCOREINFO_SPARSE)
+    packed = tmp_path / "vmcore.xz"
+    packed.write_bytes(lzma.compress(plain.read_bytes()))
+    env = dict(os.environ, TMPDIR=str(tmp_path / "t"))
+    (tmp_path / "t").mkdir()
+    p = run("sections", "--core", str(packed), "--no-debuginfo", env=env)
+    assert p.returncode in (0, 1), p.stderr
+    assert list((tmp_path / "t").iterdir()) == []
+
+
+def test_closed_stdout_pipe_exits_0():
+    """``map | head -1``: the reader had what it wanted; not "errors found" (1), no
+    traceback. The pipe is made small so that the tool is still writing when it closes."""
+    import fcntl
+
+    core = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "6.12-devdax.core.xz")
+    for args in (["map", "--core", core], ["map", "--core", core, "--json"]):
+        r, w = os.pipe()
+        fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, 4096)
+        p = subprocess.Popen([sys.executable, "-m", "inspect_vmemmap", *args], stdout=w, stderr=subprocess.PIPE)
+        os.close(w)
+        assert os.read(r, 100)  # the first line, as head -1 reads it
+        os.close(r)
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=120) == 0, err
+        assert "Traceback" not in err and "Broken pipe" not in err and "Exception ignored" not in err, err
+
+
+def test_boot_names_the_series_it_knows():
+    from inspect_vmemmap.lab.debian import SERIES
+
+    one_line(run("boot", "--debian", "6.2"), "6.2", *SERIES)
+    one_line(run("boot"), "--debian", *SERIES)
+    p = run("boot", "--help")
+    assert p.returncode == 0 and all(s in p.stdout for s in SERIES)
+
+
+def test_pfn_text_in_words(tmp_path):
+    """No '[not present]' swallowed as markup, no unexplained 'node -'."""
+    plain = tmp_path / "vmcore"
+    elf_core(plain, VMCOREINFO_SPARSE)
+    p = run("pfn", "0x100000", "--core", str(plain), "--no-debuginfo")
+    assert p.returncode in (0, 1), p.stderr
+    line = next(l for l in p.stdout.splitlines() if l.startswith("pfn "))
+    assert "section 32 (not present)" in line, line
+    assert " , " not in line and "node -" not in line and "in no node's span" in line, line
+
+
+DEMO = [os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "demo")]
+
+
+def test_demo_help_and_unknown_fixture():
+    p = subprocess.run(DEMO + ["--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "scripts/demo FIXTURE" in p.stdout and "no fixture" not in p.stderr
+    p = subprocess.run(DEMO + ["nope"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "no fixture nope" in p.stderr and "6.1-la57-hvo" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "inspect_vmemmap.lab.demo", "6.2"], capture_output=True, text=True)
+    assert p.returncode == 2 and "6.12" in p.stderr
+
+
+def test_check_text_on_a_pipe():
+    """No colour legend without colours, sizes of one table in one unit, plurals."""
+    import re
+
+    core = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "6.12-devdax.core.xz")
+    p = run("check", "--core", core)
+    assert p.returncode == 0, p.stderr
+    assert "green early" not in p.stdout and "(# PMD blocks" in p.stdout
+    assert not re.search(r"\b\d{4,}K\b", p.stdout), p.stdout  # 36.5M, not 37376K
+    assert "1 device page map (altmap)" in p.stdout and "19 split PMDs" in p.stdout
