@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import LabError
-from .initramfs import MARK_ACCOUNT_BEGIN, MARK_ACCOUNT_END, MARK_SECTION
+from .initramfs import MARK_ACCOUNT_BEGIN, MARK_ACCOUNT_END, MARK_SECTION, MARK_STATE, MARK_STATE_END
 
 
 @dataclass
@@ -111,3 +111,53 @@ def parse_account(console: str) -> GuestAccount:
         if m:
             acc.nr_hugepages[int(m.group(1))] = int(m.group(2))
     return acc
+
+
+@dataclass(frozen=True)
+class GuestState:
+    """One state line of the guest (initramfs._STATE_REPORTER): what its own sysfs and
+    /proc said at one moment."""
+
+    seq: int
+    mem_total_kb: int
+    memory_blocks: dict  # block index -> state ("online", "offline", ...)
+    hugepages: dict  # page size in kB -> (nr_hugepages, free_hugepages)
+
+    def blocks_text(self, blocks) -> str:
+        """``memory32=online, memory33=absent, ...`` for ``blocks``, runs of one state merged."""
+        runs: list = []
+        for b in blocks:
+            st = self.memory_blocks.get(b, "absent")
+            if runs and runs[-1][2] == st and runs[-1][1] == b - 1:
+                runs[-1][1] = b
+            else:
+                runs.append([b, b, st])
+        return ", ".join(f"memory{a}{f'-{e}' if e != a else ''}={st}" for a, e, st in runs)
+
+
+_STATE_RE = re.compile(rf"{MARK_STATE} (\d+) memtotal=(\d+) blocks:(.*) hugepages:(.*) {MARK_STATE_END}$")
+
+
+def parse_state(text: str) -> GuestState | None:
+    """The last whole state line in ``text`` (a line cut short or garbled is skipped:
+    the guest writes a whole one again within seconds)."""
+    for line in reversed(text.replace("\r", "").split("\n")):
+        m = _STATE_RE.search(line.strip())
+        if not m:
+            continue
+        blocks: dict = {}
+        huge: dict = {}
+        try:
+            for tok in m.group(3).split():
+                name, _, st = tok.partition("=")
+                if not name.startswith("memory") or not st:
+                    raise ValueError(tok)
+                blocks[int(name[len("memory"):])] = st
+            for tok in m.group(4).split():
+                size, _, counts = tok.partition("=")
+                n, _, free = counts.partition("/")
+                huge[int(size.removesuffix("kB"))] = (int(n), int(free))
+        except ValueError:
+            continue
+        return GuestState(int(m.group(1)), int(m.group(2)), blocks, huge)
+    return None

@@ -39,6 +39,8 @@ GIB = 1 << 30
 #: memory a guest needs beside its hugepages (kernel, initramfs; the host's Python in-guest)
 HEADROOM_MIB = 384
 HEADROOM_IN_GUEST_MIB = 640
+#: the host's Python starting over 9p under TCG, then check on /proc/kcore
+IN_GUEST_CHECK_TIMEOUT = 300.0
 
 
 class BootError(Exception):
@@ -93,8 +95,9 @@ def click_options(f: Callable) -> Callable:
         click.option("--deep", is_flag=True, help="Read every struct page's node and zone, not a sample per section."),
         click.option("--accel", type=click.Choice(["tcg", "kvm"]), default="tcg", show_default=True,
                      help="QEMU accelerator."),
-        click.option("--timeout", metavar="SECONDS", type=click.FloatRange(1), default=300.0, show_default=True,
-                     help="How long to wait for the guest to come up, and for an in-guest check."),
+        click.option("--timeout", metavar="SECONDS", type=click.FloatRange(1), default=None,
+                     help="How long to wait for the guest to come up, for each hot-added DIMM to be onlined, and for "
+                          "an in-guest check (default: scaled to the memory, hugepages, NUMA nodes and DIMMs asked for)."),
         click.option("--workdir", metavar="DIR", type=click.Path(file_okay=False),
                      help="Keep the guest's console.log, qemu.log and qemu.cmd here (default: a temporary directory)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr."),
@@ -143,7 +146,7 @@ class BootOptions:
     no_debuginfo: bool = False
     deep: bool = False
     accel: str = "tcg"
-    timeout: float = 300.0
+    timeout: Optional[float] = None  # None: scaled to what is asked (guest.boot_deadline, hotplug_deadline)
     workdir: Optional[str] = None
     quiet: bool = False
 
@@ -546,7 +549,7 @@ def _run(o: BootOptions, progress, console_factory) -> int:
             _note_shortfalls(o, guest, progress)
             for size in o.hotplug:
                 progress(f"hot-adding a {size} pc-dimm")
-                guest.hotplug(size, timeout=max(120.0, o.timeout))
+                guest.hotplug(size, timeout=o.timeout, progress=progress)
                 d = guest.dimms[-1]
                 progress(f"pc-dimm {d.id} at {d.addr:#x}-{d.end - 1:#x} {spec.hotplug_online}"
                          f"{' (memmap on memory)' if o.memmap_on_memory else ''}")
@@ -576,7 +579,7 @@ def _note_shortfalls(o: BootOptions, guest, progress) -> None:
 def _kdump_capture(o: BootOptions, kd, guest, doc: Optional[dict], progress) -> None:
     """Panic the guest into its capture kernel and wait for makedumpfile's saves (--dump-kdump);
     with --json, ``guest.kdump`` says what was saved and how long it took."""
-    res = kd.capture(guest, timeout=max(900.0, o.timeout))
+    res = kd.capture(guest, timeout=max(900.0, o.timeout or 0))
     if doc is not None:
         doc["guest"]["kdump"] = {
             "crashkernel": kd.crashkernel,
@@ -637,7 +640,7 @@ def _check_in_guest(o: BootOptions, guest, scratch: Path, progress, console_fact
                            "last console lines:\n" + "\n".join(guest.console_tail(30)))
 
     try:
-        res = chan.run_check(args, timeout=o.timeout, alive=alive)
+        res = chan.run_check(args, timeout=o.timeout or IN_GUEST_CHECK_TIMEOUT, alive=alive)
     except LabError as e:
         if "\n" in str(e):  # already carries the console tail
             raise

@@ -10,11 +10,11 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .account import GuestAccount, parse_account
+from .account import GuestAccount, GuestState, parse_account, parse_state
 from .arch import ArchInfo, arch_info
 from .cache import Progress, reporter, require_tool
 from .debian import DebianKernel, fetch_busybox, fetch_debian_kernel
@@ -22,7 +22,28 @@ from .errors import LabError
 from .initramfs import MARK_ERROR, MARK_READY, build_initramfs
 from .qmp import dump_vmcoreinfo, qmp_command
 
-DEFAULT_TIMEOUT = 180.0
+DEFAULT_TIMEOUT = None  # boot_deadline(spec)
+#: the guest end of its state line (initramfs._STATE_REPORTER): a serial port of its own
+#: (QEMU isa-serial index 2, COM3: the console is ttyS0, boot --in-guest's requests ttyS1).
+#: Elsewhere the state lines go to the console.
+STATE_DEVICE = {"x86_64": "/dev/ttyS2"}
+
+
+def boot_deadline(spec: "GuestSpec") -> float:
+    """How long a boot of ``spec`` may take before it is called stuck: TCG boots a 1G guest
+    in about 10 s on an idle machine; each GiB of struct pages to initialise, each hugepage
+    to allocate (and with HVO to remap), each NVDIMM to turn into device-dax and each NUMA
+    node cost more, and a host shared with other guests multiplies it all. Generous on
+    purpose: the deadline only tells a hung guest from a slow one."""
+    gib = parse_size_mib(spec.mem) / 1024
+    huge = spec.hugepages * (0.1 if spec.hvo else 0.02)
+    return round(120 + 30 * gib + huge + 60 * len(spec.nvdimms) + 10 * spec.numa)
+
+
+def hotplug_deadline(blocks: int, memmap_on_memory: bool) -> float:
+    """How long onlining ``blocks`` hot-added memory blocks may take: each block's struct
+    pages are initialised (on the block itself with memmap_on_memory), under TCG."""
+    return round(60 + blocks * (15 if memmap_on_memory else 10))
 _SUN_PATH_MAX = 100  # sockaddr_un.sun_path is 108 bytes; keep a margin
 #: memhp_default_state= values (mm/memory_hotplug.c mhp_online_type_from_str)
 HOTPLUG_ONLINE_STATES = ("online", "online_kernel", "online_movable", "offline")
@@ -220,6 +241,8 @@ def qemu_argv(
     spec: GuestSpec, info: ArchInfo, qemu: str, kernel: Path, initrd: Path,
     qmp_socket: Path, control_socket: Path, console_log: Path,
 ) -> list[str]:
+    """QEMU's command line. With hotplug (maxmem) on x86_64, the guest's state port writes
+    to ``state.log`` beside ``console_log``."""
     total = parse_size_mib(spec.mem)
     smp = spec.smp or max(1, spec.numa)
     mem_arg = f"{total}M"
@@ -244,6 +267,9 @@ def qemu_argv(
         "-chardev", f"socket,id=ivmctl,path={control_socket},server=on,wait=off",
         "-mon", "chardev=ivmctl,mode=control",
     ]
+    if spec.maxmem and spec.arch in STATE_DEVICE:
+        argv += ["-chardev", f"file,id=ivmstate,path={Path(console_log).parent / 'state.log'}",
+                 "-device", "isa-serial,chardev=ivmstate,index=2"]
     _check_nvdimms(spec)
     if spec.nvdimms:
         argv += ["-machine", "nvdimm=on"]
@@ -278,6 +304,7 @@ class Guest:
         self.qmp_socket = sockdir / "qmp.sock"  # for other clients (drgn's set_qemu_qmp)
         self.control_socket = sockdir / "ctl.sock"  # used by this class only
         self.console_log = workdir / "console.log"
+        self.state_log = workdir / "state.log"  # the state port (STATE_DEVICE), where there is one
         self.qemu_log = workdir / "qemu.log"
         self.initramfs: Path | None = None
         self.argv: list[str] = []
@@ -354,17 +381,35 @@ class Guest:
 
     # -- memory hotplug ------------------------------------------------------------------------
 
-    def hotplug(self, size: str, node: int | None = None, timeout: float = 120.0) -> None:
+    def state(self) -> GuestState | None:
+        """The guest's last whole state line (with hotplug: maxmem), from its state port,
+        or the console where it has none."""
+        if self.spec.arch in STATE_DEVICE:
+            try:
+                text = self.state_log.read_bytes().decode(errors="replace")
+            except FileNotFoundError:
+                return None
+        else:
+            text = self.console_text()
+        return parse_state(text)
+
+    def hotplug(self, size: str, node: int | None = None, timeout: float | None = None,
+                progress: Progress = None) -> None:
         """Hot-add a pc-dimm of ``size`` (QEMU size syntax) on ``node`` and wait for the guest.
 
-        Adds a memory-backend-ram and a pc-dimm through QMP, then waits until the guest's
-        account (printed again by /init whenever its memory blocks change) shows every
-        memory block of the DIMM in the state the spec's ``hotplug_online`` asks for
-        (``offline`` for 'offline', ``online`` for the online_* ones, either for '').
-        Afterwards ``self.account`` is that account and ``self.dimms`` ends with the DIMM
-        (at the address QEMU chose; it is recorded as soon as QEMU has it, even if the
-        guest then fails to online it). Raises LabError, with the console tail, on timeout.
+        Adds a memory-backend-ram and a pc-dimm through QMP, then waits on the guest's own
+        state (its state lines: each memory block's sysfs state) until every memory block
+        of the DIMM is in the state the spec's ``hotplug_online`` asks for (``offline`` for
+        'offline', ``online`` for the online_* ones, either for ''), at most ``timeout``
+        seconds (default: :func:`hotplug_deadline` of the DIMM's blocks). Afterwards
+        ``self.account`` is the guest's account printed after the change (or, if /init has
+        not printed it within a few seconds more, the earlier one with the state line's
+        memory blocks, MemTotal and hugepage counts), and ``self.dimms`` ends with the DIMM
+        (recorded as soon as QEMU has it, even if the guest then fails to online it).
+        Raises LabError, saying what the guest's sysfs said and with the console tail, at
+        the deadline.
         """
+        report = reporter(progress)
         if not self.spec.maxmem:
             raise LabError("hotplug needs a GuestSpec with maxmem")
         if self.account is None or not self.account.memory_block_size:
@@ -401,47 +446,72 @@ class Guest:
             want = {"online"}
         else:  # the kernel's default policy: either, once every block is there
             want = {"online", "offline"}
-        deadline = time.monotonic() + timeout
-        acc = None
+        if timeout is None:
+            timeout = hotplug_deadline(len(blocks), self.spec.memmap_on_memory)
+        names = f"memory{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else f"memory{blocks[0]}"
+        report(f"waiting up to {timeout:.0f}s for the guest's sysfs to show {names} "
+               f"{'/'.join(sorted(want))} ({size} at {dimm.addr:#x})")
+        t0 = time.monotonic()
+        deadline = t0 + timeout
         while True:
-            text = self.console_text()[mark:]
+            st = self.state()
+            if st is not None and all(st.memory_blocks.get(b) in want for b in blocks):
+                break
+            self._alive(f"during hotplug of {dev}")
+            if time.monotonic() > deadline:
+                seen = (f"its last state line (#{st.seq}) says {st.blocks_text(blocks)}" if st is not None
+                        else "it wrote no state line at all"
+                             + (f" to {self.state_log.name}" if self.spec.arch in STATE_DEVICE else ""))
+                raise LabError(
+                    f"guest {self.kernel.release}: {dev} ({size} at {dimm.addr:#x}): {names} not "
+                    f"{'/'.join(sorted(want))} after {timeout:.0f}s; {seen}; last console lines:\n"
+                    + "\n".join(self.console_tail(30))
+                )
+            time.sleep(0.2)
+        # the full account /init prints after the change, for what the state line lacks
+        # (node totals, iomem); a little longer for it, never in place of the state
+        until = min(deadline, time.monotonic() + 30)
+        while True:
             try:
-                acc = parse_account(text)
+                acc = parse_account(self.console_text()[mark:])
             except LabError:
                 acc = None
             if acc is not None and all(acc.memory_blocks.get(b) in want for b in blocks):
                 self.account = acc
                 return
-            rc = self.process.poll() if self.process is not None else None
-            if rc is not None:
-                raise LabError(f"QEMU exited (status {rc}) during hotplug of {dev}: {self._qemu_log_tail()}\n"
-                               + "\n".join(self.console_tail(30)))
-            if time.monotonic() > deadline:
-                seen = ("blocks " + ", ".join(f"memory{b}={acc.memory_blocks.get(b, 'absent')}" for b in blocks)
-                        if acc is not None else "no new account printed")
-                raise LabError(
-                    f"guest {self.kernel.release}: {dev} ({size} at {dimm.addr:#x}) not "
-                    f"{'/'.join(sorted(want))} after {timeout:.0f}s ({seen}); last console lines:\n"
-                    + "\n".join(self.console_tail(30))
-                )
+            if time.monotonic() > until:
+                break
             time.sleep(0.2)
+        report(f"note: the guest has not reprinted its account; memory blocks, MemTotal and hugepages "
+               f"from its state line #{st.seq}")
+        self.account = replace(self.account, memory_blocks=dict(st.memory_blocks), mem_total_kb=st.mem_total_kb,
+                               nr_hugepages={kb: n for kb, (n, _) in st.hugepages.items()})
+
+    def _alive(self, during: str) -> None:
+        rc = self.process.poll() if self.process is not None else None
+        if rc is not None:
+            raise LabError(f"QEMU exited (status {rc}) {during}: {self._qemu_log_tail()}\n"
+                           + "\n".join(self.console_tail(30)))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def _start(self, qemu: str, timeout: float, report) -> None:
+    def _start(self, qemu: str, timeout: float | None, report) -> None:
         info = arch_info(self.spec.arch)
         self.argv = qemu_argv(
             self.spec, info, qemu, self.kernel.boot_image, self.initramfs,
             self.qmp_socket, self.control_socket, self.console_log,
         )
         (self.workdir / "qemu.cmd").write_text(shlex.join(self.argv) + "\n")
-        for p in (self.console_log, self.qmp_socket, self.control_socket):
+        for p in (self.console_log, self.state_log, self.qmp_socket, self.control_socket):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         for n, f in zip(self.spec.nvdimms, nvdimm_files(self.spec, self.workdir)):
             with open(f, "wb") as fh:  # sparse, fresh: no info block from an earlier boot
                 fh.truncate(parse_size_mib(n.size) << 20)
-        report(f"booting {self.kernel.release} ({self.spec.mem}, {self.spec.accel})")
+        if timeout is None:
+            timeout = boot_deadline(self.spec)
+        report(f"booting {self.kernel.release} ({self.spec.mem}, {self.spec.accel}); waiting up to "
+               f"{timeout:.0f}s for its /init to report ready")
         start = time.monotonic()
         with open(self.qemu_log, "wb") as log:
             self.process = subprocess.Popen(
@@ -461,7 +531,8 @@ class Guest:
                 )
             if time.monotonic() > deadline:
                 raise LabError(
-                    f"guest {self.kernel.release} not ready after {timeout:.0f}s; last console lines:\n"
+                    f"guest {self.kernel.release}: its /init did not report ready within {timeout:.0f}s "
+                    f"(--timeout to wait longer); last console lines:\n"
                     + "\n".join(self.console_tail(30))
                 )
             time.sleep(0.2)
@@ -508,7 +579,7 @@ class Guest:
 def boot_guest(
     spec: GuestSpec,
     workdir: Path | str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = DEFAULT_TIMEOUT,
     progress: Progress = None,
     kernel: DebianKernel | None = None,
 ) -> Iterator[Guest]:
@@ -528,7 +599,7 @@ def boot_guest(
     # the host's busybox serves its own architecture; another one gets Debian's busybox-static
     busybox = fetch_busybox(spec.arch, kernel.suite, progress) if info.name != os.uname().machine else None
     initrd = build_initramfs(modules, devdax_script(spec) + spec.init_extra, busybox=busybox, progress=progress,
-                             watch_memory=bool(spec.maxmem))
+                             watch_memory=bool(spec.maxmem), state_device=STATE_DEVICE.get(spec.arch, "/dev/console"))
 
     own_workdir = workdir is None
     wd = Path(tempfile.mkdtemp(prefix="ivm-guest-")) if own_workdir else Path(workdir).absolute()

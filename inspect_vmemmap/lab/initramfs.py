@@ -24,6 +24,8 @@ MARK_READY = "IVM-READY"
 MARK_ERROR = "IVM-ERROR"
 MARK_SECTION = "@@"  # "@@ <section name>" starts a section inside the account
 MARK_MEMORY_CHANGED = "IVM-MEMORY-CHANGED"  # "IVM-MEMORY-CHANGED <n>": memory blocks changed
+MARK_STATE = "IVM-STATE"  # one line of the guest's own state (account.parse_state), on the state port
+MARK_STATE_END = "IVM-STATE-END"
 
 
 def find_static_busybox() -> Path:
@@ -121,10 +123,47 @@ _MEMORY_WATCHER = r"""
 """
 
 
-def make_init(modules: Sequence[str], init_extra: str = "", watch_memory: bool = False) -> str:
+# With watch_memory, the guest's own state on one line, read from its sysfs and /proc with
+# shell builtins only: each memory block's state, MemTotal and every hugepage pool's counters.
+# Written to the state port (a serial line of its own, so kernel messages and the account
+# never mix with it) when it changes and every 5 s besides, so that a line lost or garbled
+# is followed by a whole one; the host waits on these (Guest.wait_state).
+_STATE_REPORTER = r"""
+(
+  ivm_dev=%(dev)s
+  [ -c "$ivm_dev" ] && stty -F "$ivm_dev" 115200 raw -echo 2>/dev/null
+  [ -w "$ivm_dev" ] || ivm_dev=/dev/console
+  ivm_seq=0; ivm_prev=""; ivm_quiet=0
+  while true; do
+    ivm_memsig
+    ivm_mt=0
+    while read ivm_k ivm_v ivm_u; do [ "$ivm_k" = MemTotal: ] && ivm_mt=$ivm_v; done < /proc/meminfo
+    ivm_hp=""
+    for ivm_h in /sys/kernel/mm/hugepages/hugepages-*; do
+      [ -f "$ivm_h/nr_hugepages" ] || continue
+      read ivm_n < "$ivm_h/nr_hugepages"; read ivm_f < "$ivm_h/free_hugepages"
+      ivm_hp="$ivm_hp ${ivm_h##*/hugepages-}=$ivm_n/$ivm_f"
+    done
+    ivm_now="memtotal=$ivm_mt blocks:$ivm_sig hugepages:$ivm_hp"
+    if [ "$ivm_now" != "$ivm_prev" ] || [ $ivm_quiet -ge 10 ]; then
+      ivm_seq=$((ivm_seq + 1))
+      echo "%(mark)s $ivm_seq $ivm_now %(end)s" > "$ivm_dev"
+      ivm_prev="$ivm_now"; ivm_quiet=0
+    else
+      ivm_quiet=$((ivm_quiet + 1))
+    fi
+    sleep 0.5
+  done
+) &
+"""
+
+
+def make_init(modules: Sequence[str], init_extra: str = "", watch_memory: bool = False,
+              state_device: str = "/dev/console") -> str:
     """The /init script. ``modules`` are in-initramfs paths, in load order.
 
-    With ``watch_memory`` the account is printed again whenever memory blocks change.
+    With ``watch_memory`` the account is printed again whenever memory blocks change, and
+    the guest's state line is written to ``state_device`` (see _STATE_REPORTER).
     """
     lines = [
         "#!/bin/busybox sh",
@@ -160,6 +199,8 @@ def make_init(modules: Sequence[str], init_extra: str = "", watch_memory: bool =
     lines += ["ivm_account", f"echo {MARK_READY}"]
     if watch_memory:
         lines.append((_MEMORY_WATCHER % {"changed": MARK_MEMORY_CHANGED}).strip("\n"))
+        lines.append((_STATE_REPORTER % {"dev": shlex.quote(state_device), "mark": MARK_STATE,
+                                         "end": MARK_STATE_END}).strip("\n"))
     lines.append("while true; do sleep 3600; done")
     return "\n".join(lines) + "\n"
 
@@ -222,6 +263,7 @@ def build_initramfs(
     progress: Progress = None,
     cache_dir: Path | None = None,
     watch_memory: bool = False,
+    state_device: str = "/dev/console",
 ) -> Path:
     """Build (or reuse from the cache) an initramfs loading ``module_files`` in order.
 
@@ -238,7 +280,7 @@ def build_initramfs(
         name = f"lib/modules/{i:02d}-{f.name}"
         cio.file(name, f.read_bytes())
         in_guest.append("/" + name)
-    cio.file("init", make_init(in_guest, init_extra, watch_memory).encode(), 0o755)
+    cio.file("init", make_init(in_guest, init_extra, watch_memory, state_device).encode(), 0o755)
     data = cio.getvalue()
     key = hashlib.sha256(data).hexdigest()[:24]
     out = (cache_dir or cache_root() / "initramfs") / f"{key}.cpio"

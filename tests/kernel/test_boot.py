@@ -102,6 +102,35 @@ def test_hotplug_memmap_on_memory():
     assert "memory_hotplug.memmap_on_memory=1" in doc["guest"]["cmdline"]
 
 
+def test_two_guests_booting_at_once():
+    """Two guests boot and hot-add memory side by side on this 2-core machine, each slowed by
+    the other: boot waits on each guest's own state (its sysfs memory block states, on its
+    state port), within deadlines scaled to what was asked, and says what it waits for."""
+    runs = [("--debian", "6.12", "--hotplug", "1G", "--memmap-on-memory"),
+            ("--debian", "7.2", "--hugepages", "4", "--hotplug", "512M")]
+    procs = [subprocess.Popen([sys.executable, "-m", "inspect_vmemmap", "boot", *args, "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in runs]
+    outs = [p.communicate(timeout=1200) for p in procs]
+    for args, p, (out, err) in zip(runs, procs, outs):
+        assert p.returncode == 0, f"boot {' '.join(args)} exited {p.returncode}: {err}"
+        assert "waiting up to" in err and "for its /init to report ready" in err, err
+        assert "for the guest's sysfs to show memory" in err, err
+        doc = cli_json(out, "boot")
+        assert errors(doc) == [], doc["findings"]
+        g = doc["guest"]
+        (dimm,) = g["dimms"]
+        addr, size = int(dimm["addr"], 16), dimm["size"]
+        assert size == (1 << 30 if "1G" in args else 512 << 20)
+        blocks = range(addr // g["memory_block_size"], (addr + size) // g["memory_block_size"])
+        assert [g["memory_blocks"][str(b)] for b in blocks] == ["online"] * len(blocks)
+        hot = range(addr // SECTION, (addr + size) // SECTION)
+        by_nr = {s["nr"]: s for s in doc["sections"]["list"]}
+        assert all("online" in by_nr[nr]["flags"] for nr in hot)
+        # memmap_on_memory: every hot-added block hosts its own memmap, as the model predicts
+        assert doc["self_hosted"]["memory_blocks"] == (len(blocks) if "--memmap-on-memory" in args else 0)
+    assert outs[1][0] and cli_json(outs[1][0], "boot")["guest"]["hugepages_total"] == 4
+
+
 def test_dump_agrees_with_check_core(tmp_path):
     """--dump writes an ELF vmcore that `check --core` reads to the same result; the scenario
     (7.2, one HVO-optimised 1G hugepage) also gets enough memory by default for the 1G page."""
