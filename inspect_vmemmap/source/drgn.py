@@ -218,15 +218,35 @@ def open_live() -> drgn.Program:
     return prog
 
 
-def kernel(prog: drgn.Program, source: str, vmlinux: Optional[str] = None, no_debuginfo: bool = False) -> Kernel:
+def program_source(prog: drgn.Program) -> tuple:
+    """What a drgn program the caller set up reads: ``("live", None)`` (/proc/kcore),
+    ``("qemu", None)`` (a QEMU guest through QMP, live but not local) or ``("vmcore", path)``.
+
+    :raises AnalysisError: for a program that is not a Linux kernel.
+    """
+    if not prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL:
+        raise AnalysisError("the drgn program is not a Linux kernel (set_kernel(), set_core_dump(PATH) "
+                            "or set_qemu_qmp(SOCKET) first)")
+    path = prog.core_dump_path
+    if prog.flags & drgn.ProgramFlags.IS_LIVE:
+        return ("live" if prog.flags & drgn.ProgramFlags.IS_LOCAL or path == "/proc/kcore" else "qemu"), None
+    return "vmcore", path
+
+
+def kernel(prog: drgn.Program, source: str, vmlinux: Optional[str] = None, no_debuginfo: bool = False,
+           load_debug_info: bool = True) -> Kernel:
     """What the tool reads a kernel with, from a drgn program that is already set to a
     Linux kernel (also a custom one: the fixture recorder uses this): DWARF where it
-    loads (``vmlinux``, or drgn's search), else the kernel's own BTF.
+    loads (``vmlinux``, or drgn's search), else the kernel's own BTF. With
+    ``load_debug_info`` false (a program the user holds), only the debug info already
+    loaded is used.
 
     :raises AnalysisError: with a one-line reason.
     """
     has_dwarf = False
-    if not no_debuginfo:
+    if not no_debuginfo and not load_debug_info:
+        has_dwarf = _main_has_dwarf(prog)
+    elif not no_debuginfo:
         if vmlinux and not os.path.exists(vmlinux):
             raise AnalysisError(f"{vmlinux}: no such file")
         try:

@@ -97,10 +97,11 @@ def open_target(core: Optional[str] = None, qemu: Optional[str] = None, vmlinux:
 
 
 def target_from_program(prog, source: str, vmlinux: Optional[str] = None, no_debuginfo: bool = False,
-                        dump_path: Optional[str] = None) -> Target:
+                        dump_path: Optional[str] = None, load_debug_info: bool = True) -> Target:
     """A :class:`Target` over a drgn program that is already set to a Linux kernel (also
     a custom one: the fixture recorder uses this); ``dump_path`` is the dump file it
-    reads, whose headers say which pages it left out.
+    reads, whose headers say which pages it left out; ``load_debug_info`` false uses
+    only the debug info the program already has (inspect_vmemmap.analyze).
 
     :raises AnalysisError: with a one-line reason when the target cannot be analysed.
     """
@@ -108,7 +109,7 @@ def target_from_program(prog, source: str, vmlinux: Optional[str] = None, no_deb
     from inspect_vmemmap.source.decide import arch_for, decide_layout
     from inspect_vmemmap.source.dumpfile import describe, filtering_memory
 
-    k = adapter.kernel(prog, source, vmlinux, no_debuginfo)
+    k = adapter.kernel(prog, source, vmlinux, no_debuginfo, load_debug_info)
     arch = arch_for(k.arch_name)
     info = VmcoreInfo(parse_vmcoreinfo(k.vmcoreinfo_text))
     layout = decide_layout(arch, info, k.lookup, k.memory, k.types)

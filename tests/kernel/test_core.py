@@ -189,3 +189,24 @@ def test_dump_without_vmcoreinfo_note(booted, tmp_path):
             f.write(b"VMCOREINFO\0")
             f.seek(text_at)
             f.write(b"O")
+
+
+def test_analyze_with_the_users_program(booted):
+    """inspect_vmemmap.analyze on the user's own drgn program (the dump, its vmlinux's DWARF
+    loaded by the user) gives the document ``check --json --vmlinux`` prints; and on a
+    program through the live guest's QMP socket, a report of the running kernel."""
+    import drgn
+
+    import inspect_vmemmap
+
+    prog = drgn.Program()
+    prog.set_core_dump(str(booted.core))
+    prog.load_debug_info([str(booted.vmlinux)])
+    report = inspect_vmemmap.analyze(prog)
+    assert report.to_json()["target"]["type_source"] == "dwarf"
+    assert report.to_json() == booted.run("check")
+    live = drgn.Program()
+    live.set_qemu_qmp(str(booted.guest.qmp_socket))
+    doc = inspect_vmemmap.analyze(live).to_json()
+    assert doc["target"]["source"] == "qemu" and doc["target"]["reads"] >= 1
+    assert doc["sections"]["list"] == report.to_json()["sections"]["list"]
