@@ -186,9 +186,9 @@ def print_check(console: Console, target: dict, layout: KernelLayout, sections: 
     s = summarize(findings)
     target_line(console, target, layout)
     if s["errors"]:
-        console.print(f"[bold red]INCONSISTENT[/]: {s['errors']} error(s), {s['warnings']} warning(s)")
+        console.print(f"[bold red]INCONSISTENT[/]: {plural(s['errors'], 'error')}, {plural(s['warnings'], 'warning')}")
     elif s["warnings"]:
-        console.print(f"[bold yellow]consistent, with {s['warnings']} warning(s)[/]")
+        console.print(f"[bold yellow]consistent, with {plural(s['warnings'], 'warning')}[/]")
     else:
         console.print("[bold green]consistent[/]: the vmemmap is what the kernel's rules say it should be")
     if target.get("dump"):
@@ -304,6 +304,8 @@ def print_node_pictures(console: Console, layout: KernelLayout, sections: Sectio
         colours = "; green early, cyan hot-added, red error" if console.color_system else ""  # not on a pipe
         console.print(f"node {nid}: sections {first}-{last}  [dim](# PMD blocks, + base pages, % both, ? unmapped, . none"
                       f"{colours})[/]")
+        # a row per `width` sections, as many as fit the terminal beside the address
+        width = min(width, max(8, (console.width - 17) // 8 * 8))
         for row in range(first, last + 1, width):
             text = Text(f"  {(row * pps) << layout.page_shift:#014x} ")
             for nr in range(row, min(row + width, last + 1)):
