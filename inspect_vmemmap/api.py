@@ -66,14 +66,10 @@ class Report:
 
     def print(self, console=None) -> None:
         """The text report ``check`` prints (on a rich ``console``; default: stdout)."""
-        from rich.console import Console
-
         from inspect_vmemmap import report
 
-        a = self._analysis
-        report.print_check(console or Console(), self._doc["target"], self.layout, self.sections, self.vmemmap,
-                           self.hvo, self.findings, self.assumptions, a.nodes, device_dedup=self.device_dedup,
-                           self_hosted=self.self_hosted)
+        report.print_check_report(console or report.stdout_console(), self._analysis, self._doc, self.findings,
+                                  self._result, self.assumptions)
 
     def __repr__(self) -> str:
         s = self.summary
