@@ -7,6 +7,7 @@ import sys
 from typing import Iterable, List, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -14,8 +15,6 @@ from inspect_vmemmap.facts import Assumption
 from inspect_vmemmap.findings import Finding, summarize
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.sections import SectionTable
-from rich.markup import escape
-
 from inspect_vmemmap.tables import Column, human_size, plural, print_table
 from inspect_vmemmap.vmemmap import VmemmapMap, size_label
 
