@@ -9,7 +9,7 @@ from inspect_vmemmap.arch import for_layout
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.memory import Memory, PhysRanges
-from inspect_vmemmap.pgtable import PagingFormat, translate
+from inspect_vmemmap.pgtable import PagingFormat, effective, translate
 from inspect_vmemmap.sections import SectionTable, read_sections
 from inspect_vmemmap.vmemmap import NodeMap, VmemmapMap, map_vmemmap, size_label
 
@@ -91,7 +91,7 @@ def explain_pfn(mem: Memory, layout: KernelLayout, sections: SectionTable, nodes
     last = steps[-1] if steps else None
     if last is not None and last.kind == "leaf":
         off = page & (last.size - 1)
-        writable, attrs = fmt.leaf_info(last.entry, len(steps) - 1)
+        writable, attrs = effective(fmt, steps)
         out["backing"] = {
             "level": last.level, "page_size": last.size, "size": size_label(last.size), "phys": hex(last.phys),
             "writable": writable, "attrs": list(attrs), "nid": nodes.nid(last.phys >> layout.page_shift),

@@ -24,6 +24,13 @@ KINDS: Dict[str, str] = {
     "backing-misplaced": "error",
     # a running kernel changed what a finding was about while it was read (commands.confirmed_check)
     "race": "warning",
+    # vmemmap whose permissions, every page-table level applied, are not the kernel's:
+    # user-accessible, executable, or read-only through a table entry (HVO makes PTEs
+    # read-only, never a table entry)
+    "permissions": "error",
+    # a section flag the kernel cannot have set there: SECTION_TAINT_ZONE_DEVICE on a
+    # section that is RAM throughout, where no device memory can ever have been
+    "impossible-flag": "error",
 }
 
 class Finding:

@@ -12,7 +12,8 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.layout import KernelLayout
-from inspect_vmemmap.pgtable import BadEntry, Leaf, PagingFormat, Unreadable, walk
+from inspect_vmemmap.pgtable import (GRANT_EXEC, GRANT_UEXEC, GRANT_USER, BadEntry, Leaf, PagingFormat, Unreadable,
+                                     walk)
 from inspect_vmemmap.sections import SectionTable
 from inspect_vmemmap.memory import Memory
 
@@ -41,7 +42,9 @@ class MappedLeaf(NamedTuple):
 
     @classmethod
     def of(cls, leaf: Leaf) -> "MappedLeaf":
-        return cls(leaf.vaddr, leaf.size, leaf.phys, leaf.writable)
+        # the leaf's own write bit: a table entry that takes writes away is its own
+        # finding (map_vmemmap's permissions), not one per HVO folio or leaf below it
+        return cls(leaf.vaddr, leaf.size, leaf.phys, leaf.leaf_writable)
 
 
 class NodeMap:
@@ -195,7 +198,7 @@ def map_vmemmap(
             last = nr
         if not used:
             return "unused", (first, last)
-        if not leaf.writable and leaf.size == pte_size:
+        if not leaf.leaf_writable and leaf.size == pte_size:
             return "hvo-tail", (first, last)
         return "memmap", (first, last)
 
@@ -205,8 +208,15 @@ def map_vmemmap(
         a, b = max(ev.vaddr, vm.start, base), min(ev.vaddr + ev.size, vm.end)
         return (a - base) // sps, (max(a, b - 1) - base) // sps
 
+    perms = _Permissions(fmt)
+    suspect = fmt.suspect
+    protected = False  # a leaf with PAGE_KERNEL's permissions (x86: NX is in use)
     for ev in walk(mem, fmt, layout.pgtable_root, vm.start, vm.end, phys_ok):
         if type(ev) is Leaf:
+            if ev.denied_by is not None or suspect(ev.entry):
+                perms.add(ev)
+            elif not protected:
+                protected = True
             size = ev.size
             label = SIZE_LABELS.get(size) or size_label(size)
             leaves[label] = leaves.get(label, 0) + 1
@@ -254,4 +264,96 @@ def map_vmemmap(
                 section=p0 >> pfn_shift, pfn_start=p0, pfn_end=p1, vaddr=ev.vaddr, vaddr_end=ev.vaddr + ev.size,
                 phys=ev.table_phys, level=ev.level))
     vm.split_pmds = len(split_bases)
+    perms.protected = perms.protected or protected
+    vm.findings.extend(perms.findings(pfns_of, pfn_shift))
     return vm
+
+
+#: what a leaf grants that PAGE_KERNEL does not, in words
+_GRANTS = ((GRANT_USER, "user"), (GRANT_EXEC, "executable"), (GRANT_UEXEC, "user-executable"))
+
+
+class _Permissions:
+    """Collects the leaves whose permissions, every level applied, are not PAGE_KERNEL's
+    (pgtable.PagingFormat.grants) and the table entries that take writes away from the
+    leaves below them, and makes one ``permissions`` finding per table entry and per run
+    of leaves with the same fault."""
+
+    def __init__(self, fmt: PagingFormat) -> None:
+        self.fmt = fmt
+        self.denied: Dict[tuple, List[int]] = {}  # table entry -> [first leaf vaddr, end]
+        self.runs: List[list] = []  # [vaddr, end, level, what]
+        self.protected = False  # some leaf is execute-protected (x86: the CPU has NX)
+
+    def add(self, leaf: Leaf) -> None:
+        if leaf.denied_by is not None:
+            d = self.denied.get(leaf.denied_by)
+            if d is None:
+                self.denied[leaf.denied_by] = [leaf.vaddr, leaf.vaddr + leaf.size]
+            else:
+                d[1] = leaf.vaddr + leaf.size
+        g = self.fmt.grants(leaf.entry, leaf.inherited)
+        if not g & GRANT_EXEC:
+            self.protected = True
+        g &= self.fmt.kernel_denies
+        effective = True
+        if not g and leaf.inherited:
+            # the leaf's own bits grant it, a table above takes it away: damage all the
+            # same, but not a permission anyone has
+            g = self.fmt.grants(leaf.entry, 0) & self.fmt.kernel_denies
+            effective = False
+        what = tuple(w for bit, w in _GRANTS if g & bit)
+        if not what:
+            return
+        r = self.runs[-1] if self.runs else None
+        if r is not None and r[1] == leaf.vaddr and r[2] == leaf.level and r[3] == what and r[4] == effective:
+            r[1] += leaf.size
+        else:
+            self.runs.append([leaf.vaddr, leaf.vaddr + leaf.size, leaf.level, what, effective])
+
+    def findings(self, pfns_of, pfn_shift: int) -> List[Finding]:
+        out = []
+        for (level, table_phys, index, entry, va, size), (a, b) in self.denied.items():
+            p0, p1 = pfns_of(_Span(a, b - a))
+            out.append(Finding(
+                "permissions", "error",
+                f"{level} entry {entry:#018x} for {va:#x}-{va + size:#x} ({self.fmt.write_bit()}) makes the vmemmap "
+                f"{a:#x}-{b:#x} below it read-only (struct pages of pfn {p0}-{p1}); the kernel's table entries "
+                f"never take writes away, and HVO makes PTEs read-only, not tables",
+                section=p0 >> pfn_shift, pfn_start=p0, pfn_end=p1, vaddr=a, vaddr_end=b, level=level, entry=entry,
+                table_phys=table_phys, index=index, access=["read-only"]))
+        optional = self.fmt.exec_protection_optional
+        for a, b, level, what, effective in self.runs:
+            if optional and not self.protected:
+                what = tuple(w for w in what if w == "user")
+                if not what:
+                    continue
+            p0, p1 = pfns_of(_Span(a, b - a))
+            words = " and ".join(_WORDS[w] for w in what)
+            if effective:
+                out.append(Finding(
+                    "permissions", "error",
+                    f"vmemmap {a:#x}-{b:#x} (struct pages of pfn {p0}-{p1}) is {words}: its {level} entries grant "
+                    f"it and no table above takes it away (PAGE_KERNEL does not)",
+                    section=p0 >> pfn_shift, pfn_start=p0, pfn_end=p1, vaddr=a, vaddr_end=b, level=level,
+                    access=list(what)))
+            else:
+                out.append(Finding(
+                    "permissions", "warning",
+                    f"vmemmap {a:#x}-{b:#x} (struct pages of pfn {p0}-{p1}): its {level} entries would make it "
+                    f"{words}, which PAGE_KERNEL does not, but a table entry above takes it away",
+                    section=p0 >> pfn_shift, pfn_start=p0, pfn_end=p1, vaddr=a, vaddr_end=b, level=level,
+                    access=list(what), effective=False))
+        return out
+
+
+_WORDS = {"user": "accessible from user mode", "executable": "executable by the kernel",
+          "user-executable": "executable from user mode"}
+
+
+class _Span:
+    __slots__ = ("vaddr", "size")
+
+    def __init__(self, vaddr: int, size: int) -> None:
+        self.vaddr = vaddr
+        self.size = size

@@ -9,6 +9,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from inspect_vmemmap.check.observed import Observed
 from inspect_vmemmap.facts import Inputs
 from inspect_vmemmap.findings import Finding
+from inspect_vmemmap.flagrules import impossible_taint, ram_pfns
 from inspect_vmemmap.intervals import Interval, coalesce, merge, subtract
 from inspect_vmemmap.layout import SECTION_FLAG
 from inspect_vmemmap.memory import FaultError
@@ -25,6 +26,7 @@ def check_section_flags(obs: Observed) -> List[Finding]:
     the device maps)."""
     lay = obs.layout
     out: List[Finding] = []
+    all_ram = ram_pfns(lay, obs.inputs.ram)
     for nr, sp in sorted(obs.pred.sections.items()):
         s = obs.sections.get(nr)
         start = nr << lay.pfn_section_shift
@@ -41,8 +43,12 @@ def check_section_flags(obs: Observed) -> List[Finding]:
         if "ZONE_DEVICE" in have and "ZONE_DEVICE" not in want:
             # a taint stays while the section holds any memory (mm/sparse.c
             # section_deactivate() clears section_mem_map only when it empties), so one
-            # left by device memory removed since cannot be told from a wrong one
+            # left by device memory removed since cannot be told from a wrong one,
+            # unless the section is RAM throughout (flagrules.impossible_taint)
             have.discard("ZONE_DEVICE")
+            bad_taint = impossible_taint(lay, nr, s.letters(), sp.early, all_ram)
+            if bad_taint is not None:
+                out.append(bad_taint)
         if have != want:
             note = _section_transient(have, want)
             expects = "+".join(sorted(SECTION_FLAG[f].json for f in want))

@@ -18,18 +18,36 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from inspect_vmemmap.memory import FaultError, Memory
 
-__all__ = ["Leaf", "BadEntry", "Unreadable", "Step", "PagingFormat", "walk", "translate"]
+__all__ = ["Leaf", "BadEntry", "Unreadable", "Step", "PagingFormat", "walk", "translate", "effective",
+           "DENY_WRITE", "DENY_USER", "DENY_EXEC", "DENY_UEXEC", "GRANT_WRITE", "GRANT_USER", "GRANT_EXEC",
+           "GRANT_UEXEC"]
 
 # Entry kinds returned by PagingFormat.decode().
 NONE, TABLE, LEAF, BAD = 0, 1, 2, 3
 
+# What a table entry takes away from everything it maps (PagingFormat.table_restrict):
+# writes, user (EL0) access, execution by the kernel, execution by user space. The
+# effective permission of a leaf is its own bits less what any table above it denies
+# (x86: RW and U/S are ANDed over the levels, NX ORed; arm64: APTable, PXNTable, UXNTable).
+DENY_WRITE, DENY_USER, DENY_EXEC, DENY_UEXEC = 1, 2, 4, 8
+# What a leaf grants once every level is applied (PagingFormat.grants).
+GRANT_WRITE, GRANT_USER, GRANT_EXEC, GRANT_UEXEC = 1, 2, 4, 8
+
 
 class Leaf:
-    """A page-table entry that maps ``[vaddr, vaddr + size)`` to ``[phys, phys + size)``."""
+    """A page-table entry that maps ``[vaddr, vaddr + size)`` to ``[phys, phys + size)``.
 
-    __slots__ = ("vaddr", "size", "level", "entry", "phys", "writable", "attrs")
+    ``writable`` and ``attrs`` are the permissions as they take effect, every table above
+    applied; ``leaf_writable`` is the entry's own write permission; ``inherited`` the
+    DENY_* bits of the tables above, and ``denied_by`` the highest table entry that
+    takes writes away, as ``(level, table_phys, index, entry, vaddr, size)``, or None.
+    """
 
-    def __init__(self, vaddr: int, size: int, level: str, entry: int, phys: int, writable: bool, attrs: Tuple[str, ...]) -> None:
+    __slots__ = ("vaddr", "size", "level", "entry", "phys", "writable", "attrs", "leaf_writable", "inherited",
+                 "denied_by")
+
+    def __init__(self, vaddr: int, size: int, level: str, entry: int, phys: int, writable: bool, attrs: Tuple[str, ...],
+                 leaf_writable: Optional[bool] = None, inherited: int = 0, denied_by: Optional[tuple] = None) -> None:
         self.vaddr = vaddr
         self.size = size
         self.level = level
@@ -37,6 +55,9 @@ class Leaf:
         self.phys = phys
         self.writable = writable
         self.attrs = attrs
+        self.leaf_writable = writable if leaf_writable is None else leaf_writable
+        self.inherited = inherited
+        self.denied_by = denied_by
 
     def __repr__(self) -> str:
         return (f"Leaf({self.vaddr:#x}, {self.size:#x}, {self.level}, entry={self.entry:#x}, "
@@ -115,9 +136,37 @@ class PagingFormat:
         """
         raise NotImplementedError
 
-    def leaf_info(self, entry: int, depth: int) -> Tuple[bool, Tuple[str, ...]]:
-        """:return: ``(writable, attrs)`` of a leaf entry; attrs like ptdump's (PSE, NX, GLB)."""
+    #: grants that the kernel's own vmemmap leaves never have (PAGE_KERNEL): checked by
+    #: the map; and whether the CPU may lack execute protection (x86 without NX: then
+    #: no leaf has it and executable memmap is not a finding)
+    kernel_denies = GRANT_USER | GRANT_EXEC | GRANT_UEXEC
+    exec_protection_optional = False
+
+    def leaf_info(self, entry: int, depth: int, inherited: int = 0) -> Tuple[bool, Tuple[str, ...]]:
+        """:return: ``(writable, attrs)`` of a leaf entry as they take effect under tables
+        that deny ``inherited`` (DENY_* bits); attrs like ptdump's (PSE, NX, GLB)."""
         raise NotImplementedError
+
+    def table_restrict(self, entry: int, depth: int) -> int:
+        """:return: the DENY_* bits a table entry applies to everything below it."""
+        return 0
+
+    def grants(self, entry: int, inherited: int = 0) -> int:
+        """:return: the GRANT_* bits of a leaf entry under tables that deny ``inherited``."""
+        return GRANT_WRITE
+
+    def leaf_writable(self, entry: int, depth: int) -> bool:
+        """The leaf entry's own write permission, whatever the tables above say."""
+        return self.leaf_info(entry, depth)[0]
+
+    def write_bit(self) -> str:
+        """How a table entry takes writes away, in the architecture's words."""
+        return "RW clear"
+
+    def suspect(self, entry: int) -> bool:
+        """A cheap filter: False when a leaf's own bits cannot grant any of
+        :attr:`kernel_denies` (then :meth:`grants` need not be asked)."""
+        return True
 
     def can_be_leaf(self, depth: int) -> bool:
         """Whether an entry at ``depth`` can map memory (a block/huge page or a PTE)."""
@@ -159,7 +208,7 @@ def walk(
     seen = {root_phys: None}  # table page -> the virtual address it was first used for
     decode = fmt.decode
 
-    def table(phys: int, depth: int, base: int) -> Iterator[Event]:
+    def table(phys: int, depth: int, base: int, inh: int, denied: Optional[tuple]) -> Iterator[Event]:
         # base: the virtual address that index 0 of this table maps
         shift = shifts[depth]
         size = 1 << shift
@@ -186,8 +235,9 @@ def walk(
             if kind == NONE:
                 continue
             if kind == LEAF:
-                writable, attrs = leaf_info(e, depth)
-                yield Leaf(va, size, names[depth], e, nphys, writable, attrs)
+                writable, attrs = leaf_info(e, depth, inh)
+                yield Leaf(va, size, names[depth], e, nphys, writable, attrs,
+                           writable if not inh else leaf_writable(e, depth), inh, denied)
             elif kind == TABLE:
                 if depth == last:
                     yield BadEntry(va, size, names[depth], e, phys, i, "table pointer at the last level")
@@ -199,13 +249,19 @@ def walk(
                     yield BadEntry(va, size, names[depth], e, phys, i, f"table {nphys:#x} is already used {where}")
                 else:
                     seen[nphys] = va
-                    yield from table(nphys, depth + 1, va)
+                    r = restrict(e, depth)
+                    below = denied
+                    if r & DENY_WRITE and not inh & DENY_WRITE:
+                        below = (names[depth], phys, i, e, va, size)
+                    yield from table(nphys, depth + 1, va, inh | r, below)
             else:
                 yield BadEntry(va, size, names[depth], e, phys, i, reason)
 
     canonical = fmt.canonical
     leaf_info = fmt.leaf_info
-    yield from table(root_phys, 0, 0)
+    leaf_writable = fmt.leaf_writable
+    restrict = fmt.table_restrict
+    yield from table(root_phys, 0, 0, 0, None)
 
 
 class Step:
@@ -248,3 +304,12 @@ def translate(mem: Memory, fmt: PagingFormat, root_phys: int, vaddr: int) -> Lis
             break
         phys = nphys
     return steps
+
+
+def effective(fmt: PagingFormat, steps: Sequence[Step]) -> Tuple[bool, Tuple[str, ...]]:
+    """``(writable, attrs)`` of the leaf a :func:`translate` ended on, as they take effect
+    under the table entries above it."""
+    inh = 0
+    for depth, s in enumerate(steps[:-1]):
+        inh |= fmt.table_restrict(s.entry, depth)
+    return fmt.leaf_info(steps[-1].entry, len(steps) - 1, inh)

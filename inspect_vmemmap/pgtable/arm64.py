@@ -25,13 +25,28 @@ Sources (Debian 6.1, 6.12 and 7.2 trees, arch/arm64):
   pages (``pud_sect_supported()``).
 - Attributes, arch/arm64/mm/ptdump.c ``pte_bits``: USR, NX (PXN), SHD, AF, NG, CON, BLK,
   UXN, GP and the memory type; ro/RW is :attr:`Leaf.writable`.
+- Hierarchical permissions, the Arm ARM (D8.4.2 "Hierarchical control of data access
+  permissions", D8.4.3 "... of instruction execution"): a table descriptor's APTable
+  (bits 62:61, ``S1_TABLE_AP`` in pgtable-hwdef.h) takes away writes at every EL (bit 62)
+  and EL0 access (bit 61) below it, PXNTable (bit 59) and UXNTable (bit 60) execution at
+  EL1 and EL0. Linux never sets TCR_EL1.HPD1 (arch/arm64/mm/mmu.c: "assumes FEAT_HPDS is
+  not used"), so they apply. The kernel's own tables are TYPE_TABLE | TABLE_UXN
+  (pmd_populate_kernel() and __pud/__p4d/__pgd_populate() for init_mm in
+  asm/pgalloc.h; 7.2 adds TABLE_AF), its vmemmap leaves PAGE_KERNEL (pgtable-prot.h
+  PROT_NORMAL: PXN, UXN, AP[1] clear) or PAGE_KERNEL_RO for HVO tails. With FEAT_S1PIE
+  (6.12+ enables it where the CPU has it) the leaf's permissions come from PIR_EL1 through
+  ``pte_pi_index()`` (the Arm ARM then treats HPD as 1); for the kernel's PAGE_KERNEL
+  and PAGE_KERNEL_RO that gives the rights the classic bits give, which is how the
+  walker reads every descriptor. A table entry with APTable set is not the kernel's
+  either way.
 """
 
 from __future__ import annotations
 
 from typing import Tuple
 
-from inspect_vmemmap.pgtable import BAD, LEAF, NONE, TABLE, PagingFormat
+from inspect_vmemmap.pgtable import (BAD, DENY_EXEC, DENY_UEXEC, DENY_USER, DENY_WRITE, GRANT_EXEC, GRANT_UEXEC,
+                                     GRANT_USER, GRANT_WRITE, LEAF, NONE, TABLE, PagingFormat)
 
 __all__ = ["Arm64Paging", "ttbr1_root", "VALID_VA_BITS"]
 
@@ -49,6 +64,11 @@ PTE_CONT = 1 << 52
 PTE_PXN = 1 << 53
 PTE_UXN = 1 << 54
 PTE_ATTRINDX_MASK = 7 << 2
+# table descriptors (pgtable-hwdef.h *_TABLE_PXN, *_TABLE_UXN, S1_TABLE_AP)
+PXNTABLE = 1 << 59
+UXNTABLE = 1 << 60
+APTABLE_NO_EL0 = 1 << 61  # APTable[0]
+APTABLE_RO = 1 << 62  # APTable[1]
 
 # arch/arm64/include/asm/memory.h MT_* (the same in 6.1, 6.12 and 7.2) with ptdump's names
 MEMORY_TYPES = {0: "MEM/NORMAL", 1: "MEM/NORMAL-TAGGED", 2: "MEM/NORMAL-NC", 3: "DEVICE/nGnRnE", 4: "DEVICE/nGnRE"}
@@ -200,15 +220,50 @@ class Arm64Paging(PagingFormat):
             return BAD, 0, f"address bits below the block size set in a {_label(size)} block ({addr:#x} is not aligned)"
         return LEAF, addr & ~(size - 1), ""
 
-    def leaf_info(self, entry: int, depth: int) -> Tuple[bool, Tuple[str, ...]]:
+    def table_restrict(self, entry: int, depth: int) -> int:
+        r = 0
+        if entry & APTABLE_RO:
+            r |= DENY_WRITE
+        if entry & APTABLE_NO_EL0:
+            r |= DENY_USER
+        if entry & PXNTABLE:
+            r |= DENY_EXEC
+        if entry & UXNTABLE:
+            r |= DENY_UEXEC
+        return r
+
+    def grants(self, entry: int, inherited: int = 0) -> int:
+        g = 0
+        if not entry & PTE_RDONLY and not inherited & DENY_WRITE:
+            g |= GRANT_WRITE
+        if entry & PTE_USER and not inherited & DENY_USER:
+            g |= GRANT_USER
+        # a location writable at EL0 is never executable at EL1 (the Arm ARM's
+        # "privileged execute-never for EL0-writable memory")
+        if not entry & PTE_PXN and not inherited & DENY_EXEC and not (g & GRANT_USER and g & GRANT_WRITE):
+            g |= GRANT_EXEC
+        if not entry & PTE_UXN and not inherited & DENY_UEXEC:
+            g |= GRANT_UEXEC
+        return g
+
+    def write_bit(self) -> str:
+        return "APTable[1] set"
+
+    def suspect(self, entry: int) -> bool:
+        return bool(entry & PTE_USER) or entry & (PTE_PXN | PTE_UXN) != PTE_PXN | PTE_UXN
+
+    def leaf_writable(self, entry: int, depth: int) -> bool:
+        return not entry & PTE_RDONLY
+
+    def leaf_info(self, entry: int, depth: int, inherited: int = 0) -> Tuple[bool, Tuple[str, ...]]:
         """``writable`` is AP[2] (PTE_RDONLY) clear: PAGE_KERNEL has it clear, PAGE_KERNEL_RO
         set. attrs in ptdump's order (USR, NX for PXN, SHD, AF, NG, CON, BLK, UXN, GP,
         memory type), plus DBM when a read-only entry has the DBM bit (hardware dirty
         management makes it writable on the first write: writable-clean)."""
         attrs = []
-        if entry & PTE_USER:
+        if entry & PTE_USER and not inherited & DENY_USER:
             attrs.append("USR")
-        if entry & PTE_PXN:
+        if entry & PTE_PXN or inherited & DENY_EXEC:
             attrs.append("NX")
         if not self.lpa2 and entry & PTE_SHARED == PTE_SHARED:
             attrs.append("SHD")
@@ -220,7 +275,7 @@ class Arm64Paging(PagingFormat):
             attrs.append("CON")
         if depth != self._last:
             attrs.append("BLK")
-        if entry & PTE_UXN:
+        if entry & PTE_UXN or inherited & DENY_UEXEC:
             attrs.append("UXN")
         if entry & PTE_GP:
             attrs.append("GP")
@@ -230,7 +285,7 @@ class Arm64Paging(PagingFormat):
         readonly = bool(entry & PTE_RDONLY)
         if readonly and entry & PTE_DBM:
             attrs.append("DBM")
-        return not readonly, tuple(attrs)
+        return not readonly and not inherited & DENY_WRITE, tuple(attrs)
 
     def can_be_leaf(self, depth: int) -> bool:
         return depth == self._last or self._blocks[depth]

@@ -3,13 +3,23 @@
 Entry bits from arch/x86/include/asm/pgtable_types.h. Leaves are possible at the PUD
 (1G, with PSE), PMD (2M, with PSE) and PTE (4K) levels; PSE at the PGD or P4D level is
 reserved and faults in hardware.
+
+Effective permissions (Intel SDM vol. 3, 4.6 "Access rights"; AMD APM vol. 2, 5.6): a
+write is allowed only if R/W is set at every level, a user-mode access only if U/S is
+set at every level, and an instruction fetch is refused if NX is set at any level. The
+kernel's own table entries are ``_PAGE_TABLE`` (present, RW, USER, accessed, dirty:
+pmd/pud/p4d/pgd_populate() in arch/x86/include/asm/pgalloc.h, which the generic vmemmap
+code in mm/sparse-vmemmap.c calls) or ``_KERNPG_TABLE`` (the same without USER), so a
+kernel mapping's U/S and NX are decided by its leaf (PAGE_KERNEL: no USER, NX when the
+CPU has it, ``__supported_pte_mask``), and a table entry without RW is never the kernel's.
 """
 
 from __future__ import annotations
 
 from typing import Tuple
 
-from inspect_vmemmap.pgtable import BAD, LEAF, NONE, TABLE, PagingFormat
+from inspect_vmemmap.pgtable import (BAD, DENY_EXEC, DENY_USER, DENY_WRITE, GRANT_EXEC, GRANT_UEXEC, GRANT_USER,
+                                     GRANT_WRITE, LEAF, NONE, TABLE, PagingFormat)
 
 _PAGE_PRESENT = 1 << 0
 _PAGE_RW = 1 << 1
@@ -76,17 +86,51 @@ class X86_64Paging(PagingFormat):
             return BAD, 0, f"huge (PSE) bit set at the {self.names[depth]} level, where no leaf can be"
         return TABLE, entry & self.addr_mask, ""
 
-    def leaf_info(self, entry: int, depth: int) -> Tuple[bool, Tuple[str, ...]]:
+    #: without NX (EFER.NXE clear, or noexec=off) no kernel mapping has the bit
+    exec_protection_optional = True
+
+    def leaf_info(self, entry: int, depth: int, inherited: int = 0) -> Tuple[bool, Tuple[str, ...]]:
         attrs = []
-        if entry & _PAGE_USER:
+        if entry & _PAGE_USER and not inherited & DENY_USER:
             attrs.append("USR")
         if depth != self._pte_depth:
             attrs.append("PSE")
         if entry & _PAGE_GLOBAL:
             attrs.append("GLB")
-        if entry & _PAGE_NX:
+        if entry & _PAGE_NX or inherited & DENY_EXEC:
             attrs.append("NX")
-        return bool(entry & _PAGE_RW), tuple(attrs)
+        return bool(entry & _PAGE_RW) and not inherited & DENY_WRITE, tuple(attrs)
+
+    def leaf_writable(self, entry: int, depth: int) -> bool:
+        return bool(entry & _PAGE_RW)
+
+    def table_restrict(self, entry: int, depth: int) -> int:
+        r = 0
+        if not entry & _PAGE_RW:
+            r |= DENY_WRITE
+        if not entry & _PAGE_USER:
+            r |= DENY_USER
+        if entry & _PAGE_NX:
+            r |= DENY_EXEC
+        return r
+
+    def grants(self, entry: int, inherited: int = 0) -> int:
+        g = 0
+        if entry & _PAGE_RW and not inherited & DENY_WRITE:
+            g |= GRANT_WRITE
+        user = entry & _PAGE_USER and not inherited & DENY_USER
+        if user:
+            g |= GRANT_USER
+        if not entry & _PAGE_NX and not inherited & DENY_EXEC:
+            g |= GRANT_EXEC | (GRANT_UEXEC if user else 0)
+        return g
+
+    def write_bit(self) -> str:
+        return "R/W clear"
+
+    def suspect(self, entry: int) -> bool:
+        """Whether a leaf's own bits may grant what PAGE_KERNEL does not (USER, no NX)."""
+        return bool(entry & _PAGE_USER) or not entry & _PAGE_NX
 
     def can_be_leaf(self, depth: int) -> bool:
         return depth >= self._pud_depth

@@ -1,0 +1,112 @@
+"""Issue 15 on real kernels: permission damage written into a real dump in place (and
+restored afterwards), each found at its place as a ``permissions`` finding and no other
+error; a zone-device taint on a boot section that is RAM throughout as ``impossible-flag``.
+
+Which entry to damage comes from a naive walk by drgn (tests/kernel/independent.py), not
+from the code under test."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.kernel import independent as ind
+from tests.kernel.conftest import errors
+from tests.kernel.test_check import _check, _geometry, _pmd_leaf_section, _pte_section, _section_addr, mutable  # noqa: F401
+
+pytestmark = pytest.mark.kernel
+
+#: the names of the levels from the top, as the kernel (and the finding) calls them
+NAMES = {5: ("pgd", "p4d", "pud", "pmd", "pte"), 4: ("pgd", "pud", "pmd", "pte"), 3: ("pgd", "pmd", "pte"),
+         2: ("pgd", "pte")}
+
+
+def _deny_write(prog, e: int) -> int:
+    """A table entry that takes writes away below it: x86 R/W clear, arm64 APTable[1] set."""
+    return e | (1 << 62) if ind.is_arm64(prog) else e & ~2
+
+
+def _perm(doc):
+    return [f for f in doc["findings"] if f["kind"] == "permissions"]
+
+
+def _at(f, addr):
+    return int(f["table_phys"], 16) + 8 * f["index"] == addr
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_table_entry_without_write_permission(mutable, depth):
+    """R/W cleared (x86) or APTable[1] set (arm64) in each table level above the leaves,
+    down to a PMD that points to a PTE table."""
+    booted, prog, core = mutable
+    n = ind.levels(prog)
+    if depth > n - 2:
+        pytest.skip(f"{n} levels")
+    nr, va = _pte_section(prog) if depth == n - 2 else _pmd_leaf_section(prog) if n > 3 else _pte_section(prog)
+    addr, e = ind.entry_addr(prog, va, depth)
+    assert e & 1 and not (depth == n - 2 and ind.is_block(prog, e))
+    core.write_u64(addr, _deny_write(prog, e))
+    rc, doc = _check(booted)
+    assert rc == 1
+    assert [f["kind"] for f in errors(doc)] == ["permissions"], errors(doc)
+    (f,) = _perm(doc)
+    assert f["level"] == NAMES[n][depth] and _at(f, addr) and f["access"] == ["read-only"]
+    assert int(f["vaddr"], 16) <= va < int(f["vaddr_end"], 16)
+    # map shows the leaves below as they take effect: read-only
+    m = booted.run("map", check_status=False)
+    hit = [r for r in m["vmemmap"]["ranges"] if int(r["start"], 16) <= va < int(r["end"], 16)]
+    assert len(hit) == 1 and hit[0]["writable"] is False
+
+
+def test_user_accessible_leaf(mutable):
+    """x86 U/S on a vmemmap leaf (the tables above are _PAGE_TABLE, with U/S), arm64 AP[1]
+    (EL0 access): found at the leaf."""
+    booted, prog, core = mutable
+    n = ind.levels(prog)
+    nr, va = _pmd_leaf_section(prog) if n > 3 else _pte_section(prog)
+    depth = n - 2 if n > 3 else n - 1
+    addr, e = ind.entry_addr(prog, va, depth)
+    core.write_u64(addr, e | (1 << 6 if ind.is_arm64(prog) else 1 << 2))
+    rc, doc = _check(booted)
+    assert rc == 1
+    assert [f["kind"] for f in errors(doc)] == ["permissions"], errors(doc)
+    (f,) = _perm(doc)
+    assert f["access"] == ["user"] and f["level"] == NAMES[n][depth] and f["section"] == nr
+    assert int(f["vaddr"], 16) <= va < int(f["vaddr_end"], 16)
+
+
+@pytest.mark.parametrize("bit", ["nx", "pxn", "uxn"])
+def test_execute_never_cleared(mutable, bit):
+    """x86 NX, arm64 PXN cleared on one leaf: executable, an error at the leaf. arm64 UXN
+    cleared: the kernel's tables carry UXNTable, so nothing is executable from user
+    mode; the damage is a warning at the leaf and no error."""
+    booted, prog, core = mutable
+    arm = ind.is_arm64(prog)
+    if arm == (bit == "nx"):
+        pytest.skip(f"{bit} is not this architecture's bit")
+    n = ind.levels(prog)
+    nr, va = _pmd_leaf_section(prog) if n > 3 else _pte_section(prog)
+    depth = n - 2 if n > 3 else n - 1
+    addr, e = ind.entry_addr(prog, va, depth)
+    core.write_u64(addr, e & ~(1 << {"nx": 63, "pxn": 53, "uxn": 54}[bit]))
+    rc, doc = _check(booted)
+    (f,) = _perm(doc)
+    assert f["level"] == NAMES[n][depth] and f["section"] == nr
+    assert int(f["vaddr"], 16) <= va < int(f["vaddr_end"], 16)
+    if bit == "uxn":
+        assert rc == 0 and errors(doc) == []
+        assert f["severity"] == "warning" and f["effective"] is False and f["access"] == ["user-executable"]
+    else:
+        assert rc == 1 and [x["kind"] for x in errors(doc)] == ["permissions"], errors(doc)
+        assert f["access"] == ["executable"]
+
+
+def test_zone_device_taint_on_boot_ram(mutable):
+    """SECTION_TAINT_ZONE_DEVICE on a boot section that is RAM throughout (state PMOED)."""
+    booted, prog, core = mutable
+    present = _geometry(prog)[3]
+    nr = present[3]
+    addr, smm = _section_addr(prog, nr)
+    core.write_u64(addr, smm | 1 << prog["SECTION_TAINT_ZONE_DEVICE_BIT"].value_())
+    rc, doc = _check(booted)
+    assert rc == 1
+    assert [(f["kind"], f["section"]) for f in errors(doc)] == [("impossible-flag", nr)], errors(doc)
