@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.layout import KernelLayout
-from inspect_vmemmap.model import merge, subtract
+from inspect_vmemmap.intervals import merge, subtract
 
 
 def ram_pfns(lay: KernelLayout, ram: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
