@@ -44,14 +44,17 @@ def _open(tgt: dict):
     status = Console(stderr=True).status if sys.stderr.isatty() else None
     given = tgt.get("core")
     try:
+        from inspect_vmemmap.inputs import check_target_inputs, require_possible
+
+        check_target_inputs(**tgt)  # before anything opens them: a FIFO or a silent QMP socket blocks forever
         if given:  # a compressed dump (.xz, .gz, .bz2, .zst) is read from a decompressed copy
             tgt = dict(tgt, core=plain_core(given, status))
         if status is None:
-            return open_target(**tgt)
+            return require_possible(open_target(**tgt))
         what = given or tgt.get("qemu") or "the running kernel"
         how = f", loading debug info from {tgt['vmlinux']}" if tgt.get("vmlinux") else ""
         with status(f"opening {what}{how}"):  # DWARF takes seconds
-            return open_target(**tgt)
+            return require_possible(open_target(**tgt))
     except UserFileError as e:
         _fail(str(e))
     except AnalysisError as e:
@@ -230,6 +233,11 @@ def check(tgt, as_json, save_layout, deep, reads):
     from inspect_vmemmap import report
     from inspect_vmemmap.commands import confirmed_check
 
+    if save_layout:
+        from inspect_vmemmap.inputs import require_output_path
+
+        require_output_path(save_layout, "--save-layout", [(tgt["core"], "--core"), (tgt["vmlinux"], "--vmlinux"),
+                                                           (tgt["vmcoreinfo"], "--vmcoreinfo"), (tgt["qemu"], "--qemu")])
     ld, doc, findings, res, inputs, notes = confirmed_check(_open(tgt), deep, _progress(), reads)
     if save_layout:
         try:
@@ -255,8 +263,10 @@ def model(layout_file, as_json):
     from inspect_vmemmap.model import predict
     from inspect_vmemmap.userfiles import UserFileError, read_layout
 
+    from inspect_vmemmap.inputs import load_layout
+
     try:
-        inputs = read_layout(layout_file)
+        inputs = load_layout(layout_file, read_layout)  # schema and limits too: one line, exit 2
     except UserFileError as e:
         _fail(str(e))
     pred = predict(inputs)

@@ -77,11 +77,14 @@ class Analysis:
     def check(self, deep: bool = False):
         """:return: ``(doc, findings, result, inputs, notes)``."""
         from inspect_vmemmap.check import run_check
+        from inspect_vmemmap.limits import bound_inputs
         from inspect_vmemmap.source import gather
 
         vm = self.vmemmap()
         notes: List[Assumption] = []
         inputs = gather.gather_inputs(self.reading, notes)
+        # a corrupted System RAM end is a finding, not a loop over every section to 2^64
+        inputs, cut = bound_inputs(inputs, self.sections)
         # a filtered dump may have left out the struct pages the HugeTLB pool lists run through
         hvo_unknown = next((n for n in notes if n.input == "hugetlb_pools" and n.excluded_by), None)
         update = None
@@ -92,7 +95,7 @@ class Analysis:
                         unknown=vm.unknown(), hvo_unknown=hvo_unknown, progress=update)
         if update is not None:
             update(total)  # offline and device sections have no flags to read: done all the same
-        findings = list(self.sections.findings) + vm.findings + res.findings
+        findings = list(self.sections.findings) + vm.findings + cut + res.findings
         filtered = name_filter(findings, self.t.dump, self.t.memory)
         target = self.t.to_json()
         if "dump" in target:

@@ -217,12 +217,33 @@ def _node_of(nodes, pfn_start: int, pfn_end: int) -> Optional[int]:
     return None
 
 
+def _bounded(inp: Inputs) -> None:
+    """Every loop below runs over the sections the RAM and device ranges touch: refuse
+    inputs past the layout's own limits (MAX_PHYSMEM_BITS) or past limits.MAX_SECTIONS,
+    whatever they say, instead of iterating up to 2^64."""
+    from inspect_vmemmap.errors import AnalysisError
+    from inspect_vmemmap.limits import MAX_SECTIONS, ram_sections
+
+    lay = inp.layout
+    top = 1 << lay.max_physmem_bits
+    ranges = list(inp.ram) + list(inp.boot_ram or ()) + [r for m in inp.device_maps or () for r in m.ranges]
+    for a, b in ranges:
+        if not 0 <= a <= b <= top:
+            raise AnalysisError(f"model input: range {a:#x}-{b:#x} is outside the {lay.max_physmem_bits}-bit "
+                                f"physical address space (MAX_PHYSMEM_BITS)")
+    n = ram_sections(lay, ranges)
+    if n > MAX_SECTIONS:
+        raise AnalysisError(f"model input: RAM and device ranges span {n} sections, more than the model predicts "
+                            f"({MAX_SECTIONS})")
+
+
 def predict(inp: Inputs) -> Prediction:
     """Everything the kernel should have built for ``inp``.
 
     :return: a :class:`Prediction`.
     """
     lay = inp.layout
+    _bounded(inp)
     shift = lay.page_shift
     pps = lay.pages_per_section
     sub = lay.pages_per_subsection
