@@ -428,8 +428,14 @@ class Btf:
         bitfields = bool(info >> 31)
         unpack = self._3u32
         result = []
+        strs = self._strs_end - self._strs_start
         for i in range(info & 0xFFFF):
             name_off, mtype, moff = unpack(data, off + 12 + 12 * i)
+            if name_off >= strs:
+                # decoded lazily, so checked here: the type cannot be used, which is
+                # information missing (KeyError, as for an absent member), not a crash
+                raise KeyError(f"BTF type {tid} ({self.name(tid) or 'anonymous'}): member {i}'s name offset "
+                               f"{name_off} is outside the {strs}-byte string section")
             if bitfields:
                 result.append(Member(self._str(name_off), mtype, moff & 0xFFFFFF, moff >> 24))
             else:

@@ -87,6 +87,9 @@ class Analysis:
         inputs, cut = bound_inputs(inputs, self.sections)
         # a filtered dump may have left out the struct pages the HugeTLB pool lists run through
         hvo_unknown = next((n for n in notes if n.input == "hugetlb_pools" and n.excluded_by), None)
+        # nor can it when the pools could not be read at all (no kallsyms, no types): the
+        # read-only leaves are then unknown, not errors (issue 15)
+        hvo_unknown = hvo_unknown or next((n for n in notes if n.input in ("hugetlb_pools", "types")), None)
         update = None
         if deep:
             total = sum(b - a for s in self.sections if s.valid for a, b in s.pfn_ranges(self.t.layout))

@@ -102,7 +102,7 @@ def probe_qmp(path: str, timeout: Optional[float] = None) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise AnalysisError(f"{what}: no such socket") from None
+        raise AnalysisError(f"{what}: no such QMP socket") from None
     except OSError as e:
         raise AnalysisError(f"{what}: {e.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
@@ -180,19 +180,50 @@ def require_possible(target):
     if bad is not None:
         key, value, why = bad
         raise AnalysisError(f"impossible kernel layout: {key}={value}: {why}")
+    _same_release(target)
     return target
+
+
+def _same_release(target) -> None:
+    """VMCOREINFO's OSRELEASE against the release the kernel itself keeps in
+    ``init_uts_ns.name.release`` (include/linux/utsname.h: struct new_utsname is sysname,
+    nodename, release, ... of __NEW_UTS_LEN + 1 = 65 bytes each: release at 130), read through the
+    VMCOREINFO entries kernel/vmcore_info.c writes for it (SYMBOL(init_uts_ns),
+    OFFSET(uts_namespace.name)). A note that names another kernel is refused: the era
+    rules it would select are not this kernel's.
+
+    :raises AnalysisError: naming both releases.
+    """
+    from inspect_vmemmap.memory import FaultError
+
+    info = getattr(target, "vmcoreinfo", None)
+    if info is None:
+        return
+    said = info.get("OSRELEASE")
+    uts = info.symbol("init_uts_ns")
+    if not said or uts is None:
+        return
+    try:
+        raw = target.memory.read(uts + (info.offset("uts_namespace.name") or 0) + 2 * 65, 65)
+    except (FaultError, ValueError, OverflowError):
+        return
+    release = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+    if release and release != said:
+        raise AnalysisError(f"VMCOREINFO OSRELEASE={said} is not this kernel: its init_uts_ns says {release}")
 
 
 def check_target_inputs(core: Optional[str] = None, qemu: Optional[str] = None, vmlinux: Optional[str] = None,
                         vmcoreinfo: Optional[str] = None, **_) -> None:
     """The CLI's target options, each looked at before drgn opens it."""
+    if core and qemu:
+        raise AnalysisError("--core and --qemu are two different targets: give one")
     if core:
         require_regular_file(core, "--core", block_ok=True)
     if vmlinux:
         require_regular_file(vmlinux, "--vmlinux")
     if vmcoreinfo:
         require_regular_file(vmcoreinfo, "--vmcoreinfo")
-    if qemu and not core:
+    if qemu:
         probe_qmp(qemu)
 
 

@@ -43,9 +43,9 @@ def layout_problem(lay) -> Optional[Tuple[str, object, str]]:
     for k in ints:
         v = getattr(lay, k)
         if type(v) is not int:
-            return k, v, "not an integer"
+            return _KEYS.get(k, k), v, "not an integer"
         if v < 0 or v >= 1 << 64:
-            return k, v, "not a 64-bit unsigned value"
+            return _KEYS.get(k, k), v, "not a 64-bit unsigned value"
     if lay.page_size not in PAGE_SIZES[arch]:
         return "PAGESIZE", lay.page_size, f"{arch} pages are {' or '.join(str(p) for p in PAGE_SIZES[arch])} bytes"
     if lay.max_physmem_bits not in PHYSMEM_BITS[arch]:
@@ -70,7 +70,7 @@ def layout_problem(lay) -> Optional[Tuple[str, object, str]]:
     if not 32 <= lay.struct_page_size <= 256 or lay.struct_page_size % 8:
         return "SIZE(page)", lay.struct_page_size, "not the size of a struct page (32-256 bytes, a multiple of 8)"
     if arch == "aarch64" and lay.va_bits and lay.va_bits not in (36, 39, 42, 47, 48, 52):
-        return "VA_BITS", lay.va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
+        return _KEYS["va_bits"], lay.va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
     if arch == "aarch64" and lay.kernel_va_bits and lay.kernel_va_bits not in (36, 39, 42, 47, 48, 52):
         return "NUMBER(VA_BITS)", lay.kernel_va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
     if not 1 <= lay.mem_section_size <= 4096:
@@ -83,7 +83,19 @@ def layout_problem(lay) -> Optional[Tuple[str, object, str]]:
     nr_sections = 1 << (lay.max_physmem_bits - lay.section_size_bits)
     if lay.sections_per_root < 1 or lay.sections_per_root > nr_sections:
         return "SECTIONS_PER_ROOT", lay.sections_per_root, f"not between 1 and NR_MEM_SECTIONS ({nr_sections})"
+    # kernel/vmcore_info.c VMCOREINFO_LENGTH(mem_section, NR_SECTION_ROOTS); more than
+    # NR_SECTION_ROOTS is read up to it and named by the section reader (sections.py)
+    if lay.nr_section_roots < 1:
+        return "LENGTH(mem_section)", lay.nr_section_roots, "a kernel has at least one mem_section root"
     return None
+
+
+#: KernelLayout fields by the VMCOREINFO entries they come from, for messages
+_KEYS = {"page_size": "PAGESIZE", "struct_page_size": "SIZE(page)", "section_size_bits": "NUMBER(SECTION_SIZE_BITS)",
+         "max_physmem_bits": "NUMBER(MAX_PHYSMEM_BITS)", "nr_section_roots": "LENGTH(mem_section)",
+         "mem_section_size": "SIZE(mem_section)", "kernel_va_bits": "NUMBER(VA_BITS)",
+         "va_bits": "VA bits (64 - NUMBER(TCR_EL1_T1SZ))", "vmemmap_base": "SYMBOL(vmemmap)",
+         "mem_section_addr": "SYMBOL(mem_section)"}
 
 
 def ram_sections(lay, ranges: Sequence[Tuple[int, int]]) -> int:

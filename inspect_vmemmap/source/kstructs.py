@@ -51,11 +51,14 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> Li
     root = symbol("iomem_resource")
     if root is None:
         return []
-    o_start = types.offsetof("struct resource", "start")
-    o_end = types.offsetof("struct resource", "end")
-    o_name = types.offsetof("struct resource", "name")
-    o_sib = types.offsetof("struct resource", "sibling")
-    o_child = types.offsetof("struct resource", "child")
+    try:
+        o_start = types.offsetof("struct resource", "start")
+        o_end = types.offsetof("struct resource", "end")
+        o_name = types.offsetof("struct resource", "name")
+        o_sib = types.offsetof("struct resource", "sibling")
+        o_child = types.offsetof("struct resource", "child")
+    except KeyError:  # a damaged type: iomem cannot be read
+        return []
     out: List[Tuple[int, int]] = []
     try:
         res = _u64(mem, root + o_child)
@@ -154,6 +157,10 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
     hstates = symbol("hstates")
     nmax = symbol("hugetlb_max_hstate")
     bit = types.enum_value("HPG_vmemmap_optimized")
+    if hstates is None and symbol("iomem_resource") is None:
+        # no symbol table at all (no DWARF, and drgn's kallsyms loader failed): a kernel
+        # without HugeTLB cannot be told from pools that could not be found
+        raise KeyError("no kernel symbols (kallsyms could not be read): hstates not found")
     if hstates is None or nmax is None or bit is None:
         return []
     hsize = types.sizeof("struct hstate")

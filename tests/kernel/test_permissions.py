@@ -11,13 +11,24 @@ import pytest
 
 from tests.kernel import independent as ind
 from tests.kernel.conftest import errors
-from tests.kernel.test_check import _check, _geometry, _pmd_leaf_section, _pte_section, _section_addr, mutable  # noqa: F401
+from tests.kernel.test_check import _geometry, _pmd_leaf_section, _pte_section, _section_addr, mutable  # noqa: F401
 
 pytestmark = pytest.mark.kernel
 
 #: the names of the levels from the top, as the kernel (and the finding) calls them
 NAMES = {5: ("pgd", "p4d", "pud", "pmd", "pte"), 4: ("pgd", "pud", "pmd", "pte"), 3: ("pgd", "pmd", "pte"),
          2: ("pgd", "pte")}
+
+
+def _check(booted, *extra):
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "inspect_vmemmap", "check", "--core", str(booted.core),
+                        "--vmlinux", str(booted.vmlinux), "--json", *extra], capture_output=True, text=True, timeout=600)
+    assert p.returncode in (0, 1) and "Traceback" not in p.stderr, p.stderr
+    return p.returncode, json.loads(p.stdout)
 
 
 def _deny_write(prog, e: int) -> int:

@@ -153,7 +153,7 @@ def test_a_qmp_socket_that_does_not_answer(tmp_path, mode, words):
 
 def test_qemu_on_a_regular_file_or_nothing(core, tmp_path):
     one_line(run("sections", "--qemu", str(core), timeout=60), "not a QMP socket")
-    one_line(run("sections", "--qemu", str(tmp_path / "none"), timeout=60), "no such socket")
+    one_line(run("sections", "--qemu", str(tmp_path / "none"), timeout=60), "no such QMP socket")
 
 
 def test_probe_qmp_accepts_a_qmp_server(tmp_path):
