@@ -45,16 +45,17 @@ def _open(tgt: dict):
     given = tgt.get("core")
     try:
         from inspect_vmemmap.inputs import check_target_inputs, require_possible
+        from inspect_vmemmap.truncation import attach
 
         check_target_inputs(**tgt)  # before anything opens them: a FIFO or a silent QMP socket blocks forever
         if given:  # a compressed dump (.xz, .gz, .bz2, .zst) is read from a decompressed copy
             tgt = dict(tgt, core=plain_core(given, status))
         if status is None:
-            return require_possible(open_target(**tgt))
+            return attach(require_possible(open_target(**tgt)), tgt.get("core"))
         what = given or tgt.get("qemu") or "the running kernel"
         how = f", loading debug info from {tgt['vmlinux']}" if tgt.get("vmlinux") else ""
         with status(f"opening {what}{how}"):  # DWARF takes seconds
-            return require_possible(open_target(**tgt))
+            return attach(require_possible(open_target(**tgt)), tgt.get("core"))
     except UserFileError as e:
         _fail(str(e))
     except AnalysisError as e:

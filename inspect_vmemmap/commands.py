@@ -13,6 +13,7 @@ from inspect_vmemmap.source.dumpfile import name_filter
 from inspect_vmemmap.source.gather import Reading
 from inspect_vmemmap.facts import Assumption
 from inspect_vmemmap.findings import Finding
+from inspect_vmemmap.truncation import annotate, refuse_if_nothing_readable
 from inspect_vmemmap.vmemmap import MappedLeaf, NodeMap, VmemmapMap
 
 
@@ -37,6 +38,7 @@ class Analysis:
         self.reading = Reading(target)
         self.nodes = NodeMap(self.reading.node_spans())
         self.sections = load_sections(target.memory, target.layout, self.nodes)
+        refuse_if_nothing_readable(target, self.sections)
         self._map: Optional[VmemmapMap] = None
         self._leaves: List[MappedLeaf] = []
 
@@ -61,18 +63,18 @@ class Analysis:
     def sections_doc(self) -> Tuple[dict, List[Finding]]:
         findings = list(self.sections.findings)
         name_filter(findings, self.t.dump, self.t.memory)
-        return report.document(self.t.to_json(), findings, sections=report.sections_json(self.sections)), findings
+        return report.document(annotate(self.t.to_json(), self.t), findings, sections=report.sections_json(self.sections)), findings
 
     def map_doc(self) -> Tuple[dict, List[Finding]]:
         vm = self.vmemmap()
         findings = list(self.sections.findings) + vm.findings
         name_filter(findings, self.t.dump, self.t.memory)
-        return report.document(self.t.to_json(), findings, vmemmap=vm.to_json()), findings
+        return report.document(annotate(self.t.to_json(), self.t), findings, vmemmap=vm.to_json()), findings
 
     def pfn_doc(self, pfn: int) -> Tuple[dict, List[Finding]]:
         info, findings = explain_pfn(self.t.memory, self.t.layout, self.sections, self.nodes, pfn)
         name_filter(findings, self.t.dump, self.t.memory)
-        return report.document(self.t.to_json(), findings, pfn=info), findings
+        return report.document(annotate(self.t.to_json(), self.t), findings, pfn=info), findings
 
     def check(self, deep: bool = False):
         """:return: ``(doc, findings, result, inputs, notes)``."""
@@ -100,12 +102,13 @@ class Analysis:
             update(total)  # offline and device sections have no flags to read: done all the same
         findings = list(self.sections.findings) + vm.findings + cut + res.findings
         filtered = name_filter(findings, self.t.dump, self.t.memory)
-        target = self.t.to_json()
+        target = annotate(self.t.to_json(), self.t)  # a truncated dump named
         if "dump" in target:
             # how much of the check the dump's filter kept it from doing
             target["dump"]["unreadable_findings"] = filtered
             target["dump"]["unread_inputs"] = [n.text for n in notes if n.excluded_by]
-            target["dump"]["complete"] = not filtered and not target["dump"]["unread_inputs"]
+            target["dump"]["complete"] = (not filtered and not target["dump"]["unread_inputs"]
+                                          and not target["dump"].get("truncated"))
         doc = report.document(target, findings, sections=report.sections_json(self.sections),
                               vmemmap=vm.to_json(), hvo=res.hvo,
                               device_dedup=res.device_dedup, self_hosted=res.self_hosted)

@@ -40,3 +40,12 @@ def impossible_taint(lay: KernelLayout, nr: int, letters: str, early: bool,
                    f"{'boot' if early else 'hot-added'} System RAM throughout (pfn {s0}-{s1 - 1}): no device memory can "
                    f"start or end in it, and only such a section is tainted (move_pfn_range_to_zone())",
                    section=nr, pfn_start=s0, pfn_end=s1 - 1, flag="zone_device")
+
+
+def ram_unknown(nr_sections: int) -> Finding:
+    """Neither iomem's System RAM nor the node spans could be read: the sections and the
+    mappings are not compared with the model (missing information lowers what can be
+    claimed; it raises no error)."""
+    return Finding("unreadable", "warning",
+                   f"System RAM could not be read (neither iomem nor the node spans): the {nr_sections} section(s) "
+                   f"read and the vmemmap mappings are not compared with the model's")

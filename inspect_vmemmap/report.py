@@ -190,6 +190,8 @@ def print_check(console: Console, target: dict, layout: KernelLayout, sections: 
         console.print(f"[bold yellow]consistent, with {plural(s['warnings'], 'warning')}[/]")
     else:
         console.print("[bold green]consistent[/]: the vmemmap is what the kernel's rules say it should be")
+    if target.get("dump", {}).get("truncated"):
+        console.print("[bold yellow]INCOMPLETE[/]: the dump is truncated; what it lacks was not checked")
     if target.get("dump"):
         console.print(dump_line(target["dump"], findings, notes), highlight=False)
     c = sections.counts()
@@ -242,6 +244,10 @@ def dump_line(dump: dict, findings: List[Finding], notes: List[Assumption]) -> s
         what += f": {dump['excluded_pages']}{of} pages left out"
     if dump.get("incomplete"):
         what += "; the dump is INCOMPLETE (makedumpfile did not finish)"
+    if dump.get("truncated"):
+        from inspect_vmemmap.truncation import describe
+
+        what += "; " + describe(dump)
     n = sum(1 for f in findings if f.extra.get("excluded_by"))
     m = sum(1 for x in notes if x.excluded_by)
     if not dump.get("excluded_pages"):

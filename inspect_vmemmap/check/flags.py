@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from inspect_vmemmap.check.observed import Observed
 from inspect_vmemmap.facts import Inputs
 from inspect_vmemmap.findings import Finding
-from inspect_vmemmap.flagrules import impossible_taint, ram_pfns
+from inspect_vmemmap.flagrules import impossible_taint, ram_pfns, ram_unknown
 from inspect_vmemmap.intervals import Interval, coalesce, merge, subtract
 from inspect_vmemmap.layout import SECTION_FLAG
 from inspect_vmemmap.memory import FaultError
@@ -57,8 +57,11 @@ def check_section_flags(obs: Observed) -> List[Finding]:
                                f"({'boot memory' if sp.early else 'hot-added memory'})" + note,
                                **where, **({"transient": True} if note else {})))
     know_devices = obs.inputs.device_maps is not None
+    ram = bool(obs.inputs.ram)
+    if not ram:  # neither iomem nor node spans could be read
+        out.append(ram_unknown(len(obs.sections)))
     for s in obs.sections:
-        if s.present and s.nr not in obs.pred.sections and (know_devices or "ZONE_DEVICE" not in s.flags):
+        if ram and s.present and s.nr not in obs.pred.sections and (know_devices or "ZONE_DEVICE" not in s.flags):
             start = s.start_pfn(lay)
             out.append(Finding("section-flags", None,
                                f"section {s.nr} is present but no RAM" + (" and no device memory" if know_devices else "")

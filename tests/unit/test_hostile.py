@@ -264,3 +264,141 @@ def test_corrupted_system_ram_end_is_a_finding_not_a_loop(core, tmp_path, layout
     errs = [f for f in doc["findings"] if f["severity"] == "error"]
     assert [f["kind"] for f in errs] == ["section-flags"], errs
     assert int(errs[0]["phys"], 16) > b and "System RAM" in errs[0]["message"]
+
+
+# -- truncated dumps ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.3, 0.6])
+def test_a_dump_cut_short_with_no_section_left_is_refused(core, tmp_path, fraction):
+    cut = tmp_path / "cut.core"
+    data = core.read_bytes()
+    cut.write_bytes(data[:int(len(data) * fraction)])
+    one_line(run("check", "--core", str(cut), timeout=120), "truncated", "no section")
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.99])
+def test_a_truncated_dump_is_named_and_incomplete(core, tmp_path, fraction):
+    data = core.read_bytes()
+    cut = tmp_path / "cut.core"
+    cut.write_bytes(data[:int(len(data) * fraction)])
+    p = run("check", "--core", str(cut), "--json", timeout=120)
+    assert p.returncode in (0, 1), p.stderr
+    doc = json.loads(p.stdout)
+    dump = doc["target"]["dump"]
+    assert dump["truncated"] is True and dump["complete"] is False
+    assert dump["file_bytes"] == len(data[:int(len(data) * fraction)]) and dump["expected_bytes"] == len(data)
+    assert dump["missing"] and dump["missing_bytes"] > 0
+    assert [f for f in doc["findings"] if f["severity"] == "error"] == []
+    text = run("check", "--core", str(cut), timeout=120)
+    assert "INCOMPLETE" in text.stdout and "TRUNCATED" in text.stdout
+
+
+def test_a_whole_dump_is_not_truncated(core):
+    from inspect_vmemmap.truncation import elf_truncation
+
+    assert elf_truncation(str(core)) is None
+
+
+# -- VMCOREINFO: impossible values refused by key, damage that loses kallsyms tolerated ---------
+
+
+def _edit(core, tmp_path, old: bytes, new: bytes):
+    assert len(old) == len(new)
+    data = core.read_bytes()
+    assert data.count(old) == 1, old
+    out = tmp_path / "edited.core"
+    out.write_bytes(data.replace(old, new))
+    return out
+
+
+@pytest.mark.parametrize("old,new,words", [
+    (b"PAGESIZE=4096", b"PAGESIZE=8192", ["PAGESIZE=8192"]),
+    (b"SIZE(page)=64", b"SIZE(page)=63", ["SIZE(page)=63"]),
+    (b"LENGTH(mem_section)=262144", b"LENGTH(mem_section)=-00001", ["LENGTH(mem_section)=-1"]),
+    (b"NUMBER(SECTION_SIZE_BITS)=27", b"NUMBER(SECTION_SIZE_BITS)=15", ["SECTION_SIZE_BITS", "15"]),
+    (b"NUMBER(SECTION_SIZE_BITS)=27", b"NUMBER(SECTION_SIZE_BITS)=20", ["SECTION_SIZE_BITS", "20"]),
+    (b"SIZE(mem_section)=32", b"SIZE(mem_section)=99", ["SIZE(mem_section)=99"]),
+])
+def test_impossible_vmcoreinfo_values_are_refused_by_name(core, tmp_path, old, new, words):
+    one_line(run("check", "--core", str(_edit(core, tmp_path, old, new))), *words)
+
+
+@pytest.mark.parametrize("old,new", [
+    (b"SYMBOL(kallsyms_names)=", b"SYMBOL(xallsyms_names)="),  # as kernels before v6.0 write it
+    (b"SIZE(list_head)=16", b"SIZE(list_head)=1\xe9"),  # one non-ASCII byte: drgn's loader gives up
+])
+def test_a_healthy_dump_that_loses_kallsyms_keeps_btf_and_has_no_error(core, tmp_path, old, new):
+    data = core.read_bytes()
+    if old.startswith(b"SYMBOL(kallsyms"):
+        data = data.replace(b"SYMBOL(kallsyms_", b"SYMBOL(xallsyms_")
+    else:
+        assert data.count(old) == 1
+        data = data.replace(old, new)
+    edited = tmp_path / "edited.core"
+    edited.write_bytes(data)
+    p = run("check", "--core", str(edited), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["target"]["type_source"] == "btf"
+    assert doc["summary"]["errors"] == 0
+    assert any("HugeTLB pools could not be read" in a for a in doc["assumptions"])
+
+
+def test_osrelease_against_init_uts_ns():
+    from types import SimpleNamespace
+
+    from inspect_vmemmap.errors import AnalysisError
+    from inspect_vmemmap.inputs import _same_release
+
+    uts = bytes(65) + b"(none)".ljust(65, b"\0") + b"7.2.13+deb14-amd64".ljust(65, b"\0")
+
+    class Mem:
+        def read(self, addr, size, physical=False):
+            return uts[addr - 0x1000:addr - 0x1000 + size]
+
+    class Info:
+        def __init__(self, release):
+            self.release = release
+
+        def get(self, key):
+            return self.release
+
+        def symbol(self, name):
+            return 0x1000
+
+        def offset(self, name):
+            return 0
+
+    _same_release(SimpleNamespace(vmcoreinfo=Info("7.2.13+deb14-amd64"), memory=Mem()))
+    with pytest.raises(AnalysisError, match="OSRELEASE=2.6.32 is not this kernel: its init_uts_ns says 7.2.13"):
+        _same_release(SimpleNamespace(vmcoreinfo=Info("2.6.32"), memory=Mem()))
+
+
+# -- BTF with a corrupted member name offset ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["struct page", "struct hstate", "struct resource", "struct pglist_data"])
+def test_a_corrupted_btf_member_name_is_not_an_internal_error(core, tmp_path, name):
+    from inspect_vmemmap.btf import Btf
+
+    data = bytearray(core.read_bytes())
+    hdr = struct.pack("<HBBI", 0xEB9F, 1, 0, 24)
+    at = data.find(hdr)
+    while True:
+        assert at >= 0, "the kernel's BTF must be in the fixture"
+        _, _, _, hl, toff, tlen, soff, slen = struct.unpack_from("<HBBIIIII", data, at)
+        try:
+            btf = Btf.parse(bytes(data[at:at + hl + max(toff + tlen, soff + slen)]))
+            btf.sizeof("struct page")
+            break
+        except Exception:
+            at = data.find(hdr, at + 1)
+    tid = btf.find(name)
+    struct.pack_into("<I", data, at + btf._offsets[tid] + 12, 0x7FFFFFF0)  # its first member's name_off
+    bad = tmp_path / "btf.core"
+    bad.write_bytes(bytes(data))
+    p = run("check", "--core", str(bad))
+    assert p.returncode in (0, 1, 2) and "internal error" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    if p.returncode == 2:
+        one_line(p)
