@@ -10,15 +10,15 @@ import pytest
 from inspect_vmemmap.analysis import explain_pfn, load_map, load_sections
 from inspect_vmemmap.check import run_check
 from inspect_vmemmap.layout import KernelLayout
-from inspect_vmemmap.memory import PhysRanges, SyntheticMemory
-from inspect_vmemmap.model import Folio, Inputs
-from inspect_vmemmap.pgtable import DENY_WRITE, Leaf, translate, walk, effective
+from inspect_vmemmap.facts import Folio, Inputs
+from inspect_vmemmap.memory import PhysRanges
+from inspect_vmemmap.pgtable import DENY_WRITE, effective, translate, walk
 from inspect_vmemmap.pgtable.arm64 import Arm64Paging
 from inspect_vmemmap.pgtable.x86_64 import X86_64Paging
 from inspect_vmemmap.sections import SectionTable
 from inspect_vmemmap.vmemmap import NodeMap, map_vmemmap
-from tests.synth import (ARM64_PAGE_KERNEL, ARM64_TABLE, NX, RW, USER, Arm64Tables, SynthKernel, X86Tables,
-                         backing_range, with_backing_ram, x86_layout)
+from tests.synth import NX, RW, USER, Arm64Tables, SynthKernel, X86Tables, backing_range, with_backing_ram, x86_layout
+from tests.synthmem import SyntheticMemory
 
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30
 SEC = 1 << 27
