@@ -35,7 +35,7 @@ def impossible_taint(lay: KernelLayout, nr: int, letters: str, early: bool,
     s1 = s0 + lay.pages_per_section
     if subtract([(s0, s1)], ram):
         return None
-    return Finding("impossible-flag", "error",
+    return Finding("impossible-flag", None,
                    f"section {nr}: flags {letters} include SECTION_TAINT_ZONE_DEVICE, but the section is "
                    f"{'boot' if early else 'hot-added'} System RAM throughout (pfn {s0}-{s1 - 1}): no device memory can "
                    f"start or end in it, and only such a section is tainted (move_pfn_range_to_zone())",
@@ -46,6 +46,6 @@ def ram_unknown(nr_sections: int) -> Finding:
     """Neither iomem's System RAM nor the node spans could be read: the sections and the
     mappings are not compared with the model (missing information lowers what can be
     claimed; it raises no error)."""
-    return Finding("unreadable", "warning",
+    return Finding("unreadable", None,
                    f"System RAM could not be read (neither iomem nor the node spans): the {nr_sections} section(s) "
                    f"read and the vmemmap mappings are not compared with the model's")

@@ -133,7 +133,7 @@ def bound_ram(lay, ram: Sequence[Tuple[int, int]], present: Sequence[int]) -> Tu
                    else "where no section is present")
             p0 = x >> shift
             findings.append(Finding(
-                "section-flags", "error",
+                "section-flags", None,
                 (f"System RAM {a:#x}-{b - 1:#x} claims pfn {p0}-{(min(b, 1 << 64) - 1) >> shift}, {why}: "
                  f"{_CAUSES}; the model uses only {a:#x}-{keep - 1:#x}" if keep > a else
                  f"System RAM {a:#x}-{b - 1:#x} lies {why}: {_CAUSES}; the model does not use it"),

@@ -316,7 +316,7 @@ class _Permissions:
         for (level, table_phys, index, entry, va, size), (a, b) in self.denied.items():
             p0, p1 = pfns_of(_Span(a, b - a))
             out.append(Finding(
-                "permissions", "error",
+                "permissions", None,
                 f"{level} entry {entry:#018x} for {va:#x}-{va + size:#x} ({self.fmt.write_bit()}) makes the vmemmap "
                 f"{a:#x}-{b:#x} below it read-only (struct pages of pfn {p0}-{p1}); the kernel's table entries "
                 f"never take writes away, and HVO makes PTEs read-only, not tables",
@@ -332,7 +332,7 @@ class _Permissions:
             words = " and ".join(_WORDS[w] for w in what)
             if effective:
                 out.append(Finding(
-                    "permissions", "error",
+                    "permissions", None,
                     f"vmemmap {a:#x}-{b:#x} (struct pages of pfn {p0}-{p1}) is {words}: its {level} entries grant "
                     f"it and no table above takes it away (PAGE_KERNEL does not)",
                     section=p0 >> pfn_shift, pfn_start=p0, pfn_end=p1, vaddr=a, vaddr_end=b, level=level,

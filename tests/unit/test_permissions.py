@@ -16,7 +16,7 @@ from inspect_vmemmap.pgtable import DENY_WRITE, effective, translate, walk
 from inspect_vmemmap.pgtable.arm64 import Arm64Paging
 from inspect_vmemmap.pgtable.x86_64 import X86_64Paging
 from inspect_vmemmap.sections import SectionTable
-from inspect_vmemmap.vmemmap import NodeMap, map_vmemmap
+from inspect_vmemmap.vmemmap import MappedLeaf, NodeMap, map_vmemmap
 from tests.synth import NX, RW, USER, Arm64Tables, SynthKernel, X86Tables, backing_range, with_backing_ram, x86_layout
 from tests.synthmem import SyntheticMemory
 
@@ -145,7 +145,7 @@ def _check(k):
     sections = load_sections(k.mem, lay, nodes)
     leaves = []
     vm = load_map(k.mem, lay, sections, nodes, PhysRanges(k.inputs.ram),
-                  on_leaf=lambda l: leaves.append((l.vaddr, l.size, l.phys, l.leaf_writable)))
+                  on_leaf=lambda l: leaves.append(MappedLeaf.of(l)))
     res = run_check(k.inputs, sections, leaves, unknown=vm.unknown())
     errors = [f for f in sections.findings + vm.findings + res.findings if f.severity == "error"]
     return vm, res, errors
