@@ -17,9 +17,10 @@ from typing import List, Optional, Sequence, Tuple
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.intervals import merge
 
-#: the model predicts at most this many sections (2^18: 32 TiB of 128 MiB sections,
-#: 128 TiB of 512 MiB ones); more is refused rather than allowed to take gigabytes
-MAX_SECTIONS = 1 << 18
+#: the model predicts at most this many sections (2^16: 8 TiB of 128 MiB sections,
+#: 32 TiB of 512 MiB ones; about 170 MB and 15 s at the limit); more is refused, not allowed
+#: to take gigabytes
+MAX_SECTIONS = 1 << 16
 
 #: page sizes per architecture (x86_64: 4K only; arm64: the three granules)
 PAGE_SIZES = {"x86_64": (4096,), "aarch64": (4096, 16384, 65536)}
