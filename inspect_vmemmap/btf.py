@@ -45,6 +45,11 @@ _MAX_DEPTH = 64  # typedef chains, array nesting and anonymous-member nesting; g
 _PATH_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
 
 
+class DamagedType(KeyError):
+    """A type whose members cannot be decoded (a name offset outside the string section):
+    information missing, like an absent member, but not evidence that it is absent."""
+
+
 class BtfError(Exception):
     """The BTF blob is not valid BTF, or does not hold what a question needs (one-line reason)."""
 
@@ -313,6 +318,8 @@ class Btf:
         """:return: whether the struct (exists and) has that member (path as for :meth:`offsetof`)."""
         try:
             self._walk(struct_name, member_path)
+        except DamagedType:
+            raise  # cannot tell: the caller's feature test must not read it as absent
         except KeyError:
             return False
         return True
@@ -434,8 +441,8 @@ class Btf:
             if name_off >= strs:
                 # decoded lazily, so checked here: the type cannot be used, which is
                 # information missing (KeyError, as for an absent member), not a crash
-                raise KeyError(f"BTF type {tid} ({self.name(tid) or 'anonymous'}): member {i}'s name offset "
-                               f"{name_off} is outside the {strs}-byte string section")
+                raise DamagedType(f"BTF type {tid} ({self.name(tid) or 'anonymous'}): member {i}'s name offset "
+                                  f"{name_off} is outside the {strs}-byte string section")
             if bitfields:
                 result.append(Member(self._str(name_off), mtype, moff & 0xFFFFFF, moff >> 24))
             else:

@@ -38,7 +38,6 @@ class Analysis:
         self.reading = Reading(target)
         self.nodes = NodeMap(self.reading.node_spans())
         self.sections = load_sections(target.memory, target.layout, self.nodes)
-        refuse_if_nothing_readable(target, self.sections)
         self._map: Optional[VmemmapMap] = None
         self._leaves: List[MappedLeaf] = []
 
@@ -80,6 +79,9 @@ class Analysis:
         """:return: ``(doc, findings, result, inputs, notes)``."""
         from inspect_vmemmap.check import run_check
         from inspect_vmemmap.limits import bound_inputs
+
+        # a verdict on a truncated dump with no section left would claim what it never read
+        refuse_if_nothing_readable(self.t, self.sections)
         from inspect_vmemmap.source import gather
 
         vm = self.vmemmap()

@@ -22,6 +22,10 @@ from inspect_vmemmap.intervals import merge
 #: to take gigabytes
 MAX_SECTIONS = 1 << 16
 
+#: sections above the highest present one within which a System RAM range may end and
+#: still be used whole (bound_ram)
+SECTION_MARGIN = 64
+
 #: page sizes per architecture (x86_64: 4K only; arm64: the three granules)
 PAGE_SIZES = {"x86_64": (4096,), "aarch64": (4096, 16384, 65536)}
 #: MAX_PHYSMEM_BITS per architecture: x86_64 46 (4-level) or 52 (5-level,
@@ -109,8 +113,9 @@ def bound_ram(lay, ram: Sequence[Tuple[int, int]], present: Sequence[int]) -> Tu
     """System RAM as the model may use it in a check: below 2^MAX_PHYSMEM_BITS, and no
     further than the section after the highest present one (mm/sparse.c memblocks_present()
     marks every section that holds memory present: RAM above the last present section is a
-    corrupted resource or a hot-add that has not marked its sections present yet, one
-    finding either way instead of one per section). What is cut is one ``section-flags`` finding
+    corrupted resource or a hot-add that has not marked its sections present yet: a range
+    that ends more than :data:`SECTION_MARGIN` sections above it is cut there, one finding
+    instead of one per section). What is cut is one ``section-flags`` finding
     per range, with the pfns it claims.
 
     :param present: the numbers of the present sections read from mem_section.
@@ -118,13 +123,17 @@ def bound_ram(lay, ram: Sequence[Tuple[int, int]], present: Sequence[int]) -> Tu
     """
     limit = 1 << lay.max_physmem_bits
     top = (max(present) + 1) << lay.section_size_bits if present else 0
+    # a range that ends within SECTION_MARGIN sections of the last present one is kept
+    # whole (the sections it claims are reported one by one: a damaged section, a hot-add
+    # in progress); one that runs further is cut where the present sections end
+    near = top + (SECTION_MARGIN << lay.section_size_bits)
     shift = lay.page_shift
     out: List[Tuple[int, int]] = []
     findings: List[Finding] = []
     for a, b in ram:
         if b <= a:
             continue
-        keep = min(b, limit, max(top, a))
+        keep = min(b, limit) if b <= near else min(b, limit, max(top, a))
         if keep > a:
             out.append((a, keep))
         if b > keep:

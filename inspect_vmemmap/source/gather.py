@@ -98,7 +98,14 @@ def gather_inputs(reading: Reading, notes: Optional[List[Assumption]] = None) ->
         except (FaultError, KeyError) as e:
             notes.append(Assumption("hugetlb_pools", f"HugeTLB pools could not be read ({one_line(e)})",
                                     _excluded_by(e)))
-        shared_tails = types.has_member("struct zone", "vmemmap_tails")
+        try:
+            shared_tails = types.has_member("struct zone", "vmemmap_tails")
+        except KeyError as e:  # a damaged type: which HVO era this is cannot be told
+            shared_tails = False
+            if folios:
+                notes.append(Assumption("hugetlb_pools", f"HugeTLB folios found but where HVO maps their tails "
+                                                         f"is unknown ({one_line(e)}): not compared"))
+                folios = []
         zone_list = [(nid, s, e, z) for s, e, z, nid in zones.spans]
         try:
             blocks = kstructs.memory_block_states(mem, types, symbol, lay)

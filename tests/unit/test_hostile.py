@@ -378,8 +378,12 @@ def test_osrelease_against_init_uts_ns():
 # -- BTF with a corrupted member name offset ---------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["struct page", "struct hstate", "struct resource", "struct pglist_data"])
+@pytest.mark.parametrize("name", ["struct page", "struct hstate", "struct resource", "struct pglist_data",
+                                  "struct zone", "struct memory_block", "struct mem_section"])
 def test_a_corrupted_btf_member_name_is_not_an_internal_error(core, tmp_path, name):
+    """One member name offset of a type the check reads points outside the string
+    section: that input is missing (an assumption or a warning); the healthy dump gets
+    no error."""
     from inspect_vmemmap.btf import Btf
 
     data = bytearray(core.read_bytes())
@@ -399,6 +403,5 @@ def test_a_corrupted_btf_member_name_is_not_an_internal_error(core, tmp_path, na
     bad = tmp_path / "btf.core"
     bad.write_bytes(bytes(data))
     p = run("check", "--core", str(bad))
-    assert p.returncode in (0, 1, 2) and "internal error" not in p.stderr and "Traceback" not in p.stderr, p.stderr
-    if p.returncode == 2:
-        one_line(p)
+    assert "internal error" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 0, p.stdout[-3000:]
