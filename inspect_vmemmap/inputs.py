@@ -486,7 +486,17 @@ def load_layout(path: str, reader=None):
                 raise AnalysisError(f"{path}: not a layout description ({e})") from None
             doc = None  # not JSON: the reader says so
     if reader is not None:
-        inputs = reader(path)
+        try:
+            inputs = reader(path)
+        except ValueError as e:
+            # where the reader can only say "a field has the wrong type", the shape check
+            # names the field
+            if isinstance(doc, dict) and "wrong type or value" in str(e) or "lacks its" in str(e):
+                try:
+                    check_layout_document(doc)
+                except (ValueError, KeyError, TypeError, AttributeError) as mine:
+                    raise AnalysisError(f"{path}: not a layout description ({mine})") from None
+            raise
     else:
         if not isinstance(doc, dict):
             raise AnalysisError(f"{path}: not a layout description (not a JSON object)")

@@ -42,12 +42,14 @@ def elf_truncation(path: str) -> Optional[dict]:
     missing: List[Tuple[int, int]] = []
     expected = len(table) + phoff
     lost = 0
+    held = 0
     for i in range(len(table) // phentsize):
         p_type, _, off, _, pa, filesz, _, _ = struct.unpack_from("<IIQQQQQQ", table, i * phentsize)
         if p_type != PT_LOAD or not filesz:
             continue
         expected = max(expected, off + filesz)
         have = max(0, min(filesz, size - off))
+        held += have
         if have < filesz:
             missing.append((pa + have, pa + filesz))
             lost += filesz - have
@@ -57,7 +59,8 @@ def elf_truncation(path: str) -> Optional[dict]:
     if not missing:
         return None
     return {"truncated": True, "complete": False, "file_bytes": size, "expected_bytes": expected,
-            "missing": [[hex(a), hex(b)] for a, b in missing], "missing_bytes": lost}
+            "missing": [[hex(a), hex(b)] for a, b in missing], "missing_bytes": lost,
+            "held_bytes": held}
 
 
 def attach(target, core: Optional[str]):
@@ -78,8 +81,11 @@ def annotate(doc_target: dict, target) -> dict:
     info = getattr(target, "truncation", None)
     if not info:
         return doc_target
-    dump = dict(doc_target.get("dump") or {"format": "ELF"})
-    dump.update(info)
+    # a plain ELF vmcore has no "dump" part: the schema's required fields, nothing filtered
+    dump = dict(doc_target.get("dump") or {"format": "elf",
+                                          "dumped_pages": info["held_bytes"] // target.layout.page_size,
+                                          "excluded_pages": 0, "filter": None})
+    dump.update({k: v for k, v in info.items() if k != "held_bytes"})
     out = dict(doc_target)
     out["dump"] = dump
     return out

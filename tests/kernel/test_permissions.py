@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests import schema
 from tests.kernel import independent as ind
 from tests.kernel.conftest import errors
 from tests.kernel.test_check import _geometry, _pmd_leaf_section, _pte_section, _section_addr, mutable  # noqa: F401
@@ -28,7 +29,9 @@ def _check(booted, *extra):
     p = subprocess.run([sys.executable, "-m", "inspect_vmemmap", "check", "--core", str(booted.core),
                         "--vmlinux", str(booted.vmlinux), "--json", *extra], capture_output=True, text=True, timeout=600)
     assert p.returncode in (0, 1) and "Traceback" not in p.stderr, p.stderr
-    return p.returncode, json.loads(p.stdout)
+    doc = json.loads(p.stdout)
+    schema.validate(doc, "check")
+    return p.returncode, doc
 
 
 def _deny_write(prog, e: int) -> int:

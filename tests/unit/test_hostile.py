@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import schema
+
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures"
 
 
@@ -228,8 +230,8 @@ def test_model_refuses_nan_infinity_and_deep_nesting(layout, tmp_path):
     text = json.dumps(layout).replace('"nodes": [', '"nodes": [[Infinity, 0, 1], ', 1)
     one_line(_model(tmp_path, None, raw=text), "Infinity")
     one_line(_model(tmp_path, None, raw="[" * 100000 + "]" * 100000), "nested")
-    one_line(_model(tmp_path, None, raw="\xff\xfe"), "not a layout")
-    one_line(_model(tmp_path, None, raw="[]"), "object")
+    one_line(_model(tmp_path, None, raw="\xff\xfe"), "layout")
+    one_line(_model(tmp_path, None, raw="[]"), "not a layout")
 
 
 @pytest.mark.parametrize("end", [1 << 52, (1 << 64) - 1, 1 << 70])
@@ -261,6 +263,7 @@ def test_corrupted_system_ram_end_is_a_finding_not_a_loop(core, tmp_path, layout
     p = run("check", "--core", str(bad), "--json", timeout=120)
     assert p.returncode == 1, p.stderr
     doc = json.loads(p.stdout)
+    schema.validate(doc, "check")
     errs = [f for f in doc["findings"] if f["severity"] == "error"]
     assert [f["kind"] for f in errs] == ["section-flags"], errs
     assert int(errs[0]["phys"], 16) > b and "System RAM" in errs[0]["message"]
@@ -285,6 +288,7 @@ def test_a_truncated_dump_is_named_and_incomplete(core, tmp_path, fraction):
     p = run("check", "--core", str(cut), "--json", timeout=120)
     assert p.returncode in (0, 1), p.stderr
     doc = json.loads(p.stdout)
+    schema.validate(doc, "check")
     dump = doc["target"]["dump"]
     assert dump["truncated"] is True and dump["complete"] is False
     assert dump["file_bytes"] == len(data[:int(len(data) * fraction)]) and dump["expected_bytes"] == len(data)
@@ -340,6 +344,7 @@ def test_a_healthy_dump_that_loses_kallsyms_keeps_btf_and_has_no_error(core, tmp
     p = run("check", "--core", str(edited), "--json")
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
+    schema.validate(doc, "check")
     assert doc["target"]["type_source"] == "btf"
     assert doc["summary"]["errors"] == 0
     assert any("HugeTLB pools could not be read" in a for a in doc["assumptions"])
