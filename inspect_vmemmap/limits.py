@@ -40,6 +40,11 @@ def layout_problem(lay) -> Optional[Tuple[str, object, str]]:
     arch = lay.arch
     if arch not in PAGE_SIZES:
         return "arch", arch, "not an architecture the tool knows (x86_64, aarch64)"
+    # the VA sizes first: every vmemmap address is derived from them
+    if arch == "aarch64" and lay.va_bits not in (0, 36, 39, 42, 47, 48, 52):
+        return _KEYS["va_bits"], lay.va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
+    if arch == "aarch64" and lay.kernel_va_bits not in (0, 36, 39, 42, 47, 48, 52):
+        return "NUMBER(VA_BITS)", lay.kernel_va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
     ints = ("page_size", "pgtable_levels", "struct_page_size", "section_size_bits", "max_physmem_bits",
             "section_map_last_bit", "nr_section_roots", "sections_per_root", "mem_section_size", "usage_offset",
             "subsection_map_offset", "subsection_shift", "vmemmap_base", "mem_section_addr", "pgtable_root",
@@ -74,10 +79,6 @@ def layout_problem(lay) -> Optional[Tuple[str, object, str]]:
     # few cache lines (mm_types.h); a whole number of words
     if not 32 <= lay.struct_page_size <= 256 or lay.struct_page_size % 8:
         return "SIZE(page)", lay.struct_page_size, "not the size of a struct page (32-256 bytes, a multiple of 8)"
-    if arch == "aarch64" and lay.va_bits and lay.va_bits not in (36, 39, 42, 47, 48, 52):
-        return _KEYS["va_bits"], lay.va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
-    if arch == "aarch64" and lay.kernel_va_bits and lay.kernel_va_bits not in (36, 39, 42, 47, 48, 52):
-        return "NUMBER(VA_BITS)", lay.kernel_va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
     if not 1 <= lay.mem_section_size <= 4096:
         return "SIZE(mem_section)", lay.mem_section_size, "not the size of a struct mem_section"
     if not 1 <= lay.section_map_last_bit <= lay.page_shift:

@@ -410,3 +410,11 @@ def test_a_corrupted_btf_member_name_is_not_an_internal_error(core, tmp_path, na
     p = run("check", "--core", str(bad))
     assert "internal error" not in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert p.returncode == 0, p.stdout[-3000:]
+
+
+def test_arm64_va_bits_refused_by_name(tmp_path):
+    core = tmp_path / "arm.core"
+    with lzma.open(FIXTURES / "7.2-arm64-va48.core.xz") as f, open(core, "wb") as out:
+        shutil.copyfileobj(f, out)
+    one_line(run("check", "--core", str(_edit(core, tmp_path, b"NUMBER(VA_BITS)=52", b"NUMBER(VA_BITS)=99"))),
+             "NUMBER(VA_BITS)=99")
