@@ -261,7 +261,7 @@ def qemu_argv(
         "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", kernel_cmdline(spec, info),
-        "-device", "vmcoreinfo",
+        *(("-device", "vmcoreinfo") if info.vmcoreinfo_device else ()),
         "-serial", f"file:{console_log}",
         "-qmp", f"unix:{qmp_socket},server=on,wait=off",
         "-chardev", f"socket,id=ivmctl,path={control_socket},server=on,wait=off",
@@ -368,7 +368,7 @@ class Guest:
                 if time.monotonic() > deadline:
                     raise LabError(f"dump-guest-memory to {path} did not complete in {timeout:.0f}s")
                 time.sleep(0.5)
-            if check_vmcoreinfo and dump_vmcoreinfo(tmp) is None:
+            if check_vmcoreinfo and arch_info(self.spec.arch).vmcoreinfo_device and dump_vmcoreinfo(tmp) is None:
                 raise LabError(
                     f"dump {path.name} has no VMCOREINFO note (qemu_fw_cfg not loaded in the guest?)"
                 )
