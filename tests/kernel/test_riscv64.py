@@ -1,0 +1,203 @@
+"""Issue 19 on real kernels: Debian 6.12 riscv64 guests in Sv57, Sv48 and Sv39.
+
+One boot and one dump per paging mode serve every test here. The truth is not the tool's:
+drgn's own mmzone helpers and a naive page-table walk written below on drgn's physical
+reads (drgn cannot translate riscv64 virtual addresses, so the test lends it the two
+linear translations the kernel itself exports, and walks the tables itself).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import drgn
+import pytest
+from drgn.helpers.linux.mmzone import decode_section_flags, for_each_present_section, section_mem_map_addr
+
+from inspect_vmemmap.lab import GuestSpec, boot_guest
+
+pytestmark = pytest.mark.kernel
+
+U64 = (1 << 64) - 1
+
+#: paging mode -> the guest; the kernel picks Sv57 on QEMU's rv64 CPU, no5lvl/no4lvl lower
+#: it (arch/riscv/mm/init.c set_satp_mode); QEMU 7.2 has no satp-mode CPU properties
+MODES = {
+    "sv57": GuestSpec(debian="6.12", arch="riscv64", mem="1G", hugepages=8, hvo=True),
+    "sv48": GuestSpec(debian="6.12", arch="riscv64", mem="1G", numa=2, cmdline="no5lvl"),
+    "sv39": GuestSpec(debian="6.12", arch="riscv64", mem="1G", hugepages=4, hvo=True, cmdline="no4lvl"),
+}
+
+
+def vmcoreinfo_in(core: Path) -> bytes:
+    """The VMCOREINFO text in the dump's memory (QEMU's riscv virt takes no -device vmcoreinfo)."""
+    with open(core, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        at = m.find(b"OSRELEASE=")
+        while at >= 0:
+            text = m[at:m.find(b"\0", at)]
+            if b"\nNUMBER(va_kernel_pa_offset)=" in text:
+                return bytes(text)
+            at = m.find(b"OSRELEASE=", at + 1)
+    raise AssertionError(f"no VMCOREINFO text in {core}")
+
+
+def number(text: bytes, key: str) -> int:
+    for line in text.decode().splitlines():
+        k, _, v = line.partition("=")
+        if k == f"NUMBER({key})":
+            return int(v, 0)
+    raise KeyError(key)
+
+
+@dataclass
+class Guest:
+    mode: str
+    spec: GuestSpec
+    guest: object
+    core: Path
+    vmlinux: Path
+    prog: drgn.Program
+
+    def run(self, *args: str, target: str = "core") -> tuple:
+        tgt = ["--core", str(self.core)] if target == "core" else ["--qemu", str(self.guest.qmp_socket)]
+        cmd = [sys.executable, "-m", "inspect_vmemmap", *args, *tgt, "--vmlinux", str(self.vmlinux), "--json"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert p.returncode in (0, 1), f"{cmd} exited {p.returncode}: {p.stderr}"
+        return p.returncode, json.loads(p.stdout)
+
+    # -- the independent truth ------------------------------------------------------------
+
+    def u64(self, phys: int) -> int:
+        return struct.unpack("<Q", self.prog.read(phys, 8, True))[0]
+
+    def levels(self) -> int:
+        l5, l4 = self.prog["pgtable_l5_enabled"].value_(), self.prog["pgtable_l4_enabled"].value_()
+        return 5 if l5 else 4 if l4 else 3
+
+    def walk(self, start: int, end: int) -> list:
+        """Every leaf (vaddr, size, phys, writable) in [start, end), one 4K step at a time:
+        the privileged spec's walk (V clear: nothing; any of R/W/X: a leaf; else the next
+        table at PPN << 12), from satp's swapper_pg_dir."""
+        shifts = [48, 39, 30, 21, 12][5 - self.levels():]
+        root = self.prog["swapper_pg_dir"].address_ - self.prog["kernel_map"].va_kernel_pa_offset.value_()
+        leaves = []
+        va = start
+        while va < end:
+            table = root & U64
+            for shift in shifts:
+                e = self.u64(table + ((va >> shift) & 511) * 8)
+                if not e & 1:
+                    va = (va | ((1 << shift) - 1)) + 1
+                    break
+                if e & 0b1110:
+                    size = 1 << shift
+                    leaves.append((va & ~(size - 1), size, (e >> 10 & ((1 << 44) - 1)) << 12, bool(e & 4)))
+                    va = (va & ~(size - 1)) + size
+                    break
+                table = (e >> 10 & ((1 << 44) - 1)) << 12
+        return leaves
+
+
+def open_truth(core: Path, vmlinux: Path) -> drgn.Program:
+    text = vmcoreinfo_in(core)
+    prog = drgn.Program(vmcoreinfo=text)
+    prog.set_core_dump(str(core))
+    # asm/page.h: the linear map is pa + (PAGE_OFFSET - phys_ram_base), the kernel image
+    # va - va_kernel_pa_offset; both in VMCOREINFO (arch/riscv/kernel/vmcore_info.c)
+    po, base = number(text, "PAGE_OFFSET"), number(text, "phys_ram_base")
+    link, koff = number(text, "KERNEL_LINK_ADDR"), number(text, "va_kernel_pa_offset")
+    prog.add_memory_segment(po, 1 << 40, lambda a, n, o, p: prog.read(a - po + base, n, True))
+    prog.add_memory_segment(link, U64 + 1 - link, lambda a, n, o, p: prog.read((a - koff) & U64, n, True))
+    prog.load_debug_info([str(vmlinux)], main=True)
+    return prog
+
+
+@pytest.fixture(scope="module", params=sorted(MODES))
+def rv(request, tmp_path_factory):
+    mode = request.param
+    spec = MODES[mode]
+    work = tmp_path_factory.mktemp(f"riscv64-{mode}")
+    with boot_guest(spec, workdir=work, timeout=600) as guest:
+        core = guest.dump(work / "vmcore")
+        yield Guest(mode, spec, guest, core, guest.kernel.vmlinux, open_truth(core, guest.kernel.vmlinux))
+        os.unlink(core)
+
+
+def test_guest_runs_in_its_mode(rv):
+    # the guest's own word (/proc/cpuinfo "mmu"), the kernel's variables, and the tool's
+    assert f"mmu\t\t: {rv.mode}" in rv.guest.account.raw
+    assert rv.levels() == {"sv39": 3, "sv48": 4, "sv57": 5}[rv.mode]
+    _, doc = rv.run("sections")
+    assert doc["target"]["arch"] == "riscv64"
+    assert doc["target"]["pgtable_levels"] == rv.levels()
+    assert doc["target"]["page_size"] == 4096
+
+
+def test_sections_match_drgn(rv):
+    prog = rv.prog
+    status, doc = rv.run("sections")
+    # asm/pgtable.h: vmemmap = VMEMMAP_START - vmemmap_start_pfn (the first RAM section's pfn)
+    vmemmap_start = number(vmcoreinfo_in(rv.core), "VMEMMAP_START")
+    first_pfn = prog["vmemmap_start_pfn"].value_()
+    assert first_pfn == 0x80000  # QEMU virt's RAM starts at 2 GiB
+    assert int(doc["target"]["vmemmap_base"], 16) == (vmemmap_start - first_pfn * 64) & U64
+    truth = {nr: (decode_section_flags(sec), section_mem_map_addr(sec).value_())
+             for nr, sec in for_each_present_section(prog)}
+    ours = {s["nr"]: s for s in doc["sections"]["list"] if "present" in s["flags"]}
+    assert sorted(ours) == sorted(truth) == list(range(16, 24))  # 1G from 2 GiB, 128M sections
+    names = {"SECTION_MARKED_PRESENT": "present", "SECTION_HAS_MEM_MAP": "has_mem_map",
+             "SECTION_IS_ONLINE": "online", "SECTION_IS_EARLY": "early"}
+    for nr, (flags, coded) in truth.items():
+        assert int(ours[nr]["coded_mem_map"], 16) == coded
+        assert set(ours[nr]["flags"]) >= {names[f] for f in flags.split("|") if f in names}
+    assert {s["nid"] for s in ours.values()} == set(rv.guest.account.nodes)
+    assert status == 0 and not [f for f in doc["findings"] if f["severity"] == "error"]
+
+
+def test_map_matches_naive_walk(rv):
+    _, doc = rv.run("map")
+    vm = doc["vmemmap"]
+    base = int(doc["target"]["vmemmap_base"], 16)
+    start, end = base + (16 << 15) * 64, base + (24 << 15) * 64
+    assert int(vm["start"], 16) <= start and int(vm["end"], 16) >= end
+    leaves = rv.walk(int(vm["start"], 16), int(vm["end"], 16))
+    sizes = {}
+    for _, size, _, _ in leaves:
+        label = {4096: "4K", 2 << 20: "2M", 1 << 30: "1G"}[size]
+        sizes[label] = sizes.get(label, 0) + 1
+    assert {k: v for k, v in vm["leaves"].items() if v} == sizes
+    assert vm["bytes_mapped"] == sum(size for _, size, _, _ in leaves) == 16 << 20
+    assert vm["readonly_ptes"] == sum(1 for *_, w in leaves if not w)
+    assert vm["split_pmds"] == len({va >> 21 for va, size, _, _ in leaves if size == 4096})
+    by_va = {va: (size, phys, w) for va, size, phys, w in leaves}
+    seen = 0
+    for r in vm["ranges"]:
+        for k in range(r["leaves"]):
+            va = int(r["start"], 16) + k * r["page_size"]
+            assert by_va[va] == (r["page_size"], int(r["phys_start"], 16) + k * r["phys_stride"], r["writable"])
+            seen += 1
+    assert seen == len(leaves)
+    assert not [f for f in doc["findings"] if f["severity"] == "error"]
+
+
+def test_hvo_folios_share_one_vmemmap_page(rv):
+    """mm/hugetlb_vmemmap.c remaps a 2M folio's 8 vmemmap pages onto one page, the tails
+    with PAGE_KERNEL_RO, which riscv does not define: include/linux/pgtable.h makes it
+    PAGE_KERNEL, so on riscv64 the tails stay writable."""
+    _, doc = rv.run("map")
+    folios = rv.guest.account.hugepages_total
+    assert folios == rv.spec.hugepages
+    shared = [r for r in doc["vmemmap"]["ranges"] if r["phys_stride"] == 0 and r["page_size"] == 4096]
+    if not rv.spec.hvo:
+        assert not shared
+        return
+    assert len(shared) == folios
+    assert all(r["leaves"] == 8 and r["writable"] for r in shared)
+    assert doc["vmemmap"]["readonly_ptes"] == 0
