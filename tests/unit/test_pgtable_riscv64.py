@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from inspect_vmemmap.memory import SyntheticMemory
+from tests.synthmem import SyntheticMemory
 from inspect_vmemmap.pgtable import BadEntry, Leaf, translate, walk
 from inspect_vmemmap.pgtable.riscv64 import RiscvPaging
 
