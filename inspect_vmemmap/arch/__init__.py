@@ -110,6 +110,16 @@ class Arch:
         of struct pages, or None where that range's memmap comes from ordinary RAM."""
         raise NotImplementedError
 
+    def kernel_address_space(self, info, read_phys, static: bool = False) -> list:
+        """For an architecture the debugger cannot translate kernel virtual addresses of
+        (drgn has no riscv64 page-table walker): ``[(start, size, read(address, size))]``
+        segments of the kernel's address space over ``read_phys(address, size)``, later
+        ones taking precedence; [] where the debugger translates them itself.
+
+        :param static: the target does not change (a dump), so translations may be kept.
+        """
+        return []
+
 
 def register(arch: Arch) -> Arch:
     """Make ``arch`` known by its name; an architecture module calls this once."""
