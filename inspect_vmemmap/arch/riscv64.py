@@ -114,6 +114,11 @@ class Riscv64(Arch):
     elf_machine = 243  # EM_RISCV
     hugetlb_vmemmap_optimize = True
     dax_vmemmap_optimize = True
+    # arch/riscv/include/asm/pgtable.h defines PAGE_KERNEL_READ, not PAGE_KERNEL_RO, so
+    # include/linux/pgtable.h's "#ifndef PAGE_KERNEL_RO / # define PAGE_KERNEL_RO
+    # PAGE_KERNEL" applies: HVO's tails (mm/hugetlb_vmemmap.c vmemmap_remap_pte) are
+    # writable aliases of the kept page
+    hvo_tails_readonly = False
     boot_ram_note = "boot RAM: no firmware RAM table read on riscv64; all RAM treated as boot memory"
     root_source = "SYMBOL(swapper_pg_dir) and NUMBER(va_kernel_pa_offset)"
 
