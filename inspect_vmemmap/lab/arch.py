@@ -24,6 +24,20 @@ class ArchInfo:
     flavours: tuple[str, ...] = ()  # every Debian flavour the lab boots (the first is the default)
     #: QEMU takes ``-device vmcoreinfo`` (so dump-guest-memory writes a VMCOREINFO note)
     vmcoreinfo_device: bool = True
+    #: paging modes a guest can be asked for by name (riscv64: the kernel's own choice
+    #: first), as /proc/cpuinfo's "mmu" line names them
+    paging_modes: tuple[str, ...] = ()
+
+    def paging_cmdline(self, mode: str) -> str:
+        """Kernel parameters that make the guest run in paging ``mode``."""
+        if mode not in self.paging_modes:
+            raise LabError(f"{self.name} guests have no paging mode {mode!r}"
+                           + (f" (known: {', '.join(self.paging_modes)})" if self.paging_modes else ""))
+        if self.name == "riscv64":
+            # arch/riscv/mm/init.c set_satp_mode(): Sv57 if the hart takes it, else Sv48,
+            # else Sv39; "no5lvl" and "no4lvl" cap it (__pi_set_satp_mode_from_cmdline)
+            return {"sv57": "", "sv48": "no5lvl", "sv39": "no4lvl"}[mode]
+        return ""
 
     def cpu_arg(self, la57: bool | None, lpa2: bool | None = None) -> str:
         if self.name == "x86_64":
@@ -72,6 +86,7 @@ ARCHES: dict[str, ArchInfo] = {
         machine_args=("-machine", "virt"),
         flavours=("riscv64",),
         vmcoreinfo_device=False,
+        paging_modes=("sv57", "sv48", "sv39"),
     ),
 }
 

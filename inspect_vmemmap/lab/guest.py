@@ -93,6 +93,7 @@ class GuestSpec:
     memmap_on_memory: bool = False  # memory_hotplug.memmap_on_memory=1
     flavour: str = ""  # Debian kernel flavour ('' the arch's default; 'arm64-16k')
     lpa2: bool | None = None  # aarch64: False gives a CPU without FEAT_LPA2 (48-bit VA/PA); None: max
+    paging: str | None = None  # a paging mode of ArchInfo.paging_modes (riscv64 'sv39'; checked); None: default
     # NVDIMMs (x86_64; needs maxmem): QEMU places them in the hotplug area in order; each
     # becomes device-dax (Guest.devdax has the guest's own account of them)
     nvdimms: Sequence[Nvdimm] = ()
@@ -232,6 +233,8 @@ def kernel_cmdline(spec: GuestSpec, info: ArchInfo) -> str:
         parts.append(f"memhp_default_state={spec.hotplug_online}")
     if spec.memmap_on_memory:
         parts.append("memory_hotplug.memmap_on_memory=1")
+    if spec.paging and info.paging_cmdline(spec.paging):
+        parts.append(info.paging_cmdline(spec.paging))
     if spec.cmdline:
         parts.append(spec.cmdline.strip())
     return " ".join(parts)
@@ -558,6 +561,9 @@ class Guest:
                 f"guest {self.kernel.release} runs with la57={self.account.la57}, "
                 f"asked for la57={self.spec.la57}"
             )
+        if self.spec.paging and self.account.mmu != self.spec.paging:
+            raise LabError(f"guest {self.kernel.release} runs with mmu {self.account.mmu or '?'}, "
+                           f"asked for {self.spec.paging}")
         report(f"guest {self.kernel.release} ready in {self.boot_seconds:.1f}s")
 
     def close(self) -> None:
