@@ -82,12 +82,25 @@ class Guest:
         l5, l4 = self.prog["pgtable_l5_enabled"].value_(), self.prog["pgtable_l4_enabled"].value_()
         return 5 if l5 else 4 if l4 else 3
 
+    def root(self) -> int:
+        return (self.prog["swapper_pg_dir"].address_ - self.prog["kernel_map"].va_kernel_pa_offset.value_()) & U64
+
+    def entry(self, va: int, depth: int) -> tuple:
+        """(physical address, value) of the entry for ``va`` at ``depth`` (0: the top)."""
+        shifts = [48, 39, 30, 21, 12][5 - self.levels():]
+        table = self.root()
+        for d in range(depth + 1):
+            addr = table + ((va >> shifts[d]) & 511) * 8
+            e = self.u64(addr)
+            table = (e >> 10 & ((1 << 44) - 1)) << 12
+        return addr, e
+
     def walk(self, start: int, end: int) -> list:
         """Every leaf (vaddr, size, phys, writable) in [start, end), one 4K step at a time:
         the privileged spec's walk (V clear: nothing; any of R/W/X: a leaf; else the next
         table at PPN << 12), from satp's swapper_pg_dir."""
         shifts = [48, 39, 30, 21, 12][5 - self.levels():]
-        root = self.prog["swapper_pg_dir"].address_ - self.prog["kernel_map"].va_kernel_pa_offset.value_()
+        root = self.root()
         leaves = []
         va = start
         while va < end:
@@ -235,3 +248,124 @@ def test_boot_command_sv48_hvo(tmp_path):
     assert doc["guest"]["mmu"] == "sv48" and doc["guest"]["hugepages_total"] == 8
     assert doc["sections"]["present"] == 8
     assert doc["hvo"]["optimized_folios"] == 8
+
+
+# -- one fault each, patched into the Sv39 dump and restored (as tests/kernel/test_check.py
+# does on x86_64 and arm64)
+
+PPN = ((1 << 44) - 1) << 10  # _PAGE_PFN_MASK
+
+
+def with_phys(e: int, phys: int) -> int:
+    return (e & ~PPN) | (phys >> 12) << 10
+
+
+@pytest.fixture
+def faulty(rv):
+    if rv.mode != "sv39":
+        pytest.skip("faults are injected into the Sv39 dump only")
+    from tests.kernel.independent import ElfCore
+
+    core = ElfCore(str(rv.core))
+    yield rv, core
+    core.restore()
+
+
+def _errors(rv, kind):
+    status, doc = rv.run("check")
+    assert status == 1
+    return doc, [f for f in doc["findings"] if f["severity"] == "error" and f["kind"] == kind]
+
+
+def _first_page(rv, nr):
+    base = number(vmcoreinfo_in(rv.core), "VMEMMAP_START") - rv.prog["vmemmap_start_pfn"].value_() * 64
+    return (base & U64) + (nr << 15) * 64
+
+
+def _section_by(rv, level_size):
+    """A present section whose memmap starts in a leaf of ``level_size``: (nr, vaddr)."""
+    for nr in range(16, 24):
+        va = _first_page(rv, nr)
+        _, e = rv.entry(va, rv.levels() - 2)
+        if (e & 0b1110 != 0) == (level_size == 2 << 20):
+            return nr, va
+    raise AssertionError("no such section")
+
+
+def test_pmd_cleared(faulty):
+    rv, core = faulty
+    nr, va = _section_by(rv, 2 << 20)
+    addr, e = rv.entry(va, rv.levels() - 2)
+    core.write_u64(addr, e & ~1)
+    _, f = _errors(rv, "memmap-unmapped")
+    assert len(f) == 1 and f[0]["section"] == nr and (f[0]["pfn_start"], f[0]["pfn_end"]) == (nr << 15, ((nr + 1) << 15) - 1)  # one 2M PMD: a whole section's struct pages
+
+
+def test_pte_cleared(faulty):
+    rv, core = faulty
+    nr, va = _section_by(rv, 4096)
+    addr, e = rv.entry(va + 3 * 4096, rv.levels() - 1)
+    assert e & 1
+    core.write_u64(addr, 0)
+    _, f = _errors(rv, "memmap-unmapped")
+    assert len(f) == 1 and f[0]["section"] == nr and f[0]["pfn_start"] == (nr << 15) + 3 * 64
+
+
+@pytest.mark.parametrize("size", [2 << 20, 4096])
+def test_leaf_outside_ram(faulty, size):
+    rv, core = faulty
+    nr, va = _section_by(rv, size)
+    addr, e = rv.entry(va, rv.levels() - (2 if size == 2 << 20 else 1))
+    core.write_u64(addr, with_phys(e, 0x80 << 30))  # 128 GiB: no RAM there
+    _, f = _errors(rv, "backing-outside-ram")
+    assert len(f) == 1 and f[0]["section"] == nr and int(f[0]["phys"], 16) == 0x80 << 30
+
+
+def test_section_mem_map_moved(faulty):
+    rv, core = faulty
+    from drgn.helpers.linux.mmzone import nr_to_section
+
+    sec = nr_to_section(rv.prog, 21)
+    linear = number(vmcoreinfo_in(rv.core), "PAGE_OFFSET")
+    addr = sec.value_() - linear + number(vmcoreinfo_in(rv.core), "phys_ram_base")
+    core.write_u64(addr, sec.section_mem_map.value_() + (1 << 30))
+    _, f = _errors(rv, "mem-map-mismatch")
+    assert [x["section"] for x in f] == [21]
+
+
+def test_vmemmap_page_remapped_onto_another(faulty):
+    rv, core = faulty
+    nr, va = _section_by(rv, 4096)
+    _, a = rv.entry(va, rv.levels() - 1)
+    b_addr, b = rv.entry(va + 4096, rv.levels() - 1)
+    core.write_u64(b_addr, with_phys(b, (a >> 10 << 12) & ((1 << 56) - 1)))
+    _, f = _errors(rv, "alias")
+    assert len(f) == 1 and f[0]["section"] == nr and f[0]["pfn_start"] == (nr << 15) + 64
+
+
+def _hvo_folio(rv):
+    """The vmemmap of the first optimized folio: a range of 8 PTEs onto one page."""
+    _, doc = rv.run("map")
+    r = [r for r in doc["vmemmap"]["ranges"] if r["phys_stride"] == 0 and r["leaves"] == 8][0]
+    return int(r["start"], 16)
+
+
+def test_hvo_tail_pointed_elsewhere(faulty):
+    rv, core = faulty
+    va = _hvo_folio(rv)
+    addr, e = rv.entry(va + 0x3000, rv.levels() - 1)
+    core.write_u64(addr, with_phys(e, ((e >> 10) << 12 & ((1 << 56) - 1)) + 0x200000))
+    doc, f = _errors(rv, "hvo-inconsistent")
+    base = int(doc["target"]["vmemmap_base"], 16)
+    assert len(f) == 1 and f[0]["pfn_start"] == (va - base) // 64
+    assert doc["hvo"]["optimized_folios"] == rv.spec.hugepages - 1
+
+
+def test_hvo_tail_made_read_only(faulty):
+    """riscv64's HVO tails are writable (no PAGE_KERNEL_RO): a read-only one is no remap's."""
+    rv, core = faulty
+    va = _hvo_folio(rv)
+    addr, e = rv.entry(va + 0x2000, rv.levels() - 1)
+    core.write_u64(addr, e & ~4)  # clear W
+    doc, f = _errors(rv, "hvo-inconsistent")
+    assert len(f) == 1 and "read-only" in f[0]["message"] and int(f[0]["vaddr"], 16) == va
