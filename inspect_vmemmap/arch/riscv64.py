@@ -15,11 +15,14 @@ Sources: Debian's 6.12 tree (linux-source-6.12 6.12.117-1), arch/riscv and mm/:
   NUMBER(va_kernel_pa_offset) (asm/page.h ``kernel_mapping_va_to_pa``).
 - The vmemmap, asm/pgtable.h: ``vmemmap = (struct page *)VMEMMAP_START -
   vmemmap_start_pfn`` with ``vmemmap_start_pfn = round_down(phys_ram_base,
-  1 << SECTION_SIZE_BITS) >> PAGE_SHIFT`` (mm/init.c ``setup_bootmem``): the region starts
-  at the struct page of the first RAM section, not of pfn 0. Kernels before that
-  variable defined ``vmemmap`` as ``(struct page *)VMEMMAP_START`` (pfn 0 at
-  VMEMMAP_START); which one a kernel is, is read from the presence of the
-  ``vmemmap_start_pfn`` symbol. 6.12 also exports SYMBOL(vmemmap), which wins.
+  VMEMMAP_ADDR_ALIGN) >> PAGE_SHIFT`` (mm/init.c ``setup_bootmem``). 6.12's
+  VMEMMAP_ADDR_ALIGN is a section (1 << SECTION_SIZE_BITS): VMEMMAP_START holds the struct
+  page of the first RAM section (pfn 0x80000 on QEMU virt); 7.2's is at least
+  ``PFN_PHYS(MAX_FOLIO_VMEMMAP_ALIGN / sizeof(struct page))`` (include/linux/mmzone.h: a
+  16 GiB folio's, for HVO's naturally aligned head struct pages), which rounds QEMU virt's
+  2 GiB down to 0. So the variable is read, not recomputed. Kernels without it defined
+  ``vmemmap`` as ``(struct page *)VMEMMAP_START``. 6.12 and 7.2 also export
+  SYMBOL(vmemmap), which wins.
   The region: VMEMMAP_START..VMEMMAP_END (NUMBER()s in VMCOREINFO), VMEMMAP_END being
   VMALLOC_START and VMEMMAP_SIZE ``BIT(VA_BITS - PAGE_SHIFT - 1 + STRUCT_PAGE_MAX_SHIFT)``.
 - The linear map and the kernel image, asm/page.h: ``linear_mapping_pa_to_va(x) = x +
@@ -42,6 +45,7 @@ Sources: Debian's 6.12 tree (linux-source-6.12 6.12.117-1), arch/riscv and mm/:
 
 from __future__ import annotations
 
+import struct
 from typing import Callable, Dict, List, Optional, Tuple
 
 from inspect_vmemmap.arch import Arch, KernelLookup, register
@@ -147,23 +151,26 @@ class Riscv64(Arch):
 
     def vmemmap_base(self, info, kernel: KernelLookup, mem, fields: dict) -> Tuple[Optional[int], str]:
         """asm/pgtable.h: ``(struct page *)VMEMMAP_START - vmemmap_start_pfn`` where the
-        kernel has ``vmemmap_start_pfn`` (round_down(phys_ram_base, 1 <<
-        SECTION_SIZE_BITS) >> PAGE_SHIFT), else ``(struct page *)VMEMMAP_START``."""
+        kernel has the variable (its value from DWARF, else read at its kallsyms address),
+        else ``(struct page *)VMEMMAP_START``."""
         start = info.number("VMEMMAP_START")
         if start is None:
             return None, ""
-        if kernel.symbol("vmemmap_start_pfn") is None:
-            if kernel.symbol("swapper_pg_dir") is None:
-                return None, ""  # no symbols to tell the definitions apart: decoded from the sections
-            return start & U64, "VMEMMAP_START (a kernel without vmemmap_start_pfn: pfn 0 at VMEMMAP_START)"
-        base, bits = info.number("phys_ram_base"), info.number("SECTION_SIZE_BITS")
-        if base is None or bits is None:
-            return None, ""
-        first_pfn = (base & ~((1 << bits) - 1)) >> 12
+        first = kernel.value("vmemmap_start_pfn")
+        where = "vmemmap_start_pfn (debug info)"
+        if first is None:
+            addr = kernel.symbol("vmemmap_start_pfn")
+            if addr is None:
+                if kernel.symbol("swapper_pg_dir") is None:
+                    return None, ""  # no symbols to tell the definitions apart: decoded from the sections
+                return start & U64, "VMEMMAP_START (a kernel without vmemmap_start_pfn: pfn 0 at VMEMMAP_START)"
+            try:
+                first = struct.unpack("<Q", mem.read(addr, 8))[0]
+            except FaultError:
+                return None, ""
+            where = "vmemmap_start_pfn (kallsyms)"
         sps = info.size("page") or 64
-        return (start - first_pfn * sps) & U64, (
-            "VMEMMAP_START - vmemmap_start_pfn * sizeof(struct page), vmemmap_start_pfn = "
-            "round_down(phys_ram_base, 1 << SECTION_SIZE_BITS) >> PAGE_SHIFT (VMCOREINFO)")
+        return (start - first * sps) & U64, f"VMEMMAP_START - {where} * sizeof(struct page)"
 
     def mem_section_is_root_array(self, info, address: int) -> bool:
         # SPARSEMEM_EXTREME's roots are memblock allocations in the linear map, which lies

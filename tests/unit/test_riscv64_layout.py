@@ -38,11 +38,27 @@ REAL = {
 
 
 class Symbols(KernelLookup):
-    def __init__(self, names):
+    def __init__(self, names, values=None):
         self.names = names
+        self.values = values or {}
 
     def symbol(self, name):
         return self.names.get(name)
+
+    def value(self, name):
+        return self.values.get(name)
+
+
+class Word:
+    """Memory holding one u64 at one address."""
+
+    def __init__(self, address, value):
+        self.address, self.value = address, value
+
+    def read(self, address, size, physical=False):
+        if address != self.address or physical:
+            raise FaultError(address, physical, "unmapped")
+        return struct.pack("<Q", self.value)
 
 
 def info(mode, **extra):
@@ -62,9 +78,14 @@ def test_layout_fields_from_real_vmcoreinfo(mode):
     assert f["vmemmap_region_start"] == int(REAL[mode][0]["NUMBER(VMEMMAP_START)"], 16)
     assert f["vmemmap_region_end"] == int(REAL[mode][0]["NUMBER(VMEMMAP_END)"], 16)
     assert f"Sv{f['va_bits']}" in notes["va_bits"]
-    # without SYMBOL(vmemmap): VMEMMAP_START - vmemmap_start_pfn (0x80000: RAM at 2 GiB) struct pages
-    base, where = arch.vmemmap_base(info(mode), Symbols({"vmemmap_start_pfn": 1, "swapper_pg_dir": 1}), None, f)
-    assert base == vmemmap and "vmemmap_start_pfn" in where
+    # without SYMBOL(vmemmap): VMEMMAP_START - vmemmap_start_pfn struct pages, the variable
+    # read at its kallsyms address (6.12: 0x80000, RAM at 2 GiB rounded down to a section)
+    syms = Symbols({"vmemmap_start_pfn": 0xFFFFFFFF81D00000, "swapper_pg_dir": 1})
+    base, where = arch.vmemmap_base(info(mode), syms, Word(0xFFFFFFFF81D00000, 0x80000), f)
+    assert base == vmemmap and "vmemmap_start_pfn (kallsyms)" in where
+    # or from DWARF (7.2: 0, rounded down to MAX_FOLIO_VMEMMAP_ALIGN's 16 GiB)
+    base, where = arch.vmemmap_base(info(mode), Symbols({}, {"vmemmap_start_pfn": 0}), None, f)
+    assert base == int(REAL[mode][0]["NUMBER(VMEMMAP_START)"], 16) and "debug info" in where
     # a kernel without that variable had pfn 0 at VMEMMAP_START
     base, _ = arch.vmemmap_base(info(mode), Symbols({"swapper_pg_dir": 1}), None, f)
     assert base == int(REAL[mode][0]["NUMBER(VMEMMAP_START)"], 16)
