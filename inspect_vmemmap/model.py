@@ -60,6 +60,9 @@ class HvoPrediction:
     #: "head": tails map the first vmemmap page (6.1, 6.12); "shared": a per-zone page (7.1+);
     #: "unsupported": the folio is marked optimized on a kernel without HVO (arm64)
     tail_target: str
+    #: the tails are remapped writable: the architecture has no PAGE_KERNEL_RO of its own
+    #: (Arch.hvo_tails_readonly)
+    tails_writable: bool = False
 
 
 @dataclass
@@ -188,7 +191,7 @@ class Prediction:
             "required": [[hex(a), hex(b)] for a, b in self.required],
             "allowed": [[hex(a), hex(b)] for a, b in self.allowed],
             "hvo": [{"head_pfn": h.folio.head_pfn, "order": h.folio.order, "vmemmap": hex(h.start),
-                     "pages": h.pages, "readonly": h.pages - 1, "tails_map": h.tail_target} for h in self.hvo],
+                     "pages": h.pages, "readonly": 0 if h.tails_writable else h.pages - 1, "tails_map": h.tail_target} for h in self.hvo],
             "device": [{"ranges": [[hex(a), hex(b)] for a, b in d.map.ranges], "type": d.map.type,
                         "vmemmap_shift": d.map.vmemmap_shift, "altmap": d.map.altmap is not None,
                         "dedup": d.dedup, "why": d.why, "compound_pages": d.compound_pages,
@@ -327,7 +330,9 @@ def predict(inp: Inputs) -> Prediction:
     # Rule: HVO (mm/hugetlb_vmemmap.c). An optimised folio keeps
     # HUGETLB_VMEMMAP_RESERVE_SIZE (one page) of its vmemmap; the PMD covering it is split
     # (vmemmap_split_pmd) and the other pages are remapped read-only
-    # (vmemmap_remap_pte with PAGE_KERNEL_RO) onto the kept page (6.1 keeps the head's
+    # (vmemmap_remap_pte with PAGE_KERNEL_RO; writable where the architecture leaves
+    # PAGE_KERNEL_RO to include/linux/pgtable.h's PAGE_KERNEL: Arch.hvo_tails_readonly)
+    # onto the kept page (6.1 keeps the head's
     # original, 6.12 a copy: both are what PTE 0 maps), or, since 7.1, onto the zone's
     # shared zone->vmemmap_tails[] page. Only where the architecture has HVO
     # (hvo_supported): elsewhere a folio marked optimized is itself inconsistent.
@@ -337,7 +342,7 @@ def predict(inp: Inputs) -> Prediction:
             continue
         pages = ((1 << f.order) * sps) // lay.page_size
         target = ("shared" if inp.hvo_shared_tails else "head") if hvo_supported(lay) else "unsupported"
-        hvo.append(HvoPrediction(f, lay.pfn_to_page(f.head_pfn), pages, target))
+        hvo.append(HvoPrediction(f, lay.pfn_to_page(f.head_pfn), pages, target, not arch.hvo_tails_readonly))
     device = [predict_device(lay, dm) for dm in inp.device_maps or ()]
     blocks = [predict_block(inp, hb) for hb in inp.hosted_blocks or ()]
     return Prediction(sections, required, allowed, hvo, device, blocks)

@@ -66,6 +66,10 @@ class Arch:
     hugetlb_vmemmap_optimize = False
     #: the architecture selects ARCH_WANT_OPTIMIZE_DAX_VMEMMAP (vmemmap_can_optimize())
     dax_vmemmap_optimize = False
+    #: HVO's tails are read-only: mm/hugetlb_vmemmap.c vmemmap_remap_pte() maps them with
+    #: PAGE_KERNEL_RO, which include/linux/pgtable.h makes PAGE_KERNEL (writable) where
+    #: the architecture does not define it (riscv64)
+    hvo_tails_readonly = True
     #: where the model's boot-RAM input comes from, for the note when it cannot be read
     boot_ram_note = "boot RAM: no firmware RAM table read; all RAM treated as boot memory"
     #: what the page-table root is decided from, for the error when it cannot be
@@ -109,6 +113,16 @@ class Arch:
         """Rule: the block size vmemmap_populate() allocates from an altmap for a range
         of struct pages, or None where that range's memmap comes from ordinary RAM."""
         raise NotImplementedError
+
+    def kernel_address_space(self, info, read_phys, static: bool = False) -> list:
+        """For an architecture the debugger cannot translate kernel virtual addresses of
+        (drgn has no riscv64 page-table walker): ``[(start, size, read(address, size))]``
+        segments of the kernel's address space over ``read_phys(address, size)``, later
+        ones taking precedence; [] where the debugger translates them itself.
+
+        :param static: the target does not change (a dump), so translations may be kept.
+        """
+        return []
 
 
 def register(arch: Arch) -> Arch:

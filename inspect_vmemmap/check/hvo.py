@@ -74,11 +74,16 @@ def _check_folio(obs: Observed, h: HvoPrediction, shared_tail: Dict[tuple, int],
             bad.append(f"vmemmap page {k} is not mapped by a base page")
             odd = True
             continue
-        if leaf.writable:
+        if not leaf.writable:
+            explained_ro.add(va)  # part of this folio: reported here if wrong, not twice
+        if h.tails_writable:
+            # PAGE_KERNEL_RO is PAGE_KERNEL on this architecture (model.HvoPrediction): a
+            # tail's protection says nothing of the remap, only what it maps does
+            if not leaf.writable:
+                bad.append(f"vmemmap page {k} is read-only, where this architecture remaps tails writable")
+        elif leaf.writable:
             rw_tails.append(k)
             bad.append(f"vmemmap page {k} is writable")
-        else:
-            explained_ro.add(va)  # part of this folio: reported here if wrong, not twice
         if h.tail_target == "head":
             want = head.phys if head is not None else None
             what = "the kept page"
@@ -89,7 +94,7 @@ def _check_folio(obs: Observed, h: HvoPrediction, shared_tail: Dict[tuple, int],
                 want = None
         if want is not None and leaf.phys == want:
             explained.aliases[leaf.phys >> lay.page_shift] += 1
-            odd = odd or leaf.writable  # writable onto the target: no step of a remap does that
+            odd = odd or (leaf.writable and not h.tails_writable)  # writable onto the target: no step of a remap does that
         else:
             bad.append(f"vmemmap page {k} maps {leaf.phys:#x}, not {what}" + (f" {want:#x}" if want is not None else ""))
             odd = odd or not leaf.writable

@@ -32,6 +32,12 @@ class GuestAccount:
         """True if the guest runs with 5-level paging (the kernel clears the la57 flag otherwise)."""
         return "la57" in self.cpu_flags
 
+    @property
+    def mmu(self) -> str:
+        """/proc/cpuinfo's "mmu" of the first hart (riscv64: sv39, sv48 or sv57), or ''."""
+        m = re.search(r"^@@ cpuinfo-mmu\nmmu\s*:\s*(\S+)", self.raw, re.M)
+        return m.group(1) if m else ""
+
     def iomem_ranges(self, name: str) -> list[tuple[int, int]]:
         return [(s, e) for s, e, n in self.iomem if n == name]
 

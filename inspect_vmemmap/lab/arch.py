@@ -1,7 +1,8 @@
 """Per-architecture facts: Debian names, QEMU binary and machine options.
 
-x86_64 (pc, ``-cpu max``) and aarch64 (``-M virt -cpu max``, TCG; Debian's 4K ``arm64``
-and 16K ``arm64-16k`` flavours).
+x86_64 (pc, ``-cpu max``), aarch64 (``-M virt -cpu max``, TCG; Debian's 4K ``arm64``
+and 16K ``arm64-16k`` flavours) and riscv64 (``-M virt -cpu rv64``, OpenSBI from QEMU's
+default ``-bios``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,22 @@ class ArchInfo:
     console: str  # kernel console device for the first serial port
     machine_args: tuple[str, ...] = ()
     flavours: tuple[str, ...] = ()  # every Debian flavour the lab boots (the first is the default)
+    #: QEMU takes ``-device vmcoreinfo`` (so dump-guest-memory writes a VMCOREINFO note)
+    vmcoreinfo_device: bool = True
+    #: paging modes a guest can be asked for by name (riscv64: the kernel's own choice
+    #: first), as /proc/cpuinfo's "mmu" line names them
+    paging_modes: tuple[str, ...] = ()
+
+    def paging_cmdline(self, mode: str) -> str:
+        """Kernel parameters that make the guest run in paging ``mode``."""
+        if mode not in self.paging_modes:
+            raise LabError(f"{self.name} guests have no paging mode {mode!r}"
+                           + (f" (known: {', '.join(self.paging_modes)})" if self.paging_modes else ""))
+        if self.name == "riscv64":
+            # arch/riscv/mm/init.c set_satp_mode(): Sv57 if the hart takes it, else Sv48,
+            # else Sv39; "no5lvl" and "no4lvl" cap it (__pi_set_satp_mode_from_cmdline)
+            return {"sv57": "", "sv48": "no5lvl", "sv39": "no4lvl"}[mode]
+        return ""
 
     def cpu_arg(self, la57: bool | None, lpa2: bool | None = None) -> str:
         if self.name == "x86_64":
@@ -29,6 +46,10 @@ class ArchInfo:
             # QEMU's TCG max CPU has FEAT_LPA2 (52-bit VA and PA with 4K/16K pages) since
             # 7.0; lpa2=off (target/arm/cpu64.c arm_cpu_lpa2_finalize) leaves a 48-bit CPU.
             return "max,lpa2=off" if lpa2 is False else "max"
+        if self.name == "riscv64":
+            # QEMU 7.2's rv64 CPU has no satp-mode properties (sv39=, sv48=, sv57= came in
+            # 8.0) and offers Sv57; the kernel's no5lvl/no4lvl pick a smaller mode.
+            return "rv64"
         return "max"
 
 
@@ -52,6 +73,20 @@ ARCHES: dict[str, ArchInfo] = {
         # virt: PL011 console, fw_cfg over MMIO (-device vmcoreinfo works), RAM from 1 GiB
         machine_args=("-machine", "virt"),
         flavours=("arm64", "arm64-16k"),
+    ),
+    "riscv64": ArchInfo(
+        name="riscv64",
+        deb_arch="riscv64",
+        flavour="riscv64",
+        qemu="qemu-system-riscv64",
+        qemu_package="qemu-system-misc",
+        console="ttyS0",
+        # virt: NS16550 console, fw_cfg over MMIO (created after the devices, so
+        # -device vmcoreinfo is refused), RAM from 2 GiB; OpenSBI is QEMU's default -bios
+        machine_args=("-machine", "virt"),
+        flavours=("riscv64",),
+        vmcoreinfo_device=False,
+        paging_modes=("sv57", "sv48", "sv39"),
     ),
 }
 

@@ -75,6 +75,10 @@ def click_options(f: Callable) -> Callable:
         click.option("--hvo", is_flag=True, help="HugeTLB vmemmap optimisation (hugetlb_free_vmemmap=on)."),
         click.option("--la57/--no-la57", default=None,
                      help="x86_64: a CPU with (or without) 5-level paging (default: QEMU's max CPU, which has it)."),
+        click.option("--sv57", "paging", flag_value="sv57", default=None,
+                     help="riscv64: Sv57, 5-level paging (the kernel's choice on QEMU's rv64 CPU)."),
+        click.option("--sv48", "paging", flag_value="sv48", help="riscv64: Sv48, 4-level paging (no5lvl)."),
+        click.option("--sv39", "paging", flag_value="sv39", help="riscv64: Sv39, 3-level paging (no4lvl)."),
         click.option("--hotplug", metavar="SIZE", multiple=True,
                      help="After boot, hot-add a pc-dimm of SIZE and wait until the guest onlined it (repeatable)."),
         click.option("--memmap-on-memory", is_flag=True,
@@ -136,6 +140,7 @@ class BootOptions:
     hugepages_1g: int = 0
     hvo: bool = False
     la57: Optional[bool] = None
+    paging: Optional[str] = None
     hotplug: tuple = ()
     memmap_on_memory: bool = False
     cmdline: str = ""
@@ -245,6 +250,8 @@ def image_arch(head: bytes) -> Optional[str]:
         return "aarch64"
     if len(head) >= 8 and head[:2] == b"MZ" and head[4:8] == b"zimg":  # EFI zboot (arm64 vmlinuz)
         return "aarch64"
+    if len(head) >= 0x40 and head[0x38:0x3C] == b"RSC\x05":  # riscv Image header (Documentation/arch/riscv/boot-image-header.rst)
+        return "riscv64"
     return None
 
 
@@ -348,6 +355,8 @@ def guest_spec(o: BootOptions, arch: str):
 
     if o.la57 is not None and arch != "x86_64":
         raise BootError(f"--la57/--no-la57 is for x86_64 guests, not {arch}")
+    if o.paging and o.paging not in arch_info(arch).paging_modes:
+        raise BootError(f"--{o.paging} is for riscv64 guests, not {arch}")
     headroom = HEADROOM_IN_GUEST_MIB if o.in_guest else HEADROOM_MIB
     # 1G pages need free, 1G-aligned GiBs beside the first one (the kernel boots in it)
     least = o.hugepages * 2 + headroom + ((o.hugepages_1g + 1) * 1024 if o.hugepages_1g else 0)
@@ -377,7 +386,7 @@ def guest_spec(o: BootOptions, arch: str):
         extra = dict(maxmem=_size_text(mem + total), slots=len(o.hotplug))
     return GuestSpec(
         debian=o.debian or "6.12", arch=arch, mem=_size_text(mem), numa=o.numa, hugepages=o.hugepages,
-        hvo=o.hvo, la57=o.la57, cmdline=" ".join(cmdline), memmap_on_memory=o.memmap_on_memory,
+        hvo=o.hvo, la57=o.la57, paging=o.paging, cmdline=" ".join(cmdline), memmap_on_memory=o.memmap_on_memory,
         accel=o.accel, **extra,
     )
 
@@ -414,6 +423,8 @@ def guest_json(guest, mode: str) -> dict:
     }
     if guest.spec.arch == "x86_64":
         out["la57"] = acc.la57
+    if acc.mmu:
+        out["mmu"] = acc.mmu
     return out
 
 

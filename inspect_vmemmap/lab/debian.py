@@ -541,7 +541,8 @@ def _modules_prefix_re(release: str) -> re.Pattern:
 
 def _vmlinuz_re(release: str) -> re.Pattern:
     r = re.escape(release)
-    return re.compile(rf"^(?:boot/vmlinuz-{r}|(?:usr/)?lib/modules/{r}/vmlinuz)$")
+    # riscv64 packages name the (uncompressed, EFI-stub) Image boot/vmlinux-<release>
+    return re.compile(rf"^(?:boot/vmlinu[xz]-{r}|(?:usr/)?lib/modules/{r}/vmlinuz)$")
 
 
 def _extract_image(image_deb: Path, mods_deb: Path, release: str, kdir: Path, meta: dict, report) -> None:

@@ -93,6 +93,7 @@ class GuestSpec:
     memmap_on_memory: bool = False  # memory_hotplug.memmap_on_memory=1
     flavour: str = ""  # Debian kernel flavour ('' the arch's default; 'arm64-16k')
     lpa2: bool | None = None  # aarch64: False gives a CPU without FEAT_LPA2 (48-bit VA/PA); None: max
+    paging: str | None = None  # a paging mode of ArchInfo.paging_modes (riscv64 'sv39'; checked); None: default
     # NVDIMMs (x86_64; needs maxmem): QEMU places them in the hotplug area in order; each
     # becomes device-dax (Guest.devdax has the guest's own account of them)
     nvdimms: Sequence[Nvdimm] = ()
@@ -232,6 +233,8 @@ def kernel_cmdline(spec: GuestSpec, info: ArchInfo) -> str:
         parts.append(f"memhp_default_state={spec.hotplug_online}")
     if spec.memmap_on_memory:
         parts.append("memory_hotplug.memmap_on_memory=1")
+    if spec.paging and info.paging_cmdline(spec.paging):
+        parts.append(info.paging_cmdline(spec.paging))
     if spec.cmdline:
         parts.append(spec.cmdline.strip())
     return " ".join(parts)
@@ -261,7 +264,7 @@ def qemu_argv(
         "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", kernel_cmdline(spec, info),
-        "-device", "vmcoreinfo",
+        *(("-device", "vmcoreinfo") if info.vmcoreinfo_device else ()),
         "-serial", f"file:{console_log}",
         "-qmp", f"unix:{qmp_socket},server=on,wait=off",
         "-chardev", f"socket,id=ivmctl,path={control_socket},server=on,wait=off",
@@ -368,7 +371,7 @@ class Guest:
                 if time.monotonic() > deadline:
                     raise LabError(f"dump-guest-memory to {path} did not complete in {timeout:.0f}s")
                 time.sleep(0.5)
-            if check_vmcoreinfo and dump_vmcoreinfo(tmp) is None:
+            if check_vmcoreinfo and arch_info(self.spec.arch).vmcoreinfo_device and dump_vmcoreinfo(tmp) is None:
                 raise LabError(
                     f"dump {path.name} has no VMCOREINFO note (qemu_fw_cfg not loaded in the guest?)"
                 )
@@ -558,6 +561,9 @@ class Guest:
                 f"guest {self.kernel.release} runs with la57={self.account.la57}, "
                 f"asked for la57={self.spec.la57}"
             )
+        if self.spec.paging and self.account.mmu != self.spec.paging:
+            raise LabError(f"guest {self.kernel.release} runs with mmu {self.account.mmu or '?'}, "
+                           f"asked for {self.spec.paging}")
         report(f"guest {self.kernel.release} ready in {self.boot_seconds:.1f}s")
 
     def close(self) -> None:

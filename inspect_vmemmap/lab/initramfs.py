@@ -70,6 +70,8 @@ echo @@ meminfo
 cat /proc/meminfo
 echo @@ cpuinfo-flags
 grep -m1 '^flags' /proc/cpuinfo
+echo @@ cpuinfo-mmu
+grep -m1 '^mmu' /proc/cpuinfo
 echo @@ nodes
 for n in /sys/devices/system/node/node*; do [ -d "$n" ] && echo "${n##*/}"; done
 for n in /sys/devices/system/node/node*; do

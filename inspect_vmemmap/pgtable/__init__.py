@@ -172,6 +172,11 @@ class PagingFormat:
         """Whether an entry at ``depth`` can map memory (a block/huge page or a PTE)."""
         raise NotImplementedError
 
+    #: None, or ``contiguous_span(entry, depth)``: how many consecutive entries of one
+    #: table a valid leaf spans as one mapping (riscv64 Svnapot: 16 PTEs of 64K, all
+    #: holding the same entry; decode() gives the first page of the whole range)
+    contiguous_span = None
+
     def pmd_blocks(self, layout) -> bool:
         """Whether the kernel maps whole-section vmemmap with PMD blocks here, so that a
         PMD range mapped by base pages counts as a split PMD."""
@@ -226,6 +231,7 @@ def walk(
             first = max(start, base + (lo << shift)) if depth else start
             yield Unreadable(first, min(end, (base + (hi << shift)) if depth else end) - first, names[depth], phys)
             return
+        done = 0  # entries below it belong to a contiguous leaf already yielded
         for i in range(lo, hi):
             e = entries[i]
             if not e:
@@ -235,6 +241,21 @@ def walk(
             if kind == NONE:
                 continue
             if kind == LEAF:
+                if span_of is not None and (span := span_of(e, depth)) > 1:
+                    # one mapping over `span` entries that must all be the same
+                    first = i & ~(span - 1)
+                    if i < done:
+                        continue
+                    group = entries[first:first + span]
+                    if len(group) == span and group.count(e) == span:
+                        done = first + span
+                        writable, attrs = leaf_info(e, depth, inh)
+                        yield Leaf(va - ((i - first) << shift), size * span, names[depth], e, nphys, writable, attrs,
+                                   writable if not inh else leaf_writable(e, depth), inh, denied)
+                    else:
+                        yield BadEntry(va, size, names[depth], e, phys, i,
+                                       f"one of a group of {span} entries that must be equal ({first}-{first + span - 1}) and are not")
+                    continue
                 writable, attrs = leaf_info(e, depth, inh)
                 yield Leaf(va, size, names[depth], e, nphys, writable, attrs,
                            writable if not inh else leaf_writable(e, depth), inh, denied)
@@ -261,6 +282,7 @@ def walk(
     leaf_info = fmt.leaf_info
     leaf_writable = fmt.leaf_writable
     restrict = fmt.table_restrict
+    span_of = fmt.contiguous_span
     yield from table(root_phys, 0, 0, 0, None)
 
 
@@ -298,8 +320,11 @@ def translate(mem: Memory, fmt: PagingFormat, root_phys: int, vaddr: int) -> Lis
         kind, nphys, reason = fmt.decode(e, depth) if e else (NONE, 0, "")
         if kind == TABLE and depth == len(fmt.shifts) - 1:
             kind, reason = BAD, "table pointer at the last level"
+        size = 1 << shift
+        if kind == LEAF and fmt.contiguous_span is not None:
+            size *= fmt.contiguous_span(e, depth)
         name = {NONE: "none", TABLE: "table", LEAF: "leaf", BAD: "bad"}[kind]
-        steps.append(Step(fmt.names[depth], phys, index, e, name, nphys, reason, 1 << shift))
+        steps.append(Step(fmt.names[depth], phys, index, e, name, nphys, reason, size))
         if kind != TABLE:
             break
         phys = nphys

@@ -9,6 +9,7 @@ a :class:`~inspect_vmemmap.memory.Memory` (:class:`DrgnMemory`), type informatio
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -195,12 +196,37 @@ def open_core(core: str, note: Optional[bytes]) -> drgn.Program:
 
 
 def open_qemu(socket: str) -> drgn.Program:
-    """drgn on a running QEMU guest through its QMP socket."""
-    prog = drgn.Program()
-    try:
-        prog.set_qemu_qmp(socket)
-    except Exception as e:  # drgn's QMP client raises whatever the socket gives
-        raise AnalysisError(f"{socket}: cannot attach to the QEMU guest through QMP ({one_line(e)})") from None
+    """drgn on a running QEMU guest through its QMP socket. A guest whose QEMU has no
+    vmcoreinfo device (riscv virt cannot have one) gets the VMCOREINFO text found in its
+    RAM, as a dump without the note does."""
+    def attach() -> drgn.Program:
+        prog = drgn.Program()
+        try:
+            prog.set_qemu_qmp(socket)
+        except Exception as e:  # drgn's QMP client raises whatever the socket gives
+            raise AnalysisError(f"{socket}: cannot attach to the QEMU guest through QMP ({one_line(e)})") from None
+        return prog
+
+    prog = attach()
+    if not prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL:
+        from inspect_vmemmap.source.qemu import guest_ram
+        from inspect_vmemmap.source.vmcoreinfo import find_vmcoreinfo_in_ram
+
+        del prog  # QEMU serves one QMP client at a time: drgn's connection closes first
+        gc.collect()
+        ram = guest_ram(socket)
+        prog = attach()
+        read = prog.read
+
+        def phys(address: int, size: int) -> bytes:
+            try:
+                return read(address, size, True)
+            except drgn.FaultError as e:
+                raise ValueError(str(e)) from None
+
+        text = find_vmcoreinfo_in_ram(phys, ram)
+        if text is not None:
+            prog.set_linux_kernel_custom(text, True)
     if not prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL:
         raise AnalysisError(f"{socket}: not a Linux kernel core (no VMCOREINFO note)")
     return prog
@@ -243,6 +269,7 @@ def kernel(prog: drgn.Program, source: str, vmlinux: Optional[str] = None, no_de
 
     :raises AnalysisError: with a one-line reason.
     """
+    _lend_address_space(prog, source)
     has_dwarf = False
     if not no_debuginfo and not load_debug_info:
         has_dwarf = _main_has_dwarf(prog)
@@ -268,6 +295,28 @@ def kernel(prog: drgn.Program, source: str, vmlinux: Optional[str] = None, no_de
     types = DwarfTypes(prog) if has_dwarf else load_btf(prog, source)
     return Kernel(prog, source, DrgnMemory(prog), DrgnLookup(prog, has_dwarf), types, text,
                   prog.platform.arch.name)
+
+
+def _lend_address_space(prog: drgn.Program, source: str) -> None:
+    """Where drgn cannot translate the kernel's virtual addresses (riscv64), give it
+    memory segments that do, from the architecture's rules and VMCOREINFO, before
+    anything reads kernel memory (debug info's module list, kallsyms, BTF, the layout).
+    The VMCOREINFO object drgn makes is its note's text, not a memory read."""
+    from inspect_vmemmap import arch as arches
+    from inspect_vmemmap.source.vmcoreinfo import VmcoreInfo, parse_vmcoreinfo
+
+    arch = arches.by_drgn_name(prog.platform.arch.name) if prog.platform is not None else None
+    if arch is None:
+        return
+    try:
+        text = prog["VMCOREINFO"].string_().decode(errors="replace")
+    except (LookupError, drgn.FaultError, ValueError):
+        return
+    read = prog.read
+    segments = arch.kernel_address_space(VmcoreInfo(parse_vmcoreinfo(text)), lambda a, n: read(a, n, True),
+                                         static=source == "vmcore")
+    for start, size, fn in segments:
+        prog.add_memory_segment(start, size, lambda address, count, offset, physical, fn=fn: fn(address, count))
 
 
 def load_btf(prog: drgn.Program, source: str) -> Optional[Btf]:

@@ -75,3 +75,26 @@ def find_vmcoreinfo_text(path: str) -> Optional[bytes]:
     except (OSError, ValueError):
         return None
     return None
+
+
+def find_vmcoreinfo_in_ram(read, ranges, chunk: int = 1 << 20) -> Optional[bytes]:
+    """The VMCOREINFO text found in guest RAM by its first lines, as
+    :func:`find_vmcoreinfo_text` finds it in a dump: ``read(address, size)`` reads
+    physical memory, ``ranges`` are the RAM ranges ``[(start, end)]``.
+
+    :return: the text, or None.
+    """
+    for start, end in ranges:
+        for a in range(start, end, chunk):
+            try:
+                data = read(a, min(chunk + 65536, end - a))
+            except (OSError, ValueError, LookupError):
+                continue
+            at = data.find(b"OSRELEASE=", 0, chunk)
+            while at >= 0:
+                stop = data.find(b"\0", at)
+                text = data[at:stop if stop >= 0 else len(data)]
+                if b"\nPAGESIZE=" in text and b"SYMBOL(" in text:
+                    return bytes(text)
+                at = data.find(b"OSRELEASE=", at + 1, chunk)
+    return None
