@@ -26,25 +26,19 @@ MAX_SECTIONS = 1 << 16
 #: still be used whole (bound_ram)
 SECTION_MARGIN = 64
 
-#: page sizes per architecture (x86_64: 4K only; arm64: the three granules)
-PAGE_SIZES = {"x86_64": (4096,), "aarch64": (4096, 16384, 65536)}
-#: MAX_PHYSMEM_BITS per architecture: x86_64 46 (4-level) or 52 (5-level,
-#: arch/x86/include/asm/sparsemem.h); arm64 48 or 52 (PHYS_MASK_SHIFT, asm/sparsemem.h)
-#: and 6.1's CONFIG_ARM64_PA_BITS choices down to 44 (older configs)
-PHYSMEM_BITS = {"x86_64": (46, 52), "aarch64": (44, 48, 52)}
-
 
 def layout_problem(lay) -> Optional[Tuple[str, object, str]]:
     """:return: ``(key, value, why)`` for the first value no kernel of the layout's
     architecture can have, or None when the layout is possible."""
-    arch = lay.arch
-    if arch not in PAGE_SIZES:
-        return "arch", arch, "not an architecture the tool knows (x86_64, aarch64)"
-    # the VA sizes first: every vmemmap address is derived from them
-    if arch == "aarch64" and lay.va_bits not in (0, 36, 39, 42, 47, 48, 52):
-        return _KEYS["va_bits"], lay.va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
-    if arch == "aarch64" and lay.kernel_va_bits not in (0, 36, 39, 42, 47, 48, 52):
-        return "NUMBER(VA_BITS)", lay.kernel_va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
+    from inspect_vmemmap import arch as arches
+
+    if lay.arch not in arches.names():
+        return "arch", lay.arch, f"not an architecture the tool knows ({', '.join(arches.names())})"
+    arch = arches.get(lay.arch)
+    # the architecture's own first: the VA sizes every vmemmap address is derived from
+    problem = arch.layout_problem(lay)
+    if problem is not None:
+        return problem
     ints = ("page_size", "pgtable_levels", "struct_page_size", "section_size_bits", "max_physmem_bits",
             "section_map_last_bit", "nr_section_roots", "sections_per_root", "mem_section_size", "usage_offset",
             "subsection_map_offset", "subsection_shift", "vmemmap_base", "mem_section_addr", "pgtable_root",
@@ -56,15 +50,14 @@ def layout_problem(lay) -> Optional[Tuple[str, object, str]]:
             return _KEYS.get(k, k), v, "not an integer"
         if v < 0 or v >= 1 << 64:
             return _KEYS.get(k, k), v, "not a 64-bit unsigned value"
-    if lay.page_size not in PAGE_SIZES[arch]:
-        return "PAGESIZE", lay.page_size, f"{arch} pages are {' or '.join(str(p) for p in PAGE_SIZES[arch])} bytes"
-    if lay.max_physmem_bits not in PHYSMEM_BITS[arch]:
+    if lay.page_size not in arch.page_sizes:
+        return "PAGESIZE", lay.page_size, f"{arch.name} pages are {' or '.join(map(str, arch.page_sizes))} bytes"
+    if lay.max_physmem_bits not in arch.physmem_bits:
         return ("NUMBER(MAX_PHYSMEM_BITS)", lay.max_physmem_bits,
-                f"{arch} has {' or '.join(map(str, PHYSMEM_BITS[arch]))}")
-    if arch == "x86_64" and lay.pgtable_levels not in (4, 5):
-        return "pgtable_levels", lay.pgtable_levels, "x86_64 has 4 or 5 paging levels"
-    if arch == "aarch64" and not 2 <= lay.pgtable_levels <= 5:
-        return "pgtable_levels", lay.pgtable_levels, "arm64 has 2 to 5 translation levels"
+                f"{arch.name} has {' or '.join(map(str, arch.physmem_bits))}")
+    if lay.pgtable_levels not in arch.pgtable_levels:
+        return "pgtable_levels", lay.pgtable_levels, (f"{arch.name} has {', '.join(map(str, arch.pgtable_levels))} "
+                                                      "paging levels")
     if not 12 <= lay.subsection_shift <= 40:
         return "SUBSECTION_SHIFT", lay.subsection_shift, "not a subsection size"
     # include/linux/mmzone.h: "#error Subsection size exceeds section size" and

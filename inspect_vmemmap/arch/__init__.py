@@ -74,6 +74,15 @@ class Arch:
     boot_ram_note = "boot RAM: no firmware RAM table read; all RAM treated as boot memory"
     #: what the page-table root is decided from, for the error when it cannot be
     root_source = ""
+    #: the values a kernel of the architecture can have (limits.layout_problem)
+    page_sizes: Tuple[int, ...] = (4096,)
+    physmem_bits: Tuple[int, ...] = ()
+    pgtable_levels: Tuple[int, ...] = ()
+
+    def layout_problem(self, layout) -> Optional[Tuple[str, object, str]]:
+        """:return: ``(key, value, why)`` for a value of the architecture's own that no
+        kernel of it can have (checked before anything is derived from it), or None."""
+        return None
 
     def layout_fields(self, info, page_size: int, kernel: KernelLookup, mem, notes: Dict[str, str]) -> dict:
         """The layout constants particular to this architecture, from VMCOREINFO

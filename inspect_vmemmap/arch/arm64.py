@@ -30,6 +30,19 @@ class Arm64(Arch):
     dax_vmemmap_optimize = False
     boot_ram_note = "boot RAM: no firmware RAM table read on arm64; all RAM treated as boot memory"
     root_source = "SYMBOL(swapper_pg_dir) and NUMBER(kimage_voffset)"
+    page_sizes = (4096, 16384, 65536)
+    # PHYS_MASK_SHIFT 48 or 52 (asm/sparsemem.h MAX_PHYSMEM_BITS), and 6.1's
+    # CONFIG_ARM64_PA_BITS choices down to 44 (older configs)
+    physmem_bits = (44, 48, 52)
+    pgtable_levels = (2, 3, 4, 5)
+
+    def layout_problem(self, layout):
+        va_sizes = (0, 36, 39, 42, 47, 48, 52)
+        if layout.va_bits not in va_sizes:
+            return "VA bits (64 - NUMBER(TCR_EL1_T1SZ))", layout.va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
+        if layout.kernel_va_bits not in va_sizes:
+            return "NUMBER(VA_BITS)", layout.kernel_va_bits, "not an arm64 VA size (36, 39, 42, 47, 48 or 52)"
+        return None
 
     def layout_fields(self, info, page_size: int, kernel: KernelLookup, mem, notes: Dict[str, str]) -> dict:
         """arm64's paging and vmemmap region from its VMCOREINFO (arch/arm64/kernel/

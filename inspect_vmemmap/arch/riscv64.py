@@ -125,6 +125,11 @@ class Riscv64(Arch):
     hvo_tails_readonly = False
     boot_ram_note = "boot RAM: no firmware RAM table read on riscv64; all RAM treated as boot memory"
     root_source = "SYMBOL(swapper_pg_dir) and NUMBER(va_kernel_pa_offset)"
+    page_sizes = (4096,)
+    # MAX_PHYSMEM_BITS 56 (arch/riscv/include/asm/sparsemem.h, 64-bit)
+    physmem_bits = (56,)
+    # Sv39, Sv48, Sv57
+    pgtable_levels = (3, 4, 5)
 
     def layout_fields(self, info, page_size: int, kernel: KernelLookup, mem, notes: Dict[str, str]) -> dict:
         """Sv39/Sv48/Sv57 from NUMBER(VA_BITS), the root from swapper_pg_dir, the vmemmap

@@ -27,6 +27,10 @@ class X86_64(Arch):
     dax_vmemmap_optimize = True
     boot_ram_note = "boot RAM: no e820 table; all RAM treated as boot memory"
     root_source = "SYMBOL(init_top_pgt) and NUMBER(phys_base)"
+    page_sizes = (4096,)
+    # MAX_PHYSMEM_BITS 46 (4-level) or 52 (5-level, arch/x86/include/asm/sparsemem.h)
+    physmem_bits = (46, 52)
+    pgtable_levels = (4, 5)
 
     def layout_fields(self, info, page_size: int, kernel: KernelLookup, mem, notes: Dict[str, str]) -> dict:
         """Paging mode: NUMBER(pgtable_l5_enabled) (arch/x86/kernel/vmcore_info_64.c;
