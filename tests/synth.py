@@ -112,113 +112,154 @@ def build_sections(mem: SyntheticMemory, layout: KernelLayout, sections: dict, p
     layout.mem_section_addr = virt + roots_phys
 
 
-# -- a whole synthetic kernel, built by the kernel's rules from model inputs ------------------
+# -- a whole synthetic kernel, simulated from what it was given ---------------------------------
 
 BACKING_BASE = 0x40_0000_0000  # 256 GiB: RAM ranges, one per node, that back the vmemmap
 BACKING_SIZE = 1 << 30
 
 
+class _SimTables:
+    """The page tables of a :class:`tests.kernelsim.Kernel`, for tests that damage them:
+    ``get``/``entry_of`` read them, ``map`` writes a leaf with the simulation's own encoding."""
+
+    def __init__(self, k) -> None:
+        self.k = k
+        self.root = k.root
+
+    def get(self, addr: int) -> int:
+        return self.k.mem.read_u64(addr)
+
+    def entry_of(self, va: int, depth: int) -> int:
+        return self.k._entry(va, depth, populate=False)
+
+    def map(self, va: int, phys: int, size: int, flags: int = None) -> int:
+        from tests import kernelsim as ks
+
+        if size == 1 << 30:  # a 1G direct-map leaf (synthcore): a PUD entry
+            at = self.k._entry(va, len(self.k.shifts) - 3)
+            self.k.mem.write_u64(at, phys | (ks.PAGE_KERNEL_LARGE if flags is None else flags))
+            return at
+        prot = flags if flags is not None else ks.PAGE_KERNEL if size == 4096 else ks.PAGE_KERNEL_LARGE
+        self.k._set_leaf(va, size, phys, prot)
+        return self.k.entries[va][1]
+
+
 class SynthKernel:
-    """Sections and vmemmap page tables for :class:`inspect_vmemmap.model.Inputs`,
-    populated the way x86_64 does it (PMD blocks for whole sections, base pages for
-    sub-sections, HVO splitting the PMD and remapping tails read-only, ZONE_DEVICE
-    compound pages with their tail vmemmap pages on one shared page, altmap-backed
-    vmemmap of memmap_on_memory blocks and devices on the memory itself)."""
+    """A synthetic x86_64 kernel for model :class:`Inputs`: the inputs say what the
+    kernel was given (the firmware's memory map per node, memory hot-added with or without
+    memmap_on_memory, memory blocks offlined, ZONE_DEVICE page maps, HugeTLB folios and
+    whether HVO optimised them); :class:`tests.kernelsim.Kernel` then does what the kernel
+    does with them, step by step. Nothing here calls the model: the model must predict what
+    the simulation built.
+
+    ``mem``, ``layout`` (the inputs' layout, its ``mem_section_addr`` and ``pgtable_root``
+    set), ``tables``, ``leaves`` (vaddr -> (size, entry address)) and ``sim`` (the
+    simulated kernel, with its :class:`tests.kernelsim.Truth`).
+    """
 
     def __init__(self, inputs, shared_tails: bool = False) -> None:
-        from inspect_vmemmap.model import predict
+        from tests import kernelsim as ks
 
-        self.inputs = inputs
-        lay = self.layout = inputs.layout
-        self.mem = SyntheticMemory()
-        self.tables = X86Tables(self.mem, lay.pgtable_levels)
-        lay.pgtable_root = self.tables.root
-        self._next = {}
-        self.pred = predict(inputs)
-        flags = {}
-        for nr, sp in self.pred.sections.items():
-            f = 0x3 | (0x4 if sp.online else 0) | (0x8 if sp.early else 0) | (0x10 if sp.zone_device else 0)
-            bits = 0
-            for a, b in sp.valid:
-                for k in range((a - nr * lay.pages_per_section) // lay.pages_per_subsection,
-                               (b - nr * lay.pages_per_section) // lay.pages_per_subsection):
-                    bits |= 1 << k
-            flags[nr] = (f, bits)
-        build_sections(self.mem, lay, flags)
-        self.leaves = {}  # vaddr -> (size, entry address)
-        # vmemmap_populate_compound_pages(): own pages but where a run maps its target's page
-        special = []
-        for d in self.pred.device:
-            if not d.dedup:
-                continue
-            tails = {}
-            for a, b, t in d.runs():
-                for v in range(a, b, 4096):
-                    tails[v] = t
-            for ra, rb in d.map.ranges:
-                va, end = lay.pfn_to_page(ra >> 12), lay.pfn_to_page(rb >> 12)
-                special.append((va, end))
-                for v in range(va, end, 4096):
-                    phys = (self.tables.get(self.leaves[tails[v]][1]) & 0x000FFFFFFFFFF000) if v in tails \
-                        else self.alloc(4096, 0)
-                    self.leaves[v] = (4096, self.tables.map(v, phys, 4096))
-        # altmap allocations: where the model says, in the block sizes it says
-        for h in self.pred.hosted:
-            special.append((h.start, h.end))
-            size = 1 << 21 if (h.end - h.start) % (1 << 21) == 0 and h.start % (1 << 21) == 0 else 4096
-            for v in range(h.start, h.end, size):
-                self.leaves[v] = (size, self.tables.map(v, h.phys + (v - h.start), size))
-        for nr, sp in sorted(self.pred.sections.items()):
-            for a, b in sp.valid:
-                va, end = lay.pfn_to_page(a), lay.pfn_to_page(b)
-                rest = [(va, end)]
-                for x, y in special:
-                    rest = [(p, min(q, x)) for p, q in rest if p < x] + [(max(p, y), q) for p, q in rest if q > y]
-                for va, end in rest:
-                    if end > va:
-                        self._populate(va, end, sp.nid)
-        shared = {}
-        for h in self.pred.hvo:
-            self.split(h.start)
-            pages = [self.tables.get(self.leaves[h.start + k * 4096][1]) & 0x000FFFFFFFFFF000 for k in range(h.pages)]
-            if h.tail_target == "head":
-                target = pages[0]
-            else:
-                key = (h.folio.nid, h.folio.zone, h.folio.order)
-                target = shared.setdefault(key, self.alloc(4096, h.folio.nid))
-            for k in range(1, h.pages):
-                self.tables.map(h.start + k * 4096, target, 4096, PAGE_KERNEL_RO)
+        self.inputs = inp = inputs
+        lay = self.layout = inp.layout
+        assert lay.arch == "x86_64" and lay.page_size == 4096
+        era = "7.2" if inp.hvo_shared_tails else "6.12"
+        if lay.kernel_release.split(".0-sim")[0] in ("6.1", "6.12", "7.2"):  # a simulation's own release
+            era = lay.kernel_release.split(".0-sim")[0]
+        hosted = list(inp.hosted_blocks or ())
+        if any(hb.altmap.free >= hb.end_pfn - hb.start_pfn for hb in hosted):
+            assert era != "7.2", "6.1's memmap_on_memory altmaps with 7.2's HVO"
+            era = "6.1"
+        k = self.sim = ks.Kernel(era, lay.pgtable_levels, hvo=True, memmap_on_memory=inp.memmap_on_memory or "enable",
+                                 pageblock_order=inp.pageblock_order or 9)
+        nodes = list(inp.nodes)
 
-    def _populate(self, va: int, end: int, nid) -> None:
-        """PMD blocks for whole PMDs of a range that starts on one, base pages for the rest."""
-        v = va // 4096 * 4096
-        if va % (1 << 21) == 0:
-            while end - v >= 1 << 21:
-                self.leaves[v] = (1 << 21, self.tables.map(v, self.alloc(1 << 21, nid), 1 << 21))
-                v += 1 << 21
-        for v in range(v, end, 4096):
-            self.leaves[v] = (4096, self.tables.map(v, self.alloc(4096, nid), 4096))
+        def nid_of(pfn):
+            inner = [(s, n) for n, s, e in nodes if s <= pfn < e]
+            return max(inner)[1] if inner else 0
+
+        def split_by_node(a, b):
+            """[a, b) bytes into (nid, start, end) pieces at node-span edges."""
+            cuts = sorted({a, b} | {e << 12 for _, s, e in nodes if a < e << 12 < b}
+                          | {s << 12 for _, s, e in nodes if a < s << 12 < b})
+            return [(nid_of(x >> 12), x, y) for x, y in zip(cuts, cuts[1:])]
+
+        boot = _merge(inp.boot_ram if inp.boot_ram is not None else inp.ram)
+        memblocks = [m for a, b in boot for m in split_by_node(a, b)]
+        folios = [ks.Folio(f.head_pfn, f.order, f.nid if f.nid is not None else nid_of(f.head_pfn),
+                           f.zone if f.zone is not None else ks.ZONE_NORMAL) for f in inp.folios]
+        k.boot(memblocks, fixed_folios=folios, optimize=False)
+        # HVO per folio: those marked optimized were allocated while it was on
+        # (vm.hugetlb_optimize_vmemmap), the others while it was off
+        for f, want in zip(k.folios, inp.folios):
+            k.hvo_enabled = want.optimized
+            k.hugetlb_vmemmap_optimize(f)
+        k.hvo_enabled = True
+        # memory hot-added: memmap_on_memory blocks, and the rest
+        for hb in hosted:
+            size = (hb.end_pfn - hb.start_pfn) << 12
+            ok = k.add_memory(nid_of(hb.start_pfn), hb.start_pfn << 12, size, memmap_on_memory=True, block_size=size)
+            assert ok, "memmap_on_memory hot-add failed"
+            got = k.blocks[-1]
+            assert (got.altmap.base_pfn, got.altmap.reserve, got.altmap.free) == \
+                (hb.altmap.base_pfn, hb.altmap.reserve, hb.altmap.free), "the inputs' altmap is not the kernel's"
+        hosted_ranges = [(hb.start_pfn << 12, hb.end_pfn << 12) for hb in hosted]
+        for a, b in _subtract(_subtract(_merge(inp.ram), boot), _merge(hosted_ranges)):
+            for nid, x, y in split_by_node(a, b):
+                aligned = x % (1 << 27) == 0 and y % (1 << 27) == 0
+                if aligned:
+                    assert k.add_memory(nid, x, y - x)
+                else:  # a sub-section hot-add (arch_add_memory() of a driver's range)
+                    assert k._add_pages(nid, x >> 12, (y - x) >> 12, None)
+                    k.resources.append((x, y))
+                    k._grow_node(nid, x >> 12, y >> 12)
+                    for nr in range(x >> 27, ((y - 1) >> 27) + 1):  # its memory blocks onlined
+                        k.online_pages(nr << 15, 1 << 15)
+        for a, b in inp.offline_blocks:
+            k.offline_pages(a, b - a)
+        for dm in inp.device_maps or ():
+            am = None if dm.altmap is None else ks.Altmap(dm.altmap.base_pfn, dm.altmap.reserve, dm.altmap.free)
+            dev = ks.Device(list(dm.ranges), dm.vmemmap_shift, am, nid_of(dm.ranges[0][0] >> 12),
+                            dm.type or "MEMORY_DEVICE_GENERIC")
+            assert k.memremap_pages(dev), "memremap_pages failed"
+        lay.mem_section_addr = k.write_mem_section()
+        lay.pgtable_root = k.root
+        self.mem = k.mem
+        self.tables = _SimTables(k)
+        self.leaves = k.entries  # vaddr -> (size, entry address), live
+
+    @property
+    def present_sections(self):
+        """The numbers of the sections the simulated kernel marked present."""
+        from tests import kernelsim as ks
+
+        return sorted(nr for nr, ms in self.sim.sections.items() if ms[0] & ks.SECTION_MARKED_PRESENT)
 
     def alloc(self, size: int, nid) -> int:
-        """Backing from node ``nid``'s backing range (vmemmap_alloc_block_buf on the node)."""
-        nid = nid or 0
-        base = backing_range(nid)[0]
-        nxt = self._next.get(nid, base)
-        nxt = (nxt + size - 1) // size * size
-        self._next[nid] = nxt + size
-        assert nxt + size <= base + BACKING_SIZE
-        return nxt
+        """A free block of node ``nid`` (for tests that remap a leaf somewhere else)."""
+        p = self.sim.alloc.alloc(nid or 0, size)
+        assert p is not None
+        return p
 
-    def split(self, va: int) -> None:
-        """vmemmap_split_pmd(): the PMD leaf over ``va`` becomes 512 PTEs to the same pages."""
-        base = va & ~((1 << 21) - 1)
-        if base not in self.leaves or self.leaves[base][0] != 1 << 21:
-            return
-        _, addr = self.leaves.pop(base)
-        phys = self.tables.get(addr) & 0x000FFFFFFFE00000
-        self.mem.write_u64(addr, 0)
-        for k in range(512):
-            self.leaves[base + k * 4096] = (4096, self.tables.map(base + k * 4096, phys + k * 4096, 4096))
+
+def _merge(iv):
+    out = []
+    for a, b in sorted(i for i in iv if i[1] > i[0]):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _subtract(a, b):
+    out = []
+    for s, e in a:
+        cur = [(s, e)]
+        for x, y in b:
+            cur = [(p, min(q, x)) for p, q in cur if p < x] + [(max(p, y), q) for p, q in cur if q > y]
+        out += [(p, q) for p, q in cur if q > p]
+    return sorted(out)
 
 
 def backing_range(nid: int):

@@ -89,5 +89,5 @@ def write_synthetic_core(path: Path, size: int, nodes: int = 2) -> dict:
     pages = {p >> 12: bytes(b) for p, b in mem.pages.items()}
     with open(path, "wb") as f:
         write_elf_core(f, "x86_64", info.encode(), pages)
-    return {"sections": len(k.pred.sections), "nodes": spans, "ram": ram, "pages": len(pages),
+    return {"sections": len(k.present_sections), "nodes": spans, "ram": ram, "pages": len(pages),
             "vmemmap_root": root}

@@ -179,7 +179,7 @@ def damaged(draw):
         except FaultError:
             return 0
 
-    used_roots = sorted({nr // spr for nr in k.pred.sections})
+    used_roots = sorted({nr // spr for nr in k.present_sections})
 
     def written(phys, v):
         """Damage of a write at ``phys``: a damaged root may have made the place hold
@@ -284,7 +284,7 @@ def damaged(draw):
             dmg.sections.append((ri * spr, ri * spr + spr - 1))
             dmg.log.append(f"root {ri}: {old:#x} -> {v:#x}")
         elif what in ("section", "remove-usage"):
-            nr = draw(st.sampled_from(sorted(k.pred.sections)))
+            nr = draw(st.sampled_from(sorted(k.present_sections)))
             ptr = root_ptr(nr // spr)
             if not ptr:
                 continue
@@ -557,7 +557,7 @@ def test_all_roots_point_at_one_page(levels):
     assert len(sections) == 2 * lay.nr_section_roots
     bad = {f.section for f in findings if f.kind == "section-flags"}
     assert min(bad) >= lay.sections_per_root  # root 0 is the healthy one
-    assert bad >= {nr for nr in sections.sections if nr >= lay.sections_per_root and nr not in k.pred.sections}
+    assert bad >= {nr for nr in sections.sections if nr >= lay.sections_per_root and nr not in k.present_sections}
 
 
 def test_damaged_root_count_is_bounded():

@@ -1,8 +1,11 @@
-"""Property tests: the reference model against synthetic kernels built by its rules.
+"""Property tests: the reference model against an independent simulation of the kernel.
 
-For random layouts (boot and hot-added RAM, sub-section hot-add, two nodes, HugeTLB folios
-with and without HVO, both HVO eras) a synthetic kernel is populated the way x86_64 does
-it; the walker, the section decoder and `check` must then agree with the model exactly.
+For random layouts (boot RAM with partial sections, hot-added memory blocks, two nodes,
+HugeTLB folios with and without HVO in the 6.1, 6.12 and 7.2 forms, memmap_on_memory blocks
+in the 6.1 and 6.12+ forms, ZONE_DEVICE page maps with 4K, 2M and 1G compound pages or their
+memmap on the device) :mod:`tests.kernelsim` does what the kernel does, step by step, from
+the kernel source, without the model. The model's prediction, the walker, the section
+decoder and ``check`` must then all agree with what the simulation built and says it did.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from hypothesis import strategies as st
 from inspect_vmemmap.analysis import load_map, load_sections
 from inspect_vmemmap.check import run_check
 from inspect_vmemmap.memory import PhysRanges
-from inspect_vmemmap.model import Altmap, DeviceMap, Folio, HostedBlock, Inputs, merge, predict
+from inspect_vmemmap.model import Altmap, DeviceMap, Folio, HostedBlock, Inputs, merge, predict, subtract
 from inspect_vmemmap.vmemmap import MappedLeaf, NodeMap
+from tests import kernelsim as ks
 from tests.synth import SynthKernel, backing_range, with_backing_ram, x86_layout
 
 SEC = 1 << 27  # bytes per section
@@ -32,21 +36,23 @@ def layouts(draw):
         if draw(st.booleans()) or not boot:
             boot.append((pos, min(pos + length, nsec * SEC)))
         pos += length + draw(st.sampled_from([0, 0, SEC, 3 * SEC]))
-    # hot-added RAM: subsection-granular, above boot RAM
+    era = draw(st.sampled_from(["6.1", "6.12", "7.2"]))
+    # hot-added RAM: whole memory blocks (add_memory(): check_hotplug_memory_range()), above
+    # boot RAM
     hot = []
     base = (nsec + 2) * SEC
     for _ in range(draw(st.integers(0, 3))):
-        start = base + draw(st.integers(0, 63)) * SUB
-        end = start + draw(st.integers(1, 96)) * SUB
+        start = base + draw(st.integers(0, 2)) * SEC
+        end = start + draw(st.integers(1, 3)) * SEC
         hot.append((start, end))
-        base = (end + SEC - 1) // SEC * SEC + SEC
+        base = end + SEC
     # memmap_on_memory blocks, hot-added above: 6.12+ records the block's altmap (free = the
     # 512 pages of its memmap), 6.1 nr_vmemmap_pages (the altmap had the whole block free)
     hosted = []
     for _ in range(draw(st.integers(0, 2))):
         start = base // SEC * SEC
         pfn = start >> 12
-        free = 512 if draw(st.booleans()) else SEC >> 12
+        free = SEC >> 12 if era == "6.1" else 512
         hosted.append(HostedBlock(pfn, pfn + (SEC >> 12), Altmap(pfn, 0, free), 512))
         hot.append((start, start + SEC))
         base = start + 2 * SEC
@@ -62,7 +68,7 @@ def layouts(draw):
     used = set()
     for _ in range(draw(st.integers(0, 12))):
         a, b = boot[draw(st.integers(0, len(boot) - 1))]
-        first, last = a // SUB, b // SUB - 1
+        first, last = max(a // SUB, ks.SECTION_POOL[1] // SUB), b // SUB - 1  # not the kernel's low memory
         if last < first:
             continue
         k = draw(st.integers(first, last))
@@ -72,7 +78,7 @@ def layouts(draw):
         pfn = k * 512
         nid = 0 if split == 1 or pfn < nodes[1][1] else 1
         folios.append(Folio(pfn, 9, draw(st.booleans()), nid, 2))
-    shared = draw(st.booleans())
+    shared = era == "7.2"
     # ZONE_DEVICE page maps above all memory: device-dax with 4K, 2M or 1G compound pages,
     # the memmap in RAM or (2M) on the device; neighbours may share a section
     devices = []
@@ -90,7 +96,7 @@ def layouts(draw):
         devices.append(DeviceMap([(start, start + size)], {"4K": 0, "2M": 9, "1G": 18, "altmap": 9}[kind], altmap,
                                  "MEMORY_DEVICE_GENERIC"))
         base = start + size
-    return Inputs(layout=x86_layout(), ram=ram, boot_ram=boot_ram, nodes=nodes, folios=folios,
+    return Inputs(layout=x86_layout(kernel_release=f"{era}.0-sim"), ram=ram, boot_ram=boot_ram, nodes=nodes, folios=folios,
                   hvo_shared_tails=shared, device_maps=devices, hosted_blocks=hosted, memmap_on_memory="enable",
                   pageblock_order=9)
 
@@ -105,53 +111,66 @@ def _observe(k: SynthKernel):
     return sections, vm, leaves
 
 
+_FLAG_BITS = {"present": ks.SECTION_MARKED_PRESENT, "has_mem_map": ks.SECTION_HAS_MEM_MAP,
+              "online": ks.SECTION_IS_ONLINE, "early": ks.SECTION_IS_EARLY,
+              "zone_device": ks.SECTION_TAINT_ZONE_DEVICE}
+
+
+def _names(bits: int):
+    return sorted(n for n, b in _FLAG_BITS.items() if bits & b)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layouts())
-def test_model_walker_and_check_agree(inp):
+def test_model_walker_and_check_agree_with_the_simulated_kernel(inp):
     k = SynthKernel(inp)
+    truth = k.sim.truth
     sections, vm, leaves = _observe(k)
+    # the walker and the decoder read what the simulation wrote, exactly
     assert sections.findings == [] and vm.findings == []
+    assert {va: (size, phys, w) for va, size, phys, w in leaves} == truth.leaves
+    assert {s.nr: sorted(s.flag_names()) for s in sections if s.present} == \
+        {nr: _names(bits) for nr, bits in truth.section_flags.items()}
+    # the model predicts what the kernel did
+    pred = predict(inp)
+    assert {nr: sorted(sp.flag_names()) for nr, sp in pred.sections.items()} == \
+        {nr: _names(bits) for nr, bits in truth.section_flags.items()}
+    mapped = merge([(va, va + size) for va, (size, _, _) in truth.leaves.items()])
+    assert subtract(pred.required, mapped) == []
+    assert subtract(mapped, pred.allowed) == []
+    assert sorted(h.start for h in pred.hvo) == sorted(truth.hvo)
+    dedup = [d for d in pred.device if d.dedup]
+    assert sum(d.compound_pages for d in dedup) == truth.compound_pages
+    assert sum(d.shared_ptes for d in dedup) == truth.shared_ptes
+    assert [(h.start, h.end, h.phys) for h in pred.hosted] == truth.altmap_backed
+    # and check finds nothing to say
     res = run_check(inp, sections, leaves)
     assert [f.to_json() for f in res.findings] == []
-    pred = k.pred
-    # sections: exactly the predicted ones, with the predicted flags
-    assert sorted(s.nr for s in sections if s.present) == sorted(pred.sections)
-    for s in sections:
-        assert sorted(s.flag_names()) == sorted(pred.sections[s.nr].flag_names())
-    # leaves never overlap, and every valid pfn's struct page is covered exactly once
-    prev_end = 0
-    for va, size, _, _ in leaves:
-        assert va >= prev_end
-        prev_end = va + size
-    mapped = merge([(va, va + size) for va, size, _, _ in leaves])
-    from inspect_vmemmap.model import subtract
-    assert subtract(pred.required, mapped) == []
-    # HVO: each optimised 2M folio keeps exactly one vmemmap page of its own
-    opt = [f for f in inp.folios if f.optimized]
-    assert res.hvo["optimized_folios"] == len(opt)
-    assert vm.readonly_ptes == 7 * len(opt)
-    by_va = {va: phys for va, size, phys, _ in leaves if size == 4096}
-    for f in opt:
-        start = inp.layout.pfn_to_page(f.head_pfn)
-        own = {by_va[start + i * 4096] for i in range(8)} - ({by_va[start + 4096]} if inp.hvo_shared_tails else set())
-        assert len(own) == 1
-    # ZONE_DEVICE: every compound page's tails recognised; altmaps where the model puts them
-    dedup = [d for d in pred.device if d.dedup]
-    assert res.device_dedup["compound_pages"] == sum(d.compound_pages for d in dedup)
-    assert res.device_dedup["remapped_ptes"] == sum(d.shared_ptes for d in dedup)
+    assert res.hvo["optimized_folios"] == len(truth.hvo)
+    assert vm.readonly_ptes == 7 * len(truth.hvo)
+    assert res.device_dedup["compound_pages"] == truth.compound_pages
+    assert res.device_dedup["remapped_ptes"] == truth.shared_ptes
     assert res.self_hosted["memory_blocks"] == len(inp.hosted_blocks)
-    assert res.self_hosted["device_maps"] == sum(1 for d in pred.device if d.hosted)
-    for b in pred.blocks:  # the block's own first pages, 512 of them (a 2M PMD)
-        assert b.used_pages == b.reserved_pages == 512
-        assert [(h.start, h.end, h.phys) for h in b.hosted] == [
-            (inp.layout.pfn_to_page(b.block.start_pfn), inp.layout.pfn_to_page(b.block.start_pfn + 512 * 64),
-             b.block.start_pfn << 12)]
+    # HVO: each optimised 2M folio keeps exactly one vmemmap page of its own (6.1 the
+    # head's; 6.12 a copy; 7.2 a copy, its tails on the zone's shared page)
+    by_va = {va: phys for va, (size, phys, _) in truth.leaves.items() if size == 4096}
+    for start, tail in truth.hvo.items():
+        assert {by_va[start + i * 4096] for i in range(1, 8)} == {tail}
+        assert (by_va[start] == tail) == (k.sim.era != "7.2")
 
 
 def _tail_and_block(k: SynthKernel):
-    """A deduplicated tail vmemmap page and an altmap-backed PMD of the synthetic kernel."""
-    tail = next(((a + 4096 * ((b - a) // 8192), t) for d in k.pred.device if d.dedup for a, b, t in d.runs()), None)
-    block = next((h for h in k.pred.hosted if h.end - h.start >= 1 << 21), None)
+    """A deduplicated tail vmemmap page and an altmap-backed PMD of the simulated kernel."""
+    leaves = k.sim.truth.leaves
+    phys_count = {}
+    for va, (size, phys, _) in leaves.items():
+        if size == 4096:
+            phys_count.setdefault(phys, []).append(va)
+    hvo_tails = set(k.sim.truth.hvo.values())
+    # a ZONE_DEVICE tail: a writable PTE whose page another vmemmap page also maps
+    tail = next(((vas[len(vas) // 2], p) for p, vas in sorted(phys_count.items())
+                 if len(vas) > 1 and p not in hvo_tails and all(leaves[v][2] for v in vas)), None)
+    block = next(((s, e) for s, e, _ in k.sim.truth.altmap_backed if e - s >= 1 << 21 and s % (1 << 21) == 0), None)
     return tail, block
 
 
@@ -166,12 +185,12 @@ def test_misplaced_backing_is_found_where_it_is(inp):
         return
     lay = inp.layout
     if tail is not None:
-        va, target = tail
-        k.tables.map(va, backing_range(0)[1] - 4096, 4096)
+        va, _ = tail
+        k.tables.map(va, k.alloc(4096, 0), 4096)
         where = (va, va + 4096)
     else:
-        va = block.start
-        k.tables.map(va, backing_range(0)[1] - (1 << 21), 1 << 21)
+        va = block[0]
+        k.tables.map(va, k.alloc(1 << 21, 0), 1 << 21)
         where = (va, va + (1 << 21))
     sections, vm, leaves = _observe(k)
     res = run_check(inp, sections, leaves)
