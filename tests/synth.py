@@ -291,8 +291,35 @@ ARM64_RDONLY = 1 << 7
 ARM64_DBM = 1 << 51
 
 
+class Arm64Spec:
+    """The geometry of arm64 kernel translation tables, worked out here from the kernel's
+    definitions (arch/arm64/include/asm/pgtable-hwdef.h), not from the product's paging
+    format: ``ARM64_HW_PGTABLE_LEVELS(va) = (va - 4) / (PAGE_SHIFT - 3)``,
+    ``ARM64_HW_PGTABLE_LEVEL_SHIFT(n) = (PAGE_SHIFT - 3) * (4 - n) + 3``, PTRS_PER_PGD
+    ``1 << (va - PGDIR_SHIFT)``; LPA2 by default for 4K/16K pages with 52-bit PA."""
+
+    def __init__(self, page_size: int, va_bits: int, pa_bits: int = 48, lpa2=None) -> None:
+        self.page_size = page_size
+        self.page_shift = page_size.bit_length() - 1
+        self.va_bits, self.pa_bits = va_bits, pa_bits
+        self.lpa2 = (page_size != 65536 and pa_bits == 52) if lpa2 is None else bool(lpa2)
+        stride = self.page_shift - 3
+        levels = (va_bits - 4) // stride
+        self.shifts = tuple(stride * (4 - n) + 3 for n in range(4 - levels, 4))
+        self.entries = (1 << (va_bits - self.shifts[0]),) + (1 << stride,) * (levels - 1)
+
+    def output_address(self, entry: int) -> int:
+        """__pte_to_phys() for each encoding (asm/pgtable.h)."""
+        ps = self.page_shift
+        if self.lpa2:  # PA[49:PAGE_SHIFT] in place, PA[51:50] in bits [9:8]
+            return (entry & (((1 << 50) - 1) & ~((1 << ps) - 1))) | ((entry >> 8) & 3) << 50
+        if self.page_size == 65536 and self.pa_bits == 52:  # PA[51:48] in bits [15:12]
+            return (entry & (((1 << 48) - 1) & ~0xFFFF)) | ((entry >> 12) & 0xF) << 48
+        return entry & (((1 << 48) - 1) & ~((1 << ps) - 1))
+
+
 class Arm64Tables:
-    """Builds arm64 kernel translation tables for an :class:`Arm64Paging` in a SyntheticMemory."""
+    """Builds arm64 kernel translation tables for an :class:`Arm64Spec` in a SyntheticMemory."""
 
     def __init__(self, mem: SyntheticMemory, fmt, table_pool: int = 0x100000) -> None:
         self.mem = mem
@@ -318,13 +345,13 @@ class Arm64Tables:
         return low
 
     def entry_addr(self, table: int, va: int, depth: int) -> int:
-        return table + ((va >> self.fmt.shifts[depth]) & (self.fmt.table_entries(depth) - 1)) * 8
+        return table + ((va >> self.fmt.shifts[depth]) & (self.fmt.entries[depth] - 1)) * 8
 
     def get(self, addr: int) -> int:
         return struct.unpack("<Q", self.mem.read(addr, 8, True))[0]
 
     def next_of(self, entry: int) -> int:
-        return self.fmt.output_address(entry)[0]
+        return self.fmt.output_address(entry)
 
     def map(self, va: int, phys: int, size: int, flags: int = None) -> int:
         """Map one page or block of ``size``; returns the entry's physical address."""

@@ -4,7 +4,7 @@ from tests.synthmem import SyntheticMemory
 from inspect_vmemmap.pgtable import BadEntry, Leaf, Unreadable, translate, walk
 from inspect_vmemmap.pgtable.arm64 import Arm64Paging, ttbr1_root
 from tests.synth import (ARM64_CONT, ARM64_DBM, ARM64_PAGE_KERNEL, ARM64_PAGE_KERNEL_RO, ARM64_RDONLY,
-                         ARM64_SECT_KERNEL, ARM64_SH, ARM64_TABLE, Arm64Tables)
+                         ARM64_SECT_KERNEL, ARM64_SH, ARM64_TABLE, Arm64Spec, Arm64Tables)
 
 K4, K16, K64 = 1 << 12, 1 << 14, 1 << 16
 M2, M32, M512 = 1 << 21, 1 << 25, 1 << 29
@@ -81,7 +81,7 @@ def test_bad_parameters():
 def test_4k_4level_blocks_and_pages():
     mem = SyntheticMemory()
     f = Arm64Paging(K4, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K4, 48, 48))
     base = VMEMMAP_48
     t.map(base, 0x40000000, G1)
     t.map(base + G1, 0x200000, M2)
@@ -107,7 +107,7 @@ def test_4k_4level_blocks_and_pages():
 def test_4k_3level_39bit():
     mem = SyntheticMemory()
     f = Arm64Paging(K4, 39, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K4, 39, 48))
     base = 0xFFFFFFC000000000 + 0x3000000000  # anywhere in the 39-bit TTBR1 range
     t.map(base, 0x40000000, G1)  # a level 1 block in the pgd
     t.map(base + G1, 0x200000, M2)
@@ -122,7 +122,7 @@ def test_4k_5level_lpa2_above_2_to_50():
     f = Arm64Paging(K4, 52, 52)
     assert f.lpa2
     hi = (1 << 51) | (1 << 50)
-    t = Arm64Tables(mem, f, table_pool=hi + 0x100000)  # tables above 2^50 too
+    t = Arm64Tables(mem, Arm64Spec(K4, 52, 52), table_pool=hi + 0x100000)  # tables above 2^50 too
     base = VMEMMAP_52
     page_e = t.map(base + M2, hi + 0x7000, K4)
     blk_e = t.map(base + 2 * M2, hi + 0x40000000, M2)
@@ -152,7 +152,7 @@ def test_4k_5level_lpa2_above_2_to_50():
 def test_16k_4level_two_entry_top():
     mem = SyntheticMemory()
     f = Arm64Paging(K16, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K16, 48, 48))
     base = VMEMMAP_48  # top index 1
     t.map(base, 0x2000000, M32)
     t.map(base + M32, 0x4000000, K16)
@@ -174,7 +174,7 @@ def test_16k_4level_two_entry_top():
 def test_16k_lpa2_level1_block():
     mem = SyntheticMemory()
     f = Arm64Paging(K16, 52, 52)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K16, 52, 52))
     va = 0xFFF0000000000000 + 3 * G64
     t.map(va, (1 << 50) + G64, G64)
     assert leaves(list(walk(mem, f, t.root, va, va + G64))) == [(va, G64, "pud", (1 << 50) + G64)]
@@ -185,7 +185,7 @@ def test_64k_3level_52bit_pa():
     f = Arm64Paging(K64, 48, 52)
     assert not f.lpa2 and f.table_entries(0) == 64
     hi = 0xA_0000_0000_0000 | 0x4000_0000_0000  # bits 51..48 = 0xa, and bit 46
-    t = Arm64Tables(mem, f, table_pool=(1 << 49) + 0x1000000)
+    t = Arm64Tables(mem, Arm64Spec(K64, 48, 52), table_pool=(1 << 49) + 0x1000000)
     base = VMEMMAP_48
     pe = t.map(base + M512, hi + 0x30000, K64)
     t.map(base + 2 * M512, hi + M512, M512)
@@ -213,7 +213,7 @@ def test_64k_3level_52bit_pa():
 def test_64k_2level_42bit():
     mem = SyntheticMemory()
     f = Arm64Paging(K64, 42, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K64, 42, 48))
     base = 0xFFFFFE0000000000 + 7 * M512
     t.map(base, 0x20000000, M512)
     t.map(base + M512, 0x40000000, K64)
@@ -226,7 +226,7 @@ def test_64k_52bit_va_on_48bit_hardware_root_offset():
     # TTBR1_BADDR_4852_OFFSET; walking either view must give the same leaves.
     mem = SyntheticMemory()
     f52 = Arm64Paging(K64, 52, 52)
-    t = Arm64Tables(mem, f52)
+    t = Arm64Tables(mem, Arm64Spec(K64, 52, 52))
     base = VMEMMAP_48
     t.map(base, 0x20000000, M512)
     t.map(base + M512, 0x40000000, K64)
@@ -244,7 +244,7 @@ def test_64k_52bit_va_on_48bit_hardware_root_offset():
 def test_contiguous_readonly_and_dbm():
     mem = SyntheticMemory()
     f = Arm64Paging(K4, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K4, 48, 48))
     base = VMEMMAP_48
     for i in range(16):  # CONT_PTES = 16 with 4K pages
         t.map(base + i * K4, 0x800000 + i * K4, K4, ARM64_PAGE_KERNEL | ARM64_CONT)
@@ -264,7 +264,7 @@ def test_contiguous_readonly_and_dbm():
 def test_reserved_descriptor_at_the_last_level():
     mem = SyntheticMemory()
     f = Arm64Paging(K4, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K4, 48, 48))
     base = VMEMMAP_48
     t.map(base, 0x800000, K4)
     pe = t.map(base + K4, 0x801000, K4, ARM64_PAGE_KERNEL & ~2)  # bits[1:0] = 01
@@ -279,7 +279,7 @@ def test_blocks_where_the_granule_cannot_have_one():
     # 4K without LPA2: no level 0 block
     mem = SyntheticMemory()
     f = Arm64Paging(K4, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K4, 48, 48))
     base = VMEMMAP_48
     t.map(base, 0x200000, M2)
     mem.write_u64(t.entry_of(base, 0), ARM64_SECT_KERNEL)
@@ -288,7 +288,7 @@ def test_blocks_where_the_granule_cannot_have_one():
     # 4K with LPA2: never at level -1
     mem = SyntheticMemory()
     f = Arm64Paging(K4, 52, 52)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K4, 52, 52))
     t.map(VMEMMAP_52, 0x200000, M2)
     mem.write_u64(t.entry_of(VMEMMAP_52, 0), ARM64_SECT_KERNEL & ~ARM64_SH)
     ev, = walk(mem, f, t.root, VMEMMAP_52, VMEMMAP_52 + M2)
@@ -296,7 +296,7 @@ def test_blocks_where_the_granule_cannot_have_one():
     # 64K, 48-bit PA: no level 1 block
     mem = SyntheticMemory()
     f = Arm64Paging(K64, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K64, 48, 48))
     t.map(VMEMMAP_48, 0x20000000, M512)
     mem.write_u64(t.entry_of(VMEMMAP_48, 0), ARM64_SECT_KERNEL)
     ev, = walk(mem, f, t.root, VMEMMAP_48, VMEMMAP_48 + M512)
@@ -306,7 +306,7 @@ def test_blocks_where_the_granule_cannot_have_one():
 def test_address_bits_out_of_range_and_misaligned_block():
     mem = SyntheticMemory()
     f = Arm64Paging(K4, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K4, 48, 48))
     base = VMEMMAP_48
     pe = t.map(base, 0x800000, K4)
     be = t.map(base + M2, 0x400000, M2)
@@ -329,7 +329,7 @@ def test_address_bits_out_of_range_and_misaligned_block():
 def test_table_outside_ram_and_unreadable():
     mem = SyntheticMemory()
     f = Arm64Paging(K16, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K16, 48, 48))
     base = VMEMMAP_48
     t.map(base, 0x2000000, M32)
     t.map(base + G64, 0x4000000, M32)
@@ -344,7 +344,7 @@ def test_table_outside_ram_and_unreadable():
 def test_cycles_terminate():
     mem = SyntheticMemory()
     f = Arm64Paging(K4, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K4, 48, 48))
     base = VMEMMAP_48
     t.map(base, 0x200000, M2)
     # the PUD entry for the next GiB points back at the PGD, and a PMD entry at its own table
@@ -360,7 +360,7 @@ def test_cycles_terminate():
 def test_translate_steps_and_holes():
     mem = SyntheticMemory()
     f = Arm64Paging(K16, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(K16, 48, 48))
     base = VMEMMAP_48
     t.map(base + M32, 0x8000000, K16)
     steps = translate(mem, f, t.root, base + M32 + 0x40)
