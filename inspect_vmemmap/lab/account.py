@@ -22,6 +22,8 @@ class GuestAccount:
     node_mem_total_kb: dict[int, int] = field(default_factory=dict)
     memory_block_size: int = 0  # bytes
     memory_blocks: dict[int, str] = field(default_factory=dict)  # block index -> state
+    #: node -> its memory blocks (/sys/devices/system/node/nodeN/memoryM)
+    node_memory_blocks: dict[int, list[int]] = field(default_factory=dict)
     iomem: list[tuple[int, int, str]] = field(default_factory=list)  # top-level /proc/iomem
     nr_hugepages: dict[int, int] = field(default_factory=dict)  # page size in kB -> count
     cpu_flags: list[str] = field(default_factory=list)
@@ -99,6 +101,11 @@ def parse_account(console: str) -> GuestAccount:
             if mm:
                 acc.node_mem_total_kb[int(m.group(1))] = int(mm.group(1))
 
+    for name, lines in sections.items():
+        m = re.fullmatch(r"node-memory-blocks node(\d+)", name)
+        if m:
+            acc.node_memory_blocks[int(m.group(1))] = sorted(
+                int(mm.group(1)) for mm in (re.fullmatch(r"memory(\d+)", x.strip()) for x in lines) if mm)
     bs = sections.get("memory-block-size") or []
     if bs and bs[0].strip():
         acc.memory_block_size = int(bs[0].strip(), 16)

@@ -79,6 +79,11 @@ for n in /sys/devices/system/node/node*; do
   echo "@@ node-meminfo ${n##*/}"
   cat "$n/meminfo"
 done
+for n in /sys/devices/system/node/node*; do
+  [ -d "$n" ] || continue
+  echo "@@ node-memory-blocks ${n##*/}"
+  for b in "$n"/memory*; do [ -e "$b" ] && echo "${b##*/}"; done
+done
 echo @@ memory-block-size
 cat /sys/devices/system/memory/block_size_bytes 2>/dev/null
 echo @@ memory-blocks

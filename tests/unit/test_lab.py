@@ -179,6 +179,11 @@ Node 0 MemTotal:         491520 kB
 Node 0 MemFree:          400000 kB
 @@ node-meminfo node1
 Node 1 MemTotal:         490664 kB
+@@ node-memory-blocks node0
+memory0
+memory1
+@@ node-memory-blocks node1
+memory7
 @@ memory-block-size
 8000000
 @@ memory-blocks
@@ -207,6 +212,7 @@ def test_parse_account():
     assert a.node_mem_total_kb == {0: 491520, 1: 490664}
     assert a.memory_block_size == 128 << 20
     assert a.memory_blocks == {0: "online", 1: "online", 7: "offline"}
+    assert a.node_memory_blocks == {0: [0, 1], 1: [7]}
     assert a.iomem[1] == (0x1000, 0x9FBFF, "System RAM")
     assert a.iomem_ranges("System RAM") == [(0x1000, 0x9FBFF), (0x100000, 0x3FFDFFFF)]
     assert a.iomem[-1] == (0x100000000, 0x17FFFFFFF, "PCI Bus 0000:00")
