@@ -269,6 +269,16 @@ class ElfCore:
             f.seek(off)
             f.write(value.to_bytes(8, "little"))
 
+    def write(self, phys: int, data: bytes) -> None:
+        """``data`` at ``phys`` (within one PT_LOAD segment)."""
+        off = self.offset(phys)
+        assert self.offset(phys + len(data) - 1) == off + len(data) - 1, "across segments"
+        with open(self.path, "r+b") as f:
+            f.seek(off)
+            self.saved.append((off, f.read(len(data))))
+            f.seek(off)
+            f.write(data)
+
     def restore(self) -> None:
         with open(self.path, "r+b") as f:
             for off, old in reversed(self.saved):

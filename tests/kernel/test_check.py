@@ -199,7 +199,8 @@ def test_hvo_tail_pointed_elsewhere(mutable):
     booted, prog, core = mutable
     va = _hvo_tail(booted)
     addr, e = ind.entry_addr(prog, va + 0x3000, ind.levels(prog) - 1)
-    core.write_u64(addr, (e & ~ind.ADDR) | ((e & ind.ADDR) + 0x200000))
+    # onto a copy of the page it maps, where no other vmemmap page maps (same struct pages)
+    core.write_u64(addr, ind.with_addr(prog, e, _copy_to_reserved(prog, core, ind.leaf_phys(prog, e), 0x1000)))
     rc, doc = _check(booted)
     assert rc == 1
     assert [(f["kind"], f["pfn_start"]) for f in errors(doc)] == \
@@ -275,6 +276,29 @@ def test_backing_page_free_in_the_middle_of_a_block(mutable):
             for f in errors(doc)] == [("backing-free", nr, va + 5 * page, va + 6 * page, phys)]
 
 
+def _copy_to_reserved(prog, core, phys: int, size: int) -> int:
+    """Copy ``size`` bytes of guest memory at ``phys`` into a reserved block of that size
+    (see _reserved_block) in the dump; :return: the block's address."""
+    target = _reserved_block(prog, size)
+    core.write(target, prog.read(phys, size, True))
+    return target
+
+
+def _hugetlb_block(prog, nid: int) -> int:
+    """The physical address of a free 2M HugeTLB folio on node ``nid`` (drgn: the default
+    hstate's hugepage_freelists[nid])."""
+    from drgn.helpers.linux.list import list_for_each_entry
+    from drgn.helpers.linux.mm import page_to_pfn
+
+    for i in range(prog["hugetlb_max_hstate"].value_()):
+        h = prog["hstates"][i]
+        if h.order.value_() != 21 - ind.page_shift(prog):
+            continue
+        for folio in list_for_each_entry("struct folio", h.hugepage_freelists[nid].address_of_(), "lru"):
+            return page_to_pfn(folio.page.address_of_()).value_() << ind.page_shift(prog)
+    pytest.fail(f"no free 2M HugeTLB folio on node {nid}")
+
+
 def _reserved_block(prog, size):
     """A ``size``-aligned block of RAM that the kernel image occupies (reserved, never in
     the buddy allocator, not vmemmap): the one holding the kernel's text."""
@@ -305,8 +329,8 @@ def test_stray_mapping(mutable):
 
 @on(NUMA_SITES)
 def test_offnode_memmap(mutable):
-    """The PMD leaf of a node-1 section pointed at a block of node 0's RAM (the kernel
-    image, reserved): one offnode-memmap warning, for that leaf's struct pages; nothing else."""
+    """The PMD leaf of a node-1 section pointed at a copy of its struct pages in a 2M HugeTLB
+    folio of node 0: one offnode-memmap warning, for that leaf's struct pages; nothing else."""
     booted, prog, core = mutable
     base, shift, page, present = _geometry(prog)
     pmd = 1 << (2 * ind.page_shift(prog) - 3)
@@ -317,7 +341,10 @@ def test_offnode_memmap(mutable):
     blocks = [(nr, va, addr, e) for nr, va, (addr, e) in leaves if ind.is_block(prog, e)]
     assert blocks, f"no section of node 1 ({node1}) has its memmap on one PMD leaf"
     nr, va, addr, e = blocks[-1]
-    target = _reserved_block(prog, pmd)
+    # the same struct pages, copied into a free HugeTLB folio of node 0 (not buddy memory,
+    # not vmemmap; its contents are no one's): only their place is wrong
+    target = _hugetlb_block(prog, 0)
+    core.write(target, prog.read(ind.leaf_phys(prog, e), pmd, True))
     core.write_u64(addr, ind.with_addr(prog, e, target))
     rc, doc = _check(booted)
     assert rc == 0, errors(doc)
