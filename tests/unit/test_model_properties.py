@@ -213,3 +213,23 @@ def test_a_dropped_leaf_is_found_where_it_was(inp, data):
     assert errs
     assert any(f.vaddr is not None and f.vaddr < va + size and va < (f.vaddr_end or f.vaddr + 1) for f in errs), \
         [f.to_json() for f in errs]
+
+
+def test_offnode_memmap_where_the_kernel_fell_back_to_another_node():
+    """Node 1 with 4M of boot memory: its one section's memmap takes 2M of it (the sparse
+    buffer), and a hot-add of two sections on node 1 gets the last 2M for the first one; the
+    second's comes from node 0 (vmemmap_alloc_block(): alloc_pages_node() falls back), as the
+    kernel warns "potential offnode page_structs" (vmemmap_verify()). check says so, there,
+    and nothing else."""
+    lay = x86_layout()
+    b0, b1 = backing_range(0)
+    boot = [(0, 8 * SEC), (8 * SEC, 8 * SEC + 2 * SUB), (b0, b1)]
+    nodes = [(0, 0, 8 * SEC >> 12), (1, 8 * SEC >> 12, 12 * SEC >> 12), (0, b0 >> 12, b1 >> 12)]
+    inp = Inputs(layout=lay, ram=boot + [(10 * SEC, 12 * SEC)], boot_ram=boot, nodes=nodes)
+    k = SynthKernel(inp)
+    va10, va11 = lay.pfn_to_page(10 * SEC >> 12), lay.pfn_to_page(11 * SEC >> 12)
+    assert k.sim.truth.backing_nid[va10] == 1 and k.sim.truth.backing_nid[va11] == 0
+    sections, vm, leaves = _observe(k)
+    res = run_check(inp, sections, leaves)
+    assert [(f.kind, f.section, f.vaddr, f.vaddr_end) for f in res.findings] == \
+        [("offnode-memmap", 11, va11, va11 + (1 << 21))]
