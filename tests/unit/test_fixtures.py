@@ -74,3 +74,33 @@ def test_text_output(fixture):
     assert expected["meta"]["kernel_release"] in lines[0] and "types from btf" in lines[0]
     assert lines[1].startswith("consistent")
     assert f"HVO: {_optimized(expected)} optimized folios" in p.stdout
+
+
+# -- independent truth beside the tool's JSON (x86_64 fixtures: scripts/fixture-truth) ---------
+
+TRUTHS = sorted(p.name[: -len(".truth.json")] for p in FIXTURES.glob("*.truth.json"))
+
+
+def test_every_x86_fixture_has_its_truth():
+    x86 = {n for n in NAMES if json.loads((FIXTURES / f"{n}.expected.json").read_text())["check"]["target"]["arch"]
+           == "x86_64"}
+    assert x86 and set(TRUTHS) == x86
+
+
+@pytest.mark.parametrize("name", TRUTHS)
+def test_the_tool_agrees_with_independent_truth(name):
+    """The tool's sections and vmemmap (its JSON, which the tests above tie to what it prints
+    now) against tests/fixture_truth.py's own reading of the same dump; and that reading is
+    still what the recorded truth file says."""
+    from tests.fixture_truth import truth
+
+    recorded = json.loads((FIXTURES / f"{name}.truth.json").read_text())
+    assert truth(lzma.open(FIXTURES / f"{name}.core.xz").read()) == recorded
+    expected = json.loads((FIXTURES / f"{name}.expected.json").read_text())
+    ours = {str(s["nr"]): {"flags": s["flags"], "coded_mem_map": s["coded_mem_map"]}
+            for s in expected["sections"]["sections"]["list"] if "present" in s["flags"]}
+    assert ours == recorded["sections"]
+    vm = expected["map"]["vmemmap"]
+    assert {k: v for k, v in vm["leaves"].items() if v} == recorded["leaves"]
+    for key in ("split_pmds", "readonly_ptes", "bytes_mapped"):
+        assert vm[key] == recorded[key], key
