@@ -1,7 +1,10 @@
-"""Independent truth about an x86_64 fixture dump, read with nothing from inspect_vmemmap:
-its own ELF reader, the VMCOREINFO note's text, a naive 4/5-level page-table walk and the
-mem_section encoding with the kernel's own bit numbers (include/linux/mmzone.h, enum
-SECTION_*_BIT; SECTION_IS_VMEMMAP_PREINIT_BIT 5 where 7.2 configures it).
+"""Independent truth about a fixture dump, read with nothing from inspect_vmemmap: its own
+ELF reader, the VMCOREINFO note's text, a naive page-table walk (x86_64 4/5-level; arm64 from
+the Arm ARM's VMSAv8-64 descriptors: bit 0 valid, bit 1 table/page, AP[2] bit 7 read-only,
+the output address in bits [47:page shift], with LPA2 [49:page shift] and PA[51:50] in bits
+[9:8]) and the mem_section encoding with the kernel's own bit numbers
+(include/linux/mmzone.h, enum SECTION_*_BIT; SECTION_IS_VMEMMAP_PREINIT_BIT 5 where 7.2
+configures it).
 
 ``scripts/fixture-truth`` writes it beside the tool's JSON as fixtures/NAME.truth.json;
 tests/unit/test_fixtures.py compares the tool with it.
@@ -57,6 +60,53 @@ class Dump:
     def u64(self, addr: int) -> int:
         return struct.unpack("<Q", self.phys(addr, 8))[0]
 
+    @property
+    def arm64(self) -> bool:
+        return "NUMBER(kimage_voffset)" in self.info
+
+    # -- arm64 paging (TTBR1) -----------------------------------------------------------
+
+    def _a64(self):
+        """(page shift, VA bits in use, LPA2, VA shift of each level from the top)."""
+        ps = int(self.info["PAGESIZE"]).bit_length() - 1
+        va_bits = 64 - int(self.info["NUMBER(TCR_EL1_T1SZ)"], 0)
+        lpa2 = ps != 16 and int(self.info["NUMBER(MAX_PHYSMEM_BITS)"]) == 52
+        per = ps - 3
+        n = -(-(va_bits - ps) // per)
+        return ps, va_bits, lpa2, [ps + per * k for k in reversed(range(n))]
+
+    def _a64_oa(self, e: int) -> int:
+        ps, _, lpa2, _ = self._a64()
+        a = e & ((1 << (50 if lpa2 else 48)) - 1) & ~((1 << ps) - 1)
+        return a | (((e >> 8) & 3) << 50 if lpa2 else 0)
+
+    def _a64_leaves(self, start: int, end: int):
+        ps, va_bits, _, shifts = self._a64()
+        root = (int(self.info["SYMBOL(swapper_pg_dir)"], 16) - int(self.info["NUMBER(kimage_voffset)"], 0)) % (1 << 64)
+        out = []
+
+        def visit(table: int, depth: int, base: int) -> None:
+            shift = shifts[depth]
+            size = 1 << shift
+            n = (1 << (va_bits - shift)) if depth == 0 else (1 << (ps - 3))
+            lo = max(0, (start - base) // size) if start > base else 0
+            for i in range(lo, n):
+                va = base + i * size
+                if va >= end:
+                    break
+                if va + size <= start:
+                    continue
+                e = self.u64(table + 8 * i)
+                if not e & 1:
+                    continue
+                if depth == len(shifts) - 1 or not e & 2:
+                    out.append((va, size, self._a64_oa(e) & ~(size - 1), not e & (1 << 7)))
+                else:
+                    visit(self._a64_oa(e), depth + 1, va)
+
+        visit(root, 0, (1 << 64) - (1 << va_bits))
+        return out
+
     # -- x86_64 paging ------------------------------------------------------------------
 
     @property
@@ -73,6 +123,10 @@ class Dump:
         return (int(self.info["SYMBOL(init_top_pgt)"], 16) - START_KERNEL_MAP + phys_base) % (1 << 64)
 
     def translate(self, va: int) -> int:
+        if self.arm64:
+            (leaf,) = [(v, size, p) for v, size, p, _ in self._a64_leaves(va, va + 1)] or [None]
+            assert leaf is not None, f"{va:#x} not mapped"
+            return leaf[2] + va - leaf[0]
         table = self.root
         for depth, shift in enumerate(self.shifts):
             e = self.u64(table + ((va >> shift) & 511) * 8)
@@ -84,6 +138,8 @@ class Dump:
         raise AssertionError("unreachable")
 
     def leaves(self, start: int, end: int) -> List[Tuple[int, int, int, bool]]:
+        if self.arm64:
+            return self._a64_leaves(start, end)
         n = self.levels
         shifts = self.shifts
         bits = 57 if n == 5 else 48
@@ -140,19 +196,24 @@ def truth(data: bytes) -> dict:
     coded = {c for _, c in secs.values()}
     base = int(d.info["SYMBOL(vmemmap)"], 16) if "SYMBOL(vmemmap)" in d.info else coded.pop()
     assert "SYMBOL(vmemmap)" in d.info or not coded, "sections with different coded mem_maps"
-    shift = int(d.info["NUMBER(SECTION_SIZE_BITS)"]) - 12
+    shift = int(d.info["NUMBER(SECTION_SIZE_BITS)"]) - (int(d.info["PAGESIZE"]).bit_length() - 1)
     spg = int(d.info["SIZE(page)"])
     first, last = min(secs), max(secs)
     start, end = base + (first << shift) * spg, base + ((last + 1) << shift) * spg
     leaves = d.leaves(start, end)
-    labels = {4096: "4K", 1 << 21: "2M", 1 << 30: "1G"}
+    labels = {4096: "4K", 1 << 14: "16K", 1 << 16: "64K", 1 << 21: "2M", 1 << 25: "32M", 1 << 29: "512M",
+              1 << 30: "1G"}
+    pmd_shift = 2 * (int(d.info["PAGESIZE"]).bit_length() - 1) - 3
+    page = int(d.info["PAGESIZE"])
     return {
         "source": "tests/fixture_truth.py: the dump's VMCOREINFO, mem_section and page tables read without the tool",
         "kernel_release": d.info.get("OSRELEASE"),
         "sections": {str(nr): {"flags": names, "coded_mem_map": hex(coded)} for nr, (names, coded) in sorted(secs.items())},
         "walked": [hex(start), hex(end)],
         "leaves": dict(sorted(Counter(labels[s] for _, s, _, _ in leaves).items())),
-        "split_pmds": len({va >> 21 for va, s, _, _ in leaves if s == 4096}),
+        # a PMD's worth of vmemmap in base pages where it could be one block: only with 4K
+        # pages (arm64 16K/64K vmemmap_populate() always takes base pages)
+        "split_pmds": len({va >> pmd_shift for va, s, _, _ in leaves if s == page}) if page == 4096 else 0,
         "readonly_ptes": sum(1 for *_, w in leaves if not w),
         "bytes_mapped": sum(s for _, s, _, _ in leaves),
     }
