@@ -17,7 +17,7 @@ from inspect_vmemmap.pgtable.arm64 import Arm64Paging
 from inspect_vmemmap.pgtable.x86_64 import X86_64Paging
 from inspect_vmemmap.sections import SectionTable
 from inspect_vmemmap.vmemmap import MappedLeaf, NodeMap, map_vmemmap
-from tests.synth import NX, RW, USER, Arm64Tables, SynthKernel, X86Tables, backing_range, with_backing_ram, x86_layout
+from tests.synth import NX, RW, USER, Arm64Spec, Arm64Tables, SynthKernel, X86Tables, backing_range, with_backing_ram, x86_layout
 from tests.synthmem import SyntheticMemory
 
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30
@@ -89,7 +89,7 @@ def test_x86_user_and_nx_are_anded_and_ored():
 def _arm_tables():
     mem = SyntheticMemory()
     f = Arm64Paging(4096, 48, 48)
-    t = Arm64Tables(mem, f)
+    t = Arm64Tables(mem, Arm64Spec(4096, 48, 48))
     t.map(ARM_BASE, 0x40200000, M2)
     for i in range(4):
         t.map(ARM_BASE + M2 + i * K4, 0x40600000 + i * K4, K4)
