@@ -673,3 +673,15 @@ def test_vmlinux_btf_agrees_with_dwarf(release):
                         mismatches.append((c_name, m.name, m.bit_offset, dm.bit_offset))
     assert not mismatches, mismatches[:20]
     assert compared > 40000 and len(btf_only) < compared / 100, btf_only[:20]
+
+
+def test_func_signature():
+    b = BtfBuilder()
+    ulong = b.int_("long unsigned int", 8)
+    int_ = b.int_("int", 4, signed=True)
+    b.func("sparse_add_section", b.func_proto(int_, [("nid", int_), ("start_pfn", ulong), ("nr_pages", ulong)]))
+    b.func("vmemmap_free", b.func_proto(0, [("start", ulong), ("end", ulong)]))
+    btf = Btf.parse(b.blob())
+    assert btf.func_signature("sparse_add_section") == (["nid", "start_pfn", "nr_pages"], True)
+    assert btf.func_signature("vmemmap_free") == (["start", "end"], False)
+    assert btf.func_signature("absent") is None
