@@ -288,3 +288,18 @@ def boot(args):
     from inspect_vmemmap.lab import boot as _boot  # its options and logic: inspect_vmemmap/lab/boot.py
 
     sys.exit(_boot.command.main(list(args), prog_name="inspect-vmemmap boot", standalone_mode=False) or 0)
+
+
+@cli.command()
+@click.option("--interval", metavar="S", type=click.FloatRange(min=0.1), default=None,
+              help="Also a full check every S seconds (catches what no probe sees).")
+@click.option("--duration", metavar="S", type=click.FloatRange(min=0), default=None, help="Stop after S seconds.")
+@click.option("--count", metavar="N", type=click.IntRange(min=1), default=None, help="Stop after N changes.")
+@target_options
+@_guard
+def watch(tgt, as_json, interval, duration, count):
+    """Watch the running kernel change its vmemmap (eBPF, bpftrace; as root) and re-check
+    what each change touched once it has returned. Ctrl-C ends; exit status as check."""
+    from inspect_vmemmap.live.watch import command  # inspect_vmemmap/live/
+
+    sys.exit(command(tgt, as_json, interval, duration, count, _open, _console, _fail))
