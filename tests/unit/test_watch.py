@@ -4,6 +4,7 @@ pairing bpftrace's lines into changes, the ranges they touch, the lab's steps.""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -187,3 +188,31 @@ def test_document_folds_each_check_into_its_event():
 def test_every_probe_point_has_a_kind_of_the_contract():
     kinds = {"hvo-optimize", "hvo-restore", "section-add", "section-remove", "online", "offline", "device-memmap"}
     assert {p.kind for p in PROBE_POINTS if p.role != "context"} <= kinds
+
+
+# --- bad input and a machine without eBPF: one line, exit 2 ---------------------------------
+
+from tests.unit.test_cli_errors import one_line, run  # noqa: E402
+
+
+def test_watch_needs_the_running_kernel(tmp_path):
+    one_line(run("watch", "--qemu", str(tmp_path / "qmp.sock")), "running kernel")
+    one_line(run("watch", "--core", str(tmp_path / "vmcore")), "running kernel")
+
+
+def test_watch_without_bpftrace(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))  # no bpftrace on it
+    p = run("watch", env=env)
+    one_line(p, "bpftrace" if os.geteuid() == 0 else "root")
+
+
+def test_bpftrace_that_cannot_attach_is_one_line(tmp_path, monkeypatch):
+    from inspect_vmemmap.live.watch import Bpftrace, WatchError
+
+    fake = tmp_path / "bpftrace"
+    fake.write_text("#!/bin/sh\necho 'Attaching 3 probes...' >&2\n"
+                    "echo 'ERROR: Could not load program: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    bt = Bpftrace("BEGIN {}", str(fake))
+    with pytest.raises(WatchError, match="^bpftrace: ERROR: Could not load program: Operation not permitted$"):
+        bt.wait_ready(30)
