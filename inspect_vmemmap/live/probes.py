@@ -64,21 +64,33 @@ PROBE_POINTS: Tuple[ProbePoint, ...] = (
     ProbePoint("device-memmap", "top", ("memmap_init_zone_device",)),
 )
 
-#: parameter name -> (field, bpftrace expression on ``args``); names as the kernel's
-#: prototypes have them (BTF FUNC_PROTO), so a changed parameter order needs nothing here
-PARAMS: Dict[str, Tuple[Tuple[str, str], ...]] = {
-    "pfn": (("pfn", "(int64)args->pfn"),),
-    "start_pfn": (("pfn", "(int64)args->start_pfn"),),
-    "nr_pages": (("nr_pages", "(int64)args->nr_pages"),),
-    "nid": (("nid", "(int64)args->nid"),),
-    "node": (("nid", "(int64)args->node"),),
-    "start": (("vstart", "(int64)args->start"),),
-    "end": (("vend", "(int64)args->end"),),
-    "res": (("res_start", "(int64)args->res->start"), ("res_end", "(int64)args->res->end")),
-    "folio": (("page", "(int64)args->folio"),),
-    "head": (("page", "(int64)args->head"),),
-    "h": (("order", "(int64)args->h->order"),),
+#: parameter name -> (field, member read through it or None, its struct); names as the
+#: kernel's prototypes have them (BTF FUNC_PROTO), so a changed parameter order needs nothing here
+PARAMS: Dict[str, Tuple[Tuple[str, Optional[str], Optional[str]], ...]] = {
+    "pfn": (("pfn", None, None),),
+    "start_pfn": (("pfn", None, None),),
+    "nr_pages": (("nr_pages", None, None),),
+    "nid": (("nid", None, None),),
+    "node": (("nid", None, None),),
+    "start": (("vstart", None, None),),
+    "end": (("vend", None, None),),
+    "res": (("res_start", "start", "resource"), ("res_end", "end", "resource")),
+    "folio": (("page", None, None),),
+    "head": (("page", None, None),),
+    "h": (("order", "order", "hstate"),),
 }
+#: x86_64 and arm64 pass the first six (eight) arguments in registers: what kprobes read
+KPROBE_MAX_ARGS = 6
+
+
+def expression(mechanism: str, index: int, name: str, member: Optional[str], struct: Optional[str]) -> str:
+    """The bpftrace expression for a parameter (or a member through it): fentry names it
+    (``args->res->start``, typed by BTF); a kprobe takes its register (``arg1``) and casts."""
+    if mechanism == "kfunc":
+        return f"(int64)args->{name}" + (f"->{member}" if member else "")
+    if member:
+        return f"(int64)((struct {struct} *)arg{index})->{member}"
+    return f"(int64)arg{index}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,7 @@ class Probe:
     function: str
     fields: Tuple[Tuple[str, str], ...]  # (field, expression), printed in this order
     returns: bool  # has a return value
+    mechanism: str = "kfunc"  # 'kfunc' (fentry/fexit through BTF) or 'kprobe' (kprobe/kretprobe)
 
     @property
     def kind(self) -> str:
@@ -106,11 +119,15 @@ class Absent:
     why: str
 
 
-def select(signature, traceable, points: Sequence[ProbePoint] = PROBE_POINTS) -> Tuple[List[Probe], List[Absent]]:
+def select(signature, traceable, kprobe_ok=lambda fn: False,
+           points: Sequence[ProbePoint] = PROBE_POINTS) -> Tuple[List[Probe], List[Absent]]:
     """The probes this kernel can have.
 
     ``signature(name)``: ``(parameter names, returns a value)`` from the kernel's BTF, or
-    None; ``traceable(name)``: whether fentry can attach (ftrace lists it; None: unknown).
+    None; ``traceable(name)``: whether fentry can attach (ftrace lists it; None: unknown);
+    ``kprobe_ok(name)``: whether a kprobe can (a text symbol, not on the kprobe blacklist),
+    for what ftrace cannot trace (6.1 keeps sparse_add_section and the vmemmap_* functions
+    in .meminit.text, which ftrace does not patch).
     """
     probes: List[Probe] = []
     absent: List[Absent] = []
@@ -124,12 +141,15 @@ def select(signature, traceable, points: Sequence[ProbePoint] = PROBE_POINTS) ->
             if sig is None:
                 absent.append(Absent(fn, "not in this kernel's BTF (inlined, renamed or absent)"))
                 continue
-            if traceable(fn) is False:
-                absent.append(Absent(fn, "not traceable in this kernel (not in available_filter_functions)"))
-                continue
             params, returns = sig
-            fields = tuple(f for p in params for f in PARAMS.get(p, ()))
-            probes.append(Probe(len(probes), point, fn, fields, returns))
+            mech = "kfunc" if traceable(fn) is not False else "kprobe" if kprobe_ok(fn) else None
+            if mech is None:
+                absent.append(Absent(fn, "neither fentry (not in available_filter_functions) nor a kprobe can attach"))
+                continue
+            fields = tuple((field, expression(mech, i, p, member, struct))
+                           for i, p in enumerate(params) for field, member, struct in PARAMS.get(p, ())
+                           if mech == "kfunc" or i < KPROBE_MAX_ARGS)
+            probes.append(Probe(len(probes), point, fn, fields, returns, mech))
             chosen = fn
     return probes, absent
 
@@ -146,12 +166,13 @@ def program(probes: Iterable[Probe]) -> str:
     for p in probes:
         fmt = " ".join(["E", str(p.id), "%llu", "%d", "%d"] + ["%lld"] * len(p.fields) + ["%s"])
         vals = ", ".join(["nsecs", "tid", "pid"] + [e for _, e in p.fields] + ["comm"])
-        out.append(f'kfunc:vmlinux:{p.function} {{ printf("{fmt}\\n", {vals}); }}')
+        enter, leave = ("kfunc:vmlinux", "kretfunc:vmlinux") if p.mechanism == "kfunc" else ("kprobe", "kretprobe")
+        out.append(f'{enter}:{p.function} {{ printf("{fmt}\\n", {vals}); }}')
         ret = "(int64)retval" if p.returns else "(int64)0"
-        out.append(f'kretfunc:vmlinux:{p.function} {{ printf("R {p.id} %llu %d %lld\\n", nsecs, tid, {ret}); }}')
+        out.append(f'{leave}:{p.function} {{ printf("R {p.id} %llu %d %lld\\n", nsecs, tid, {ret}); }}')
     return "\n".join(out) + "\n"
 
 
 def probes_json(probes: Sequence[Probe], absent: Sequence[Absent]) -> List[dict]:
-    return ([{"function": p.function, "kind": p.kind, "attached": True} for p in probes]
+    return ([{"function": p.function, "kind": p.kind, "attached": True, "mechanism": p.mechanism} for p in probes]
             + [{"function": a.function, "attached": False, "why": a.why} for a in absent])

@@ -71,11 +71,29 @@ def traceable_functions() -> Optional[set]:
         return None
 
 
+def kprobe_functions() -> set:
+    """Text symbols of /proc/kallsyms less the kprobe blacklist (debugfs), where a kprobe
+    can go when ftrace cannot patch the function."""
+    try:
+        with open("/proc/kallsyms") as f:
+            names = {p[2] for p in (line.split() for line in f) if len(p) >= 3 and p[1] in "tT"}
+    except OSError:
+        return set()
+    try:
+        with open("/sys/kernel/debug/kprobes/blacklist") as f:
+            names -= {p[1] for p in (line.split() for line in f) if len(p) >= 2}
+    except OSError:
+        pass
+    return names
+
+
 def choose_probes(btf) -> Tuple[List[Probe], List[Absent]]:
     if btf is None:
         raise WatchError("watch needs the kernel's BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)")
     names = traceable_functions()
-    return select_probes(btf.func_signature, (lambda fn: fn in names) if names is not None else (lambda fn: None))
+    kp = kprobe_functions()
+    return select_probes(btf.func_signature, (lambda fn: fn in names) if names is not None else (lambda fn: None),
+                         lambda fn: fn in kp)
 
 
 # --- bpftrace -----------------------------------------------------------------------------
