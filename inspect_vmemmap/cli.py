@@ -232,14 +232,14 @@ def check(tgt, as_json, save_layout, deep, reads):
     import json as _json
 
     from inspect_vmemmap import report
-    from inspect_vmemmap.commands import confirmed_check
+    from inspect_vmemmap.live.racecheck import check_running  # eBPF on the running kernel, else re-reads
 
     if save_layout:
         from inspect_vmemmap.inputs import require_output_path
 
         require_output_path(save_layout, "--save-layout", [(tgt["core"], "--core"), (tgt["vmlinux"], "--vmlinux"),
                                                            (tgt["vmcoreinfo"], "--vmcoreinfo"), (tgt["qemu"], "--qemu")])
-    ld, doc, findings, res, inputs, notes = confirmed_check(_open(tgt), deep, _progress(), reads)
+    ld, doc, findings, res, inputs, notes = check_running(_open(tgt), deep, _progress(), reads)
     if save_layout:
         try:
             with open(save_layout, "w") as f:

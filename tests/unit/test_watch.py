@@ -216,3 +216,49 @@ def test_bpftrace_that_cannot_attach_is_one_line(tmp_path, monkeypatch):
     bt = Bpftrace("BEGIN {}", str(fake))
     with pytest.raises(WatchError, match="^bpftrace: ERROR: Could not load program: Operation not permitted$"):
         bt.wait_ready(30)
+
+
+def test_what_ftrace_cannot_patch_gets_a_kprobe():
+    # 6.1 keeps sparse_add_section in .meminit.text: not in available_filter_functions
+    probes, absent = select(K61.get, lambda fn: fn != "sparse_add_section", lambda fn: fn == "sparse_add_section")
+    (p,) = [p for p in probes if p.function == "sparse_add_section"]
+    assert p.mechanism == "kprobe" and dict(p.fields) == {"nid": "(int64)arg0", "pfn": "(int64)arg1",
+                                                          "nr_pages": "(int64)arg2"}
+    text = program(probes)
+    assert "kprobe:sparse_add_section " in text and "kretprobe:sparse_add_section " in text
+    (h,) = [p for p in probes if p.function == "hugetlb_vmemmap_optimize"]
+    assert h.mechanism == "kfunc"
+    kp = select(K61.get, lambda fn: False, lambda fn: True)[0]
+    assert dict(next(p for p in kp if p.function == "hugetlb_vmemmap_optimize").fields)["order"] == \
+        "(int64)((struct hstate *)arg0)->order"
+
+
+def test_changes_during_a_read_and_the_races_they_name(k612):
+    from types import SimpleNamespace
+
+    from inspect_vmemmap.live.racecheck import Probing, race
+
+    by, tr = k612
+    lay = Lay()
+    batch, one = by["hugetlb_vmemmap_optimize_folios"], by["__hugetlb_vmemmap_optimize_folio"]
+    onl = by["online_pages"]
+    lines = [E(onl, 5, 2, 1 << 20, 32768), R(onl, 6, 2),  # before the read
+             E(batch, 100, 3, 9),  # under way during the read [100, 200]: splits every folio's PMD first
+             E(one, 250, 3, 9, lay.pfn_to_page(4096)), R(one, 260, 3), R(batch, 270, 3),
+             E(onl, 150, 4, 2 << 20, 32768), R(onl, 160, 4)]
+
+    class Bt:
+        def lines(self, timeout):
+            out, lines[:] = list(lines), []
+            return out
+
+    p = Probing.__new__(Probing)
+    p.t, p.tracker, p.bt = SimpleNamespace(layout=lay), tr, Bt()
+    got = {(c.probe.function, rng) for c, rng in p.changes_during(100, 200)}
+    assert got == {("__hugetlb_vmemmap_optimize_folio", (4096, 4607)), ("online_pages", (2 << 20, (2 << 20) + 32767))}
+    c = next(c for c in tr.seen if c.probe is one)
+    f = race(Finding("hvo-inconsistent", None, "tails writable", pfn_start=4096, pfn_end=4607), c, (4096, 4607))
+    j = f.to_json()
+    assert j["kind"] == "race" and j["severity"] == "warning" and j["was"] == "hvo-inconsistent"
+    assert j["event"] == {"kind": "hvo-optimize", "function": "__hugetlb_vmemmap_optimize_folio", "task": "sh/103",
+                          "pfn_start": 4096, "pfn_end": 4607}
