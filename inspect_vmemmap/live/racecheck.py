@@ -17,9 +17,7 @@ from typing import List, Optional, Tuple
 
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.live.events import Call, Tracker
-from inspect_vmemmap.live.watch import (Bpftrace, WatchError, call_range, choose_probes, environment_problem,
-                                        touches)
-from inspect_vmemmap.live.probes import program
+from inspect_vmemmap.live.watch import WatchError, attach, call_range, choose_probes, environment_problem, touches
 
 #: how long to wait for bpftrace to attach before falling back to re-reads
 READY_TIMEOUT = 120.0
@@ -32,17 +30,12 @@ class Probing:
         problem = environment_problem()
         if problem:
             raise WatchError(problem)
-        probes, _absent = choose_probes(target.btf)
+        probes, absent = choose_probes(target.btf)
         if not probes:
             raise WatchError("this kernel has none of the functions the probes need")
         self.t = target
+        self.bt, probes, _absent = attach(probes, absent, READY_TIMEOUT)
         self.tracker = Tracker(probes)
-        self.bt = Bpftrace(program(probes))
-        try:
-            self.bt.wait_ready(READY_TIMEOUT)
-        except WatchError:
-            self.bt.stop()
-            raise
 
     def stop(self) -> None:
         self.bt.stop()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from inspect_vmemmap.findings import Finding, summarize
@@ -176,6 +177,30 @@ class Bpftrace:
             out.append(self.buf.decode(errors="replace"))
             self.buf = b""
         return out
+
+
+_ATTACH_FAILED = re.compile(r"Error attaching probe: '(?:kprobe|kretprobe|kfunc|kretfunc):(?:vmlinux:)?([\w.]+)'")
+
+
+def attach(probes: List[Probe], absent: List[Absent], timeout: float,
+           binary: str = "bpftrace") -> Tuple[Bpftrace, List[Probe], List[Absent]]:
+    """Start bpftrace on ``probes``; a function the kernel refuses a probe on (6.1 takes no
+    kretprobe on its .meminit.text functions) is listed as absent with bpftrace's reason and
+    the rest attached again. :return: ``(bpftrace, the probes attached, the absent)``."""
+    absent = list(absent)
+    while True:
+        bt = Bpftrace(program(probes), binary)
+        try:
+            bt.wait_ready(timeout)
+            return bt, probes, absent
+        except WatchError as e:
+            m = _ATTACH_FAILED.search(str(e))
+            if m is None or not any(p.function == m.group(1) for p in probes):
+                raise
+            absent.append(Absent(m.group(1), f"the kernel refused the probe ({str(e).removeprefix('bpftrace: ')})"))
+            probes = [replace(p, id=i) for i, p in enumerate(q for q in probes if q.function != m.group(1))]
+            if not probes:
+                raise
 
 
 # --- events -------------------------------------------------------------------------------
@@ -416,14 +441,14 @@ class Watcher:
         probes, absent = choose_probes(self.t.btf)
         if not probes:
             raise WatchError("this kernel has none of the functions watch probes (see watch.probes)")
-        self.tracker = Tracker(probes)
-        self.pending: List[Call] = []
-        self.emit({"watch": {"probes": probes_json(probes, absent)}}, "start")
-        self.bt = Bpftrace(program(probes), self.binary)
         old = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
         old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._settle)
+        self.bt = None
         try:
-            self.bt.wait_ready(self.ready_timeout)
+            self.bt, probes, absent = attach(probes, absent, self.ready_timeout, self.binary)
+            self.tracker = Tracker(probes)
+            self.pending: List[Call] = []
+            self.emit({"watch": {"probes": probes_json(probes, absent)}}, "start")
             self.start_ns = time.monotonic_ns()
             # (the lab's in-guest runner waits for these words: inspect_vmemmap.lab.inguest.WATCH_READY)
             print(f"inspect-vmemmap: watching, {len(probes)} probes attached; Ctrl-C ends", file=sys.stderr, flush=True)
@@ -454,7 +479,7 @@ class Watcher:
             if self.pending:
                 self.recheck()
         finally:
-            if self.bt.alive():
+            if self.bt is not None and self.bt.alive():
                 self.bt.stop()
             for s, h in old.items():
                 signal.signal(s, h)

@@ -262,3 +262,23 @@ def test_changes_during_a_read_and_the_races_they_name(k612):
     assert j["kind"] == "race" and j["severity"] == "warning" and j["was"] == "hvo-inconsistent"
     assert j["event"] == {"kind": "hvo-optimize", "function": "__hugetlb_vmemmap_optimize_folio", "task": "sh/103",
                           "pfn_start": 4096, "pfn_end": 4607}
+
+
+def test_a_probe_the_kernel_refuses_is_listed_absent_and_the_rest_attached(tmp_path):
+    from inspect_vmemmap.live.watch import attach
+
+    fake = tmp_path / "bpftrace"
+    fake.write_text("#!/bin/sh\n"
+                    "case \"$4\" in *kretprobe:sparse_add_section*)\n"
+                    "  echo \"ERROR: Error attaching probe: 'kretprobe:sparse_add_section'\" >&2; exit 1;; esac\n"
+                    f"echo {READY}\nexec sleep 30\n")
+    fake.chmod(0o755)
+    probes, absent = select(K61.get, lambda fn: fn != "sparse_add_section", lambda fn: True)
+    bt, got, gone = attach(probes, absent, 30, str(fake))
+    try:
+        assert "sparse_add_section" not in {p.function for p in got}
+        assert [p.id for p in got] == list(range(len(got)))
+        (why,) = [a.why for a in gone if a.function == "sparse_add_section"]
+        assert "refused" in why and "kretprobe:sparse_add_section" in why
+    finally:
+        bt.stop()
