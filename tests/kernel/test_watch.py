@@ -90,8 +90,11 @@ def test_probes_chosen_by_what_the_kernel_has(watched):
 
 # --- race-exact live check: check inside a guest whose HugeTLB pool churns ----------------------
 
-CHURN = ("( while :; do for n in 8 0; do echo $n > /proc/sys/vm/nr_hugepages; "
-         "echo IVM-HP $(cat /proc/sys/vm/nr_hugepages); sleep 0.5; done; done ) &")
+# (gently: Debian 6.12.117 under TCG reports "Bad page state" and leaks pages while its HVO
+# pool churns, with or without this tool; a faster churn runs a 1.5G guest out of memory
+# before the check ends)
+CHURN = ("( while :; do for n in 4 0; do echo $n > /proc/sys/vm/nr_hugepages; "
+         "echo IVM-HP $(cat /proc/sys/vm/nr_hugepages); sleep 1; done; done ) &")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def churning(tmp_path_factory):
     kernel = fetch_debian_kernel("6.12", "x86_64")
     wd = tmp_path_factory.mktemp("churn")
     chan = inguest.channel_path(wd)
-    spec = GuestSpec(debian="6.12", mem="1536M", hvo=True, la57=False,
+    spec = GuestSpec(debian="6.12", mem="2G", hvo=True, la57=False,
                      extra_modules=tuple(inguest.modules_for("x86_64", kernel.modules_dep())),
                      init_extra=inguest.init_script("x86_64") + CHURN,
                      qemu_args=tuple(inguest.qemu_args("x86_64", chan)))
