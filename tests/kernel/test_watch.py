@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from tests.kernel.conftest import cli_json
+
 pytestmark = pytest.mark.kernel
 
 SECTION_PAGES = (128 << 20) >> 12
@@ -26,7 +28,7 @@ def watch_boot(series: str) -> tuple:
             "--then", "hugepages=12", "--then", "hugepages=6", "--then", "hotplug=1G", "--json", "-q"]
     p = subprocess.run([sys.executable, "-m", "inspect_vmemmap", *args], capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout), p.stderr
+    return cli_json(p.stdout, "boot_watch"), p.stderr
 
 
 @pytest.fixture(scope="module", params=["6.12", "7.2", "6.1"])
@@ -125,7 +127,7 @@ def test_live_check_under_churn_tells_races_by_their_events(churning):
     res = chan.run_check(["--json", "--no-debuginfo"], timeout=900)
     changes = len(re.findall(r"IVM-HP \d+", guest.console_text())) - before
     assert res.status == 0, res.stderr
-    doc = json.loads(res.stdout)
+    doc = cli_json(res.stdout, "check")
     assert doc["target"]["race_detection"] == "ebpf" and doc["target"]["reads"] == 1
     assert changes >= 2, "the pool did not change during the check"  # the guest's own count
     assert doc["target"]["changes_during_read"] > 0
