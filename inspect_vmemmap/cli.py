@@ -301,5 +301,6 @@ def watch(tgt, as_json, interval, duration, count):
     """Watch the running kernel change its vmemmap (eBPF, bpftrace; as root) and re-check
     what each change touched once it has returned. Ctrl-C ends; exit status as check."""
     from inspect_vmemmap.live.watch import command  # inspect_vmemmap/live/
+    from inspect_vmemmap.report import stdout_console
 
-    sys.exit(command(tgt, as_json, interval, duration, count, _open, _console, _fail))
+    sys.exit(command(tgt, as_json, interval, duration, count, _open, stdout_console, _fail))
