@@ -17,7 +17,8 @@ from typing import List, Optional, Tuple
 
 from inspect_vmemmap.findings import Finding
 from inspect_vmemmap.live.events import Call, Tracker
-from inspect_vmemmap.live.watch import WatchError, attach, call_range, choose_probes, environment_problem, touches
+from inspect_vmemmap.live.watch import (WatchError, attach, call_range, choose_probes, environment_problem, kernel_btf,
+                                        touches)
 
 #: how long to wait for bpftrace to attach before falling back to re-reads
 READY_TIMEOUT = 120.0
@@ -30,7 +31,7 @@ class Probing:
         problem = environment_problem()
         if problem:
             raise WatchError(problem)
-        probes, absent = choose_probes(target.btf)
+        probes, absent = choose_probes(kernel_btf(target))
         if not probes:
             raise WatchError("this kernel has none of the functions the probes need")
         self.t = target

@@ -87,6 +87,20 @@ def kprobe_functions() -> set:
     return names
 
 
+def kernel_btf(target):
+    """The running kernel's own BTF: the target's types when they came from it, else
+    /sys/kernel/btf/vmlinux (a --vmlinux run reads DWARF; bpftrace needs the BTF all the same)."""
+    from inspect_vmemmap.btf import Btf, BtfError
+
+    if isinstance(getattr(target, "types", None), Btf):
+        return target.types
+    try:
+        with open("/sys/kernel/btf/vmlinux", "rb") as f:
+            return Btf.parse(f.read())
+    except (OSError, BtfError):
+        return None
+
+
 def choose_probes(btf) -> Tuple[List[Probe], List[Absent]]:
     if btf is None:
         raise WatchError("watch needs the kernel's BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)")
@@ -275,8 +289,7 @@ class Watcher:
         from inspect_vmemmap.commands import Analysis
 
         t0, w0 = time.monotonic_ns(), time.monotonic()
-        self.t.forget()
-        a = Analysis(self.t)
+        a = Analysis(self.t)  # a fresh Reading of the running kernel
         _doc, findings, _res, inputs, _notes = a.check()
         return Read(a, findings, inputs, t0, time.monotonic_ns(), time.monotonic() - w0)
 
@@ -302,7 +315,7 @@ class Watcher:
     def task(self, c: Call) -> str:
         return f"{c.comm}/{c.pid}"
 
-    def event_json(self, c: Call) -> dict:
+    def event_json(self, c: Call, nodes) -> dict:
         lay = self.lay
         rng = call_range(c, lay)
         ev: dict = {"seq": self.seq, "t": self.t_of(c.end_ns), "kind": c.probe.kind, "function": c.probe.function}
@@ -311,9 +324,7 @@ class Watcher:
             ev["sections"] = [rng[0] >> lay.pfn_section_shift, rng[1] >> lay.pfn_section_shift]
         nid = c.fields.get("nid")
         if nid is None and rng is not None:
-            from inspect_vmemmap.vmemmap import NodeMap
-
-            nid = NodeMap(self.t.node_spans()).nid(rng[0])
+            nid = nodes.nid(rng[0])
         ev["nid"] = nid
         if "order" in c.fields:
             ev["order"] = c.fields["order"]
@@ -410,7 +421,7 @@ class Watcher:
         return Finding("race", "warning", f"{why}: {f.kind}: {f.message}", was=f.kind, **where)
 
     def report(self, c: Call, r: Read, found: List[Finding], reads: int) -> None:
-        ev = self.event_json(c)
+        ev = self.event_json(c, r.analysis.nodes)
         self.seq += 1
         self.verdict(c, ev, found, {"reads": reads, "seconds": round(r.seconds, 3), "after": self.after(c, r)})
 
@@ -437,7 +448,7 @@ class Watcher:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
-        probes, absent = choose_probes(self.t.btf)
+        probes, absent = choose_probes(kernel_btf(self.t))
         if not probes:
             raise WatchError("this kernel has none of the functions watch probes (see watch.probes)")
         old = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
