@@ -711,7 +711,8 @@ def _watch_in_guest(o: BootOptions, guest, scratch: Path, progress, console_fact
     from . import watching
 
     status, out, accounts, err = watching.run(o, guest, scratch, progress,
-                                              [watching.parse_step(t) for t in o.then], o.timeout)
+                                              [watching.parse_step(t) for t in o.then],
+                                              o.timeout or 2 * IN_GUEST_CHECK_TIMEOUT)  # bpftrace starts, re-checks
     err_lines = [l for l in err.splitlines() if l.strip() and "probes attached" not in l and "inspect-vmemmap: settled" not in l]
     if status not in (0, 1):
         reason = err_lines[0] if err_lines else f"exited with status {status} and said nothing"

@@ -74,7 +74,7 @@ def qemu_args(arch: str, channel_socket: Path) -> list[str]:
         "-chardev", f"socket,id=ivmreq,path={channel_socket},server=on,wait=off",
     ]
     if arch == "x86_64":
-        args += ["-device", "isa-serial,chardev=ivmreq"]
+        args += ["-device", "isa-serial,chardev=ivmreq,index=1"]  # COM2: ttyS1 (lab.guest puts its state line on COM3)
     else:
         args += ["-device", "virtio-serial-pci", "-device", "virtconsole,chardev=ivmreq"]
     return args

@@ -98,7 +98,7 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
                     note += f" ({res.stderr.strip() or 'the write failed'})"
                 progress(f"{step.what} {got}{note} after {time.monotonic() - t0:.1f}s")
             elif step.what == "hotplug":
-                guest.hotplug(step.value, timeout=max(120.0, timeout))
+                guest.hotplug(step.value, progress=progress)  # its own deadline, scaled to the size
                 d = guest.dimms[-1]
                 progress(f"pc-dimm {d.id} at {d.addr:#x}-{d.end - 1:#x} online after {time.monotonic() - t0:.1f}s")
             else:
