@@ -363,6 +363,24 @@ class Btf:
         hit = self._enum_index().get(enumerator)
         return None if hit is None else hit[0]
 
+    def func_signature(self, name: str) -> Optional[Tuple[List[str], bool]]:
+        """A kernel function's parameters, as its BTF ``FUNC`` record and ``FUNC_PROTO`` give
+        them (pahole emits the functions that were not inlined away).
+
+        :return: ``(parameter names, returns a value)``, or ``None`` if there is no such function.
+        """
+        tid = self.find(name, "func")
+        if tid is None:
+            return None
+        proto = self._ref(tid)
+        self._check_id(proto)
+        if self._kinds[proto] != _FUNC_PROTO:
+            return None
+        off = self._offsets[proto]
+        _, info, ret = self._3u32(self._data, off)
+        params = [self._str(self._u32(self._data, off + 12 + 8 * i)[0]) for i in range(info & 0xFFFF)]
+        return params, ret != 0
+
     # ---- helpers -------------------------------------------------------------------------
 
     def _check_id(self, type_id: int) -> None:

@@ -232,14 +232,14 @@ def check(tgt, as_json, save_layout, deep, reads):
     import json as _json
 
     from inspect_vmemmap import report
-    from inspect_vmemmap.commands import confirmed_check
+    from inspect_vmemmap.live.racecheck import check_running  # eBPF on the running kernel, else re-reads
 
     if save_layout:
         from inspect_vmemmap.inputs import require_output_path
 
         require_output_path(save_layout, "--save-layout", [(tgt["core"], "--core"), (tgt["vmlinux"], "--vmlinux"),
                                                            (tgt["vmcoreinfo"], "--vmcoreinfo"), (tgt["qemu"], "--qemu")])
-    ld, doc, findings, res, inputs, notes = confirmed_check(_open(tgt), deep, _progress(), reads)
+    ld, doc, findings, res, inputs, notes = check_running(_open(tgt), deep, _progress(), reads)
     if save_layout:
         try:
             with open(save_layout, "w") as f:
@@ -288,3 +288,19 @@ def boot(args):
     from inspect_vmemmap.lab import boot as _boot  # its options and logic: inspect_vmemmap/lab/boot.py
 
     sys.exit(_boot.command.main(list(args), prog_name="inspect-vmemmap boot", standalone_mode=False) or 0)
+
+
+@cli.command()
+@click.option("--interval", metavar="S", type=click.FloatRange(min=0.1), default=None,
+              help="Also a full check every S seconds (catches what no probe sees).")
+@click.option("--duration", metavar="S", type=click.FloatRange(min=0), default=None, help="Stop after S seconds.")
+@click.option("--count", metavar="N", type=click.IntRange(min=1), default=None, help="Stop after N changes.")
+@target_options
+@_guard
+def watch(tgt, as_json, interval, duration, count):
+    """Watch the running kernel change its vmemmap (eBPF, bpftrace; as root) and re-check
+    what each change touched once it has returned. Ctrl-C ends; exit status as check."""
+    from inspect_vmemmap.live.watch import command  # inspect_vmemmap/live/
+    from inspect_vmemmap.report import stdout_console
+
+    sys.exit(command(tgt, as_json, interval, duration, count, _open, stdout_console, _fail))

@@ -86,6 +86,11 @@ def click_options(f: Callable) -> Callable:
         click.option("--cmdline", metavar="TEXT", default="", help="Appended to the kernel command line."),
         click.option("--in-guest", is_flag=True,
                      help="Run check inside the guest on its /proc/kcore (the host's Python over a read-only 9p root)."),
+        click.option("--watch", is_flag=True,
+                     help="With --in-guest: run watch (eBPF) in the guest instead of check, while the host applies --then steps."),
+        click.option("--then", "then", metavar="STEP", multiple=True,
+                     help="With --watch, after boot, in order, each waited for: hugepages=N, hugepages-1g=N, "
+                          "hotplug=SIZE (a pc-dimm, onlined), unplug (the last hot-added one)."),
         click.option("--dump", metavar="PATH", type=click.Path(dir_okay=False),
                      help="Also write the guest's memory as an ELF vmcore (check --core PATH reads it)."),
         click.option("--dump-kdump", metavar="DIR", type=click.Path(file_okay=False),
@@ -145,6 +150,8 @@ class BootOptions:
     memmap_on_memory: bool = False
     cmdline: str = ""
     in_guest: bool = False
+    watch: bool = False
+    then: tuple = ()
     dump: Optional[str] = None
     dump_kdump: Optional[str] = None
     as_json: bool = False
@@ -379,11 +386,14 @@ def guest_spec(o: BootOptions, arch: str):
     if o.cmdline.strip():
         cmdline.append(o.cmdline.strip())
     extra = {}
-    if o.hotplug:
+    from .watching import hotplug_sizes, parse_step
+
+    plugs = list(o.hotplug) + hotplug_sizes([parse_step(t) for t in o.then])
+    if plugs:
         total = 0
-        for s in o.hotplug:
+        for s in plugs:
             total += _mib(s, "--hotplug")
-        extra = dict(maxmem=_size_text(mem + total), slots=len(o.hotplug))
+        extra = dict(maxmem=_size_text(mem + total), slots=len(plugs))
     return GuestSpec(
         debian=o.debian or "6.12", arch=arch, mem=_size_text(mem), numa=o.numa, hugepages=o.hugepages,
         hvo=o.hvo, la57=o.la57, paging=o.paging, cmdline=" ".join(cmdline), memmap_on_memory=o.memmap_on_memory,
@@ -511,6 +521,17 @@ def _run(o: BootOptions, progress, console_factory) -> int:
             raise BootError(f"--dump {o.dump}: {dump_dir} is not writable")
     if o.dump_kdump and o.in_guest:
         raise BootError("--dump-kdump and --in-guest both mount the host root in the guest: give one")
+    if (o.watch or o.then) and not o.in_guest:
+        raise BootError("--watch runs watch inside the guest: give --in-guest too")
+    if o.then and not o.watch:
+        raise BootError("--then steps are for --watch")
+    if o.then:
+        from .watching import parse_step
+
+        try:
+            [parse_step(t) for t in o.then]
+        except ValueError as e:
+            raise BootError(str(e)) from None
     if o.in_guest:
         problem = inguest.environment_problem()
         if problem:
@@ -570,6 +591,8 @@ def _run(o: BootOptions, progress, console_factory) -> int:
                 guest.dump(o.dump)
                 progress(f"dump written in {time.monotonic() - t0:.1f}s "
                          f"({os.path.getsize(o.dump) / GIB:.1f} GiB)")
+            if o.watch:
+                return _watch_in_guest(o, guest, scratch, progress, console_factory)
             if o.in_guest:
                 return _check_in_guest(o, guest, scratch, progress, console_factory)
             return _check_outside(o, guest, kernel, progress, console_factory,
@@ -680,3 +703,28 @@ def _check_in_guest(o: BootOptions, guest, scratch: Path, progress, console_fact
         console_factory().print(account_line(guest), highlight=False)
     sys.stdout.flush()
     return res.status
+
+
+def _watch_in_guest(o: BootOptions, guest, scratch: Path, progress, console_factory) -> int:
+    from inspect_vmemmap import report
+
+    from . import watching
+
+    status, out, accounts, err = watching.run(o, guest, scratch, progress,
+                                              [watching.parse_step(t) for t in o.then],
+                                              o.timeout or 2 * IN_GUEST_CHECK_TIMEOUT)  # bpftrace starts, re-checks
+    err_lines = [l for l in err.splitlines() if l.strip() and "probes attached" not in l and "inspect-vmemmap: settled" not in l]
+    if status not in (0, 1):
+        reason = err_lines[0] if err_lines else f"exited with status {status} and said nothing"
+        raise BootError(f"in-guest watch: {reason.removeprefix('inspect-vmemmap: ')}")
+    for line in err_lines:
+        print(line, file=sys.stderr)
+    if o.as_json:
+        doc = watching.document(out, accounts)
+        doc["guest"] = dict(guest_json(guest, "in-guest watch"), steps=accounts)
+        report.print_json(doc)
+    else:
+        watching.write_text(out, accounts)
+        console_factory().print(account_line(guest), highlight=False)
+    sys.stdout.flush()
+    return status

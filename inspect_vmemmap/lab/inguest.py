@@ -34,12 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LabError
+from .initramfs import ACCOUNT_SCRIPT, MARK_ACCOUNT_BEGIN, MARK_ACCOUNT_END
 
 MOUNT_TAG = "hostroot"
 GUEST_ROOT = "/host"  # where the guest mounts the host's root
 MARK_BEGIN = "IVM-INGUEST-BEGIN"
 MARK_STDERR = "IVM-INGUEST-STDERR"
 MARK_END = "IVM-INGUEST-END"
+MARK_WATCHING = "IVM-INGUEST-WATCHING"  # watch's probes are attached
+#: what watch prints on stderr once its probes are attached (inspect_vmemmap.live.watch)
+WATCH_READY = "probes attached"
 
 #: 9p over virtio; the lab adds their dependencies (netfs, 9pnet, fscache on 6.1, virtio, virtio_ring)
 MODULES = ("9pnet_virtio", "9p")
@@ -70,7 +74,7 @@ def qemu_args(arch: str, channel_socket: Path) -> list[str]:
         "-chardev", f"socket,id=ivmreq,path={channel_socket},server=on,wait=off",
     ]
     if arch == "x86_64":
-        args += ["-device", "isa-serial,chardev=ivmreq"]
+        args += ["-device", "isa-serial,chardev=ivmreq,index=1"]  # COM2: ttyS1 (lab.guest puts its state line on COM3)
     else:
         args += ["-device", "virtio-serial-pci", "-device", "virtconsole,chardev=ivmreq"]
     return args
@@ -122,17 +126,52 @@ ivm_ig() {{
   chroot {r} /bin/sh -c "[ -x {py} ]" || {{ fail "in-guest: "{py}" does not run in the host root over 9p"; return 1; }}
   [ -e {chan} ] || {{ fail "in-guest: no {chan} (the request line)"; return 1; }}
   exec 3<>{chan} && stty raw -echo <&3 || {{ fail "in-guest: cannot open {chan}"; return 1; }}
+  # watch (eBPF) finds the traceable functions in tracefs; bpftrace wants debugfs and bpffs
+  mount -t tracefs tracefs {r}/sys/kernel/tracing 2>/dev/null
+  mount -t debugfs debugfs {r}/sys/kernel/debug 2>/dev/null
+  mount -t bpf bpf {r}/sys/fs/bpf 2>/dev/null
   (
-    while read -r ivm_cmd ivm_nonce ivm_args <&3; do
-      [ "$ivm_cmd" = check ] || continue
-      env -i {env} chroot {r} {py} -m inspect_vmemmap check $ivm_args \\
-        > {r}{scratch}/ivm-check.out 2> {r}{scratch}/ivm-check.err
-      ivm_rc=$?
-      {{ echo; echo "{MARK_BEGIN} $ivm_nonce"; cat {r}{scratch}/ivm-check.out; echo
-         echo "{MARK_STDERR} $ivm_nonce"; cat {r}{scratch}/ivm-check.err; echo
+    o={r}{scratch}/ivm-check.out; e={r}{scratch}/ivm-check.err
+    wo={r}{scratch}/ivm-watch.out; we={r}{scratch}/ivm-watch.err
+    ivm_answer() {{
+      {{ echo; echo "{MARK_BEGIN} $ivm_nonce"; cat $o; echo
+         echo "{MARK_STDERR} $ivm_nonce"; cat $e; echo
          echo "{MARK_END} $ivm_nonce $ivm_rc"; }} >&3
+    }}
+    while read -r ivm_cmd ivm_nonce ivm_args <&3; do
+      case "$ivm_cmd" in
+      check)
+        env -i {env} chroot {r} {py} -m inspect_vmemmap check $ivm_args > $o 2> $e
+        ivm_rc=$?; ivm_answer ;;
+      watch)  # in the background; answered once its probes are attached (or it ended)
+        env -i {env} chroot {r} {py} -m inspect_vmemmap watch $ivm_args > $wo 2> $we &
+        ivm_watch=$!
+        while kill -0 $ivm_watch 2>/dev/null && ! grep -q '{WATCH_READY}' $we; do sleep 0.2; done
+        if kill -0 $ivm_watch 2>/dev/null; then echo "{MARK_WATCHING} $ivm_nonce" >&3
+        else wait $ivm_watch; ivm_rc=$?; cp $wo $o; cp $we $e; ivm_answer; fi ;;
+      settle)  # watch says on stderr when what changed so far was re-checked
+        ivm_n=$(grep -c 'settled' $we); kill -USR1 $ivm_watch 2>/dev/null
+        while kill -0 $ivm_watch 2>/dev/null && [ "$(grep -c 'settled' $we)" -le "$ivm_n" ]; do sleep 0.2; done
+        : > $o; : > $e; kill -0 $ivm_watch 2>/dev/null; ivm_rc=$?; ivm_answer ;;
+      unwatch)
+        kill -INT $ivm_watch 2>/dev/null; wait $ivm_watch; ivm_rc=$?
+        cp $wo $o; cp $we $e; ivm_answer ;;
+      hugepages)  # KB N: resize the pool of that page size; answered with the account
+        set -- $ivm_args
+        echo "$2" > /sys/kernel/mm/hugepages/hugepages-$1kB/nr_hugepages 2> $e
+        ivm_rc=$?; ivm_account_now > $o; ivm_answer ;;
+      offline)  # BLOCK...: offline these memory blocks; answered with the account
+        : > $e; ivm_rc=0
+        for b in $ivm_args; do echo offline > /sys/devices/system/memory/memory$b/state 2>> $e || ivm_rc=1; done
+        ivm_account_now > $o; ivm_answer ;;
+      esac
     done
   ) &
+}}
+ivm_account_now() {{
+echo {MARK_ACCOUNT_BEGIN}
+{ACCOUNT_SCRIPT.strip()}
+echo {MARK_ACCOUNT_END}
 }}
 ivm_ig
 """
@@ -152,6 +191,7 @@ class Channel:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.sock: socket.socket | None = None
+        self._rest = b""  # read past the end of the last answer
 
     def connect(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -179,36 +219,69 @@ class Channel:
         """
         if any(not re.fullmatch(r"--[a-z-]+", a) for a in args):
             raise LabError(f"in-guest: unsupported check arguments {args}")
+        return self.request("check", args, timeout, alive, "in-guest check")
+
+    def start_watch(self, args: list[str], timeout: float, alive=None) -> InGuestResult | None:
+        """Start ``watch ARGS`` in the guest; return None once its probes are attached, or
+        its result if it ended before that (it could not attach: the reason is on its stderr)."""
+        if any(not re.fullmatch(r"--[a-z-]+|[0-9]+(\.[0-9]+)?", a) for a in args):
+            raise LabError(f"in-guest: unsupported watch arguments {args}")
+        return self.request("watch", args, timeout, alive, "in-guest watch", watching=True)
+
+    def settle_watch(self, timeout: float, alive=None) -> bool:
+        """Wait until the guest's watch has re-checked every change made so far (SIGUSR1);
+        :return: False if the watch is no longer running."""
+        return self.request("settle", [], timeout, alive, "in-guest watch").status == 0
+
+    def stop_watch(self, timeout: float, alive=None) -> InGuestResult:
+        """End the guest's watch (SIGINT) and return what it printed."""
+        return self.request("unwatch", [], timeout, alive, "in-guest watch")
+
+    def step(self, cmd: str, args: list[str], timeout: float, alive=None) -> InGuestResult:
+        """``hugepages KB N`` or ``offline BLOCK...`` in the guest; its stdout is the
+        guest's account afterwards (:func:`inspect_vmemmap.lab.account.parse_account`)."""
+        if cmd not in ("hugepages", "offline") or any(not re.fullmatch(r"[0-9]+", a) for a in args):
+            raise LabError(f"in-guest: unsupported step {cmd} {args}")
+        return self.request(cmd, args, timeout, alive, f"in-guest {cmd}")
+
+    def request(self, cmd: str, args: list[str], timeout: float, alive, what: str,
+                watching: bool = False) -> InGuestResult | None:
         if self.sock is None:
             self.connect()
         nonce = secrets.token_hex(4)
         start = time.monotonic()
-        self.sock.sendall(f"check {nonce} {' '.join(args)}\n".encode())
+        self.sock.sendall(f"{cmd} {nonce} {' '.join(args)}\n".encode())
         end_re = re.compile(rf"^{MARK_END} {nonce} (\d+)$", re.M)
-        buf = b""
+        watching_re = re.compile(rf"^{MARK_WATCHING} {nonce}$", re.M)
+        buf = self._rest
+        self._rest = b""
         deadline = start + timeout
         while True:
             text = buf.decode(errors="replace").replace("\r", "")
             m = end_re.search(text)
             if m:
                 break
+            w = watching_re.search(text) if watching else None
+            if w:
+                self._rest = buf[buf.find(f"{MARK_WATCHING} {nonce}".encode()) + len(MARK_WATCHING) + len(nonce) + 1:]
+                return None
             if alive is not None:
                 alive()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise LabError(f"in-guest check did not answer within {timeout:.0f}s (raise --timeout)")
+                raise LabError(f"{what} did not answer within {timeout:.0f}s (raise --timeout)")
             self.sock.settimeout(min(remaining, 1.0))
             try:
                 chunk = self.sock.recv(1 << 16)
             except socket.timeout:
                 continue
             if not chunk:
-                raise LabError("the guest's request line closed before the in-guest check answered")
+                raise LabError(f"the guest's request line closed before the {what} answered")
             buf += chunk
         begin = text.rfind(f"{MARK_BEGIN} {nonce}\n", 0, m.start())
         mid = text.rfind(f"{MARK_STDERR} {nonce}\n", 0, m.start())
         if begin < 0 or mid < begin:
-            raise LabError("in-guest check: garbled answer on the request line")
+            raise LabError(f"{what}: garbled answer on the request line")
         out = text[begin + len(MARK_BEGIN) + len(nonce) + 2:mid]
         err = text[mid + len(MARK_STDERR) + len(nonce) + 2:m.start()]
         # the guest adds one newline after each part (the tool's output may lack its own)

@@ -61,7 +61,7 @@ def _elf_is_static(head: bytes) -> bool:
 
 # --- /init --------------------------------------------------------------------------------------
 
-_ACCOUNT_SCRIPT = r"""
+ACCOUNT_SCRIPT = r"""
 echo @@ uname-r
 uname -r
 echo @@ cmdline
@@ -197,7 +197,7 @@ def make_init(modules: Sequence[str], init_extra: str = "", watch_memory: bool =
         "echo 1 > /proc/sys/kernel/printk",
         "ivm_account() {",
         f"echo {MARK_ACCOUNT_BEGIN}",
-        _ACCOUNT_SCRIPT.strip("\n"),
+        ACCOUNT_SCRIPT.strip("\n"),
         f"echo {MARK_ACCOUNT_END}",
         "}",
     ]

@@ -509,3 +509,15 @@ def test_live_kernel_btf():
             size = btf.sizeof(tid)
             for m in btf.members(tid):
                 assert 0 <= m.bit_offset + m.bitfield_size <= size * 8 or not size
+
+
+def test_func_signature():
+    b = BtfBuilder()
+    ulong = b.int_("long unsigned int", 8)
+    int_ = b.int_("int", 4, signed=True)
+    b.func("sparse_add_section", b.func_proto(int_, [("nid", int_), ("start_pfn", ulong), ("nr_pages", ulong)]))
+    b.func("vmemmap_free", b.func_proto(0, [("start", ulong), ("end", ulong)]))
+    btf = Btf.parse(b.blob())
+    assert btf.func_signature("sparse_add_section") == (["nid", "start_pfn", "nr_pages"], True)
+    assert btf.func_signature("vmemmap_free") == (["start", "end"], False)
+    assert btf.func_signature("absent") is None

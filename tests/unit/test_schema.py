@@ -120,9 +120,13 @@ def test_boot_document_validates():
     assert schema.errors(doc, "boot")
 
 
-def test_watch_placeholder_is_marked():
-    """The places kept for watch's JSON lines and target.race_detection say so."""
+def test_watch_is_filled_in():
+    """The places kept for watch (its JSON lines, target.race_detection, a race's event,
+    boot --watch) are filled in, closed like the rest."""
+    text = schema.SCHEMA_FILE.read_text()
+    assert "PLACEHOLDER" not in text
     defs = schema.schema()["$defs"]
-    assert "PLACEHOLDER" in defs["watch_line"]["$comment"]
-    assert "PLACEHOLDER" in defs["target"]["properties"]["race_detection"]["$comment"]
-    assert "PLACEHOLDER" in defs["boot"]["properties"]["watch"]["$comment"]
+    for d in ("watch_probe", "watch_check", "watch_end", "boot_watch"):
+        assert defs[d]["additionalProperties"] is False, d
+    assert defs["finding"]["properties"]["event"]["additionalProperties"] is False
+    assert defs["target"]["properties"]["race_detection"]["enum"] == ["ebpf", "reread"]

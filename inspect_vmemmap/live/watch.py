@@ -1,0 +1,544 @@
+"""``inspect-vmemmap watch``: every change to a running kernel's vmemmap, re-checked.
+
+bpftrace (the Debian package ``bpftrace``) attaches fentry/fexit programs through the
+kernel's own BTF to the functions of :mod:`.probes`, so it needs no compiler and no kernel
+headers on the target. Each change is one event once it has returned, and once nothing
+watched is under way any more (a HugeTLB batch frees the old vmemmap pages after its last
+folio) the watcher reads the kernel again (``check``'s whole analysis, through
+:class:`inspect_vmemmap.commands.Analysis`) and gives each event the findings in the range
+it touched, with what it left there (the folio's optimisation state, its sections).
+
+Races: an error in an event's range that another change was making while it was read is
+not judged: the range is read again once that change has returned (up to three reads, then
+a ``race`` warning naming the change). An error in a range nothing was changing is read a
+second time; what both reads saw stands, what only the first saw is a ``race`` warning (the
+kernel changed it after the function returned, as hugetlb's enqueue after the remap).
+``--interval S`` adds a full check every S seconds, for what no probe sees.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from inspect_vmemmap.findings import Finding, summarize
+from inspect_vmemmap.live.events import Call, Tracker
+from inspect_vmemmap.live.probes import READY, Absent, Probe, program, probes_json, select as select_probes
+
+MASK64 = (1 << 64) - 1
+TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+#: errors in a range another change was making are read again, up to this many reads
+MAX_READS = 3
+
+
+class WatchError(Exception):
+    """Why watch cannot run or go on (one line; exit status 2)."""
+
+
+def environment_problem() -> Optional[str]:
+    if os.geteuid() != 0:
+        return "watch needs root (it loads eBPF programs and reads /proc/kcore)"
+    if shutil.which("bpftrace") is None:
+        return "watch needs bpftrace: apt-get install bpftrace"
+    return None
+
+
+# --- what this kernel has -----------------------------------------------------------------
+
+
+def traceable_functions() -> Optional[set]:
+    """Functions fentry can attach to: ftrace's available_filter_functions, else the text
+    symbols of /proc/kallsyms; None if neither can be read."""
+    for d in TRACEFS:
+        try:
+            with open(os.path.join(d, "available_filter_functions")) as f:
+                return {line.split(None, 1)[0] for line in f if line.strip()}
+        except OSError:
+            continue
+    try:
+        with open("/proc/kallsyms") as f:
+            return {p[2] for p in (line.split() for line in f) if len(p) >= 3 and p[1] in "tT"}
+    except OSError:
+        return None
+
+
+def kprobe_functions() -> set:
+    """Text symbols of /proc/kallsyms less the kprobe blacklist (debugfs), where a kprobe
+    can go when ftrace cannot patch the function."""
+    try:
+        with open("/proc/kallsyms") as f:
+            names = {p[2] for p in (line.split() for line in f) if len(p) >= 3 and p[1] in "tT"}
+    except OSError:
+        return set()
+    try:
+        with open("/sys/kernel/debug/kprobes/blacklist") as f:
+            names -= {p[1] for p in (line.split() for line in f) if len(p) >= 2}
+    except OSError:
+        pass
+    return names
+
+
+def kernel_btf(target):
+    """The running kernel's own BTF: the target's types when they came from it, else
+    /sys/kernel/btf/vmlinux (a --vmlinux run reads DWARF; bpftrace needs the BTF all the same)."""
+    from inspect_vmemmap.btf import Btf, BtfError
+
+    if isinstance(getattr(target, "types", None), Btf):
+        return target.types
+    try:
+        with open("/sys/kernel/btf/vmlinux", "rb") as f:
+            return Btf.parse(f.read())
+    except (OSError, BtfError):
+        return None
+
+
+def choose_probes(btf) -> Tuple[List[Probe], List[Absent]]:
+    if btf is None:
+        raise WatchError("watch needs the kernel's BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)")
+    names = traceable_functions()
+    kp = kprobe_functions()
+    return select_probes(btf.func_signature, (lambda fn: fn in names) if names is not None else (lambda fn: None),
+                         lambda fn: fn in kp)
+
+
+# --- bpftrace -----------------------------------------------------------------------------
+
+
+class Bpftrace:
+    """The bpftrace process: its stdout read here, its stderr kept by a thread."""
+
+    def __init__(self, text: str, binary: str = "bpftrace") -> None:
+        env = dict(os.environ, BPFTRACE_PERF_RB_PAGES="256")
+        self.proc = subprocess.Popen([binary, "-B", "line", "-e", text], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.buf = b""
+        self.err: List[str] = []
+        self._t = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._t.start()
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.err.append(line.decode(errors="replace").rstrip("\n"))
+
+    def reason(self) -> str:
+        self._t.join(timeout=2)
+        lines = [l.strip() for l in self.err if l.strip() and not l.startswith("Attaching")]
+        errs = [l for l in lines if "ERROR" in l or "rror" in l] or lines
+        return errs[0] if errs else f"bpftrace exited with status {self.proc.returncode}"
+
+    def _read(self, timeout: float) -> bool:
+        r, _, _ = select.select([self.fd], [], [], max(timeout, 0))
+        if not r:
+            return False
+        try:
+            chunk = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def lines(self, timeout: float, quiet: float = 0.02) -> List[str]:
+        """Whatever bpftrace printed within ``timeout``, read on until it is ``quiet`` seconds."""
+        got = self._read(timeout)
+        while got:
+            got = self._read(quiet)
+        *full, self.buf = self.buf.split(b"\n")
+        return [l.decode(errors="replace") for l in full]
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines(0.2):
+                if line.strip() == READY:
+                    return
+            if self.proc.poll() is not None:
+                raise WatchError(f"bpftrace: {self.reason()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise WatchError(f"bpftrace did not attach its probes within {timeout:.0f}s")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> List[str]:
+        """Stop bpftrace; :return: the lines it printed before it ended."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        out: List[str] = []
+        deadline = time.monotonic() + 10
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            out += self.lines(0.1)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        out += self.lines(0)
+        if self.buf:
+            out.append(self.buf.decode(errors="replace"))
+            self.buf = b""
+        return out
+
+
+_ATTACH_FAILED = re.compile(r"Error attaching probe: '(?:kprobe|kretprobe|kfunc|kretfunc):(?:vmlinux:)?([\w.]+)'")
+
+
+def attach(probes: List[Probe], absent: List[Absent], timeout: float,
+           binary: str = "bpftrace") -> Tuple[Bpftrace, List[Probe], List[Absent]]:
+    """Start bpftrace on ``probes``; a function the kernel refuses a probe on (6.1 takes no
+    kretprobe on its .meminit.text functions) is listed as absent with bpftrace's reason and
+    the rest attached again. :return: ``(bpftrace, the probes attached, the absent)``."""
+    absent = list(absent)
+    while True:
+        bt = Bpftrace(program(probes), binary)
+        try:
+            bt.wait_ready(timeout)
+            return bt, probes, absent
+        except WatchError as e:
+            m = _ATTACH_FAILED.search(str(e))
+            if m is None or not any(p.function == m.group(1) for p in probes):
+                raise
+            absent.append(Absent(m.group(1), f"the kernel refused the probe ({str(e).removeprefix('bpftrace: ')})"))
+            probes = [replace(p, id=i) for i, p in enumerate(q for q in probes if q.function != m.group(1))]
+            if not probes:
+                raise
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+def call_range(call: Call, lay) -> Optional[Tuple[int, int]]:
+    """The pfns a change is about (first, last), from its arguments."""
+    f = call.fields
+    if "page" in f:
+        pfn = lay.page_to_pfn(f["page"] & MASK64)
+        order = f.get("order")
+        return pfn, pfn + (1 << order) - 1 if order is not None and 0 <= order < 40 else pfn
+    if "res_start" in f and "res_end" in f:
+        return (f["res_start"] & MASK64) >> lay.page_shift, (f["res_end"] & MASK64) >> lay.page_shift
+    if "pfn" in f and "nr_pages" in f and f["nr_pages"] > 0:
+        return f["pfn"], f["pfn"] + f["nr_pages"] - 1
+    if "vstart" in f and "vend" in f and f["vend"] & MASK64 > f["vstart"] & MASK64:
+        return lay.page_to_pfn(f["vstart"] & MASK64), lay.page_to_pfn((f["vend"] & MASK64) - 1)
+    return None
+
+
+def touches(f: Finding, rng: Tuple[int, int], lay) -> bool:
+    p0, p1 = rng
+    if f.pfn_start is not None:
+        b = f.pfn_end if f.pfn_end is not None else f.pfn_start
+        return f.pfn_start <= p1 and b >= p0
+    if f.vaddr is not None:
+        end = f.vaddr_end if f.vaddr_end is not None else f.vaddr + 1
+        return f.vaddr < lay.pfn_to_page(p1 + 1) and end > lay.pfn_to_page(p0)
+    if f.section is not None:
+        return p0 >> lay.pfn_section_shift <= f.section <= p1 >> lay.pfn_section_shift
+    return False
+
+
+def _key(f: Finding) -> tuple:
+    return (f.kind, f.section, f.pfn_start, f.pfn_end, f.vaddr, f.vaddr_end, f.phys, f.message)
+
+
+@dataclass
+class Read:
+    """One read of the whole kernel, with what changed while it was read."""
+
+    analysis: object
+    findings: List[Finding]
+    inputs: object
+    start_ns: int
+    end_ns: int
+    seconds: float
+
+
+class Watcher:
+    def __init__(self, target, emit: Callable[[dict, str], None], interval: Optional[float] = None,
+                 duration: Optional[float] = None, count: Optional[int] = None, ready_timeout: float = 300.0,
+                 binary: str = "bpftrace") -> None:
+        self.t = target
+        self.lay = target.layout
+        self.emit = emit
+        self.interval = interval
+        self.duration = duration
+        self.count = count
+        self.ready_timeout = ready_timeout
+        self.binary = binary
+        self.stopping = False
+        self.settle_asked = self.settled = 0  # SIGUSR1 requests, and how many were answered
+        self.seq = 0
+        self.errors_seen = 0
+        self.by_kind: Dict[str, int] = {}
+        self.start_ns = 0
+
+    # -- reading the kernel -------------------------------------------------------------
+
+    def read(self) -> Read:
+        from inspect_vmemmap.commands import Analysis
+
+        t0, w0 = time.monotonic_ns(), time.monotonic()
+        a = Analysis(self.t)  # a fresh Reading of the running kernel
+        _doc, findings, _res, inputs, _notes = a.check()
+        return Read(a, findings, inputs, t0, time.monotonic_ns(), time.monotonic() - w0)
+
+    def raced(self, r: Read, exclude: Sequence[Call] = ()) -> Tuple[List[Tuple[Call, Tuple[int, int]]], List[Call]]:
+        """Changes under way while ``r`` read: (with a range, without one)."""
+        ids = {id(c) for c in exclude}
+        ranged, bare = [], []
+        for c in self.tracker.started_between(r.start_ns, r.end_ns):
+            if id(c) in ids:
+                continue
+            rng = call_range(c, self.lay)
+            (ranged.append((c, rng)) if rng is not None else bare.append(c))
+        return ranged, bare
+
+    def pump(self, timeout: float = 0.0) -> None:
+        self.pending.extend(self.tracker.feed(self.bt.lines(timeout)))
+
+    # -- output -------------------------------------------------------------------------
+
+    def t_of(self, ns: int) -> float:
+        return round((ns - self.start_ns) / 1e9, 6)
+
+    def task(self, c: Call) -> str:
+        return f"{c.comm}/{c.pid}"
+
+    def event_json(self, c: Call, nodes) -> dict:
+        lay = self.lay
+        rng = call_range(c, lay)
+        ev: dict = {"seq": self.seq, "t": self.t_of(c.end_ns), "kind": c.probe.kind, "function": c.probe.function}
+        if rng is not None:
+            ev["pfn_start"], ev["pfn_end"] = rng
+            ev["sections"] = [rng[0] >> lay.pfn_section_shift, rng[1] >> lay.pfn_section_shift]
+        nid = c.fields.get("nid")
+        if nid is None and rng is not None:
+            nid = nodes.nid(rng[0])
+        ev["nid"] = nid
+        if "order" in c.fields:
+            ev["order"] = c.fields["order"]
+        ev["task"] = self.task(c)
+        ev["duration_us"] = round((c.end_ns - c.start_ns) / 1e3, 1)
+        if c.probe.returns:
+            ev["result"] = c.result
+        if c.parts:
+            parts: Dict[str, int] = {}
+            for p in c.parts:
+                parts[p.probe.function] = parts.get(p.probe.function, 0) + 1
+            ev["parts"] = parts
+        return ev
+
+    def after(self, c: Call, r: Read) -> dict:
+        """What the change left in its range, as the read saw it."""
+        lay = self.lay
+        rng = call_range(c, lay)
+        if rng is None:
+            return {}
+        out: dict = {}
+        if c.probe.kind.startswith("hvo-"):
+            folio = next((f for f in r.inputs.folios if f.head_pfn == rng[0]), None)
+            out["in_pool"] = folio is not None
+            if folio is not None:
+                out["optimized"] = folio.optimized
+        secs = [r.analysis.sections.get(n) for n in range(rng[0] >> lay.pfn_section_shift,
+                                                         (rng[1] >> lay.pfn_section_shift) + 1)]
+        out["sections_present"] = sum(1 for s in secs if s is not None and s.present)
+        out["sections_online"] = sum(1 for s in secs if s is not None and "O" in s.letters())
+        return out
+
+    def verdict(self, c: Optional[Call], ev: dict, findings: List[Finding], check: dict) -> None:
+        s = summarize(findings)
+        self.errors_seen += s["errors"]
+        check.update(errors=s["errors"], warnings=s["warnings"], findings=[f.to_json() for f in findings])
+        self.emit({"event": ev, "check": check}, "event")
+        if c is not None:
+            self.by_kind[ev["kind"]] = self.by_kind.get(ev["kind"], 0) + 1
+
+    # -- re-checking events --------------------------------------------------------------
+
+    def recheck(self) -> None:
+        """Read the kernel for the pending events (nothing watched is under way)."""
+        todo: List[Tuple[Call, int]] = [(c, 0) for c in self.pending]
+        self.pending = []
+        while todo:
+            r = self.read()
+            self.pump()
+            mine = [c for c, _ in todo]
+            ranged, bare = self.raced(r, mine)
+            later: List[Tuple[Call, int]] = []
+            confirm: List[Tuple[Call, List[Finding]]] = []
+            for c, tries in todo:
+                rng = call_range(c, self.lay)
+                found = [f for f in r.findings if rng is not None and touches(f, rng, self.lay)]
+                errs = [f for f in found if f.severity == "error"]
+                racing = [o for o, orng in ranged if rng is not None and orng[0] <= rng[1] and orng[1] >= rng[0]]
+                if c.probe.kind.startswith("hvo-"):
+                    racing += [o for o in bare if o.probe.kind.startswith("hvo-")]
+                if errs and racing and tries + 1 < MAX_READS:
+                    later.append((c, tries + 1))
+                    continue
+                if errs and racing:
+                    o = racing[0]
+                    found = [self.race(f, f"{o.probe.function} by {self.task(o)} was changing it while it was read")
+                             if f.severity == "error" else f for f in found]
+                    self.report(c, r, found, tries + 1)
+                elif errs:
+                    confirm.append((c, found))
+                else:
+                    self.report(c, r, found, tries + 1)
+            if confirm:
+                r2 = self.read()
+                self.pump()
+                for c, found in confirm:
+                    rng = call_range(c, self.lay)
+                    again = {_key(f) for f in r2.findings if f.severity == "error" and touches(f, rng, self.lay)}
+                    found = [f if f.severity != "error" or _key(f) in again else
+                             self.race(f, "the second read did not find it: the kernel was still changing the range "
+                                          "after the function returned") for f in found]
+                    self.report(c, r2, found, 2)
+            todo = later
+            if later:
+                self.wait_quiet()
+
+    def wait_quiet(self, limit: float = 5.0) -> None:
+        deadline = time.monotonic() + limit
+        while self.tracker.in_flight() and time.monotonic() < deadline:
+            self.pump(0.05)
+
+    def race(self, f: Finding, why: str) -> Finding:
+        where = {k: getattr(f, k) for k in ("section", "pfn_start", "pfn_end", "vaddr", "vaddr_end", "phys")}
+        return Finding("race", "warning", f"{why}: {f.kind}: {f.message}", was=f.kind, **where)
+
+    def report(self, c: Call, r: Read, found: List[Finding], reads: int) -> None:
+        ev = self.event_json(c, r.analysis.nodes)
+        self.seq += 1
+        self.verdict(c, ev, found, {"reads": reads, "seconds": round(r.seconds, 3), "after": self.after(c, r)})
+
+    def periodic(self, reason: str) -> None:
+        for attempt in range(MAX_READS):
+            r = self.read()
+            self.pump()
+            ranged, bare = self.raced(r)
+            errs = [f for f in r.findings if f.severity == "error"]
+            if not (errs and (ranged or bare)) or attempt + 1 == MAX_READS:
+                break
+            self.wait_quiet()
+        found = []
+        for f in r.findings:
+            o = next((o for o, rng in ranged if touches(f, rng, self.lay)), None)
+            if f.severity == "error" and o is None and bare:
+                o = bare[0]
+            found.append(self.race(f, f"{o.probe.function} by {self.task(o)} was changing it while it was read")
+                         if f.severity == "error" and o is not None else f)
+        ev = {"seq": self.seq, "t": self.t_of(r.end_ns), "kind": "periodic", "reason": reason}
+        self.seq += 1
+        self.verdict(None, ev, found, {"reads": attempt + 1, "seconds": round(r.seconds, 3)})
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        probes, absent = choose_probes(kernel_btf(self.t))
+        if not probes:
+            raise WatchError("this kernel has none of the functions watch probes (see watch.probes)")
+        old = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._settle)
+        self.bt = None
+        try:
+            self.bt, probes, absent = attach(probes, absent, self.ready_timeout, self.binary)
+            self.tracker = Tracker(probes)
+            self.pending: List[Call] = []
+            self.emit({"watch": {"probes": probes_json(probes, absent)}}, "start")
+            self.start_ns = time.monotonic_ns()
+            # (the lab's in-guest runner waits for these words: inspect_vmemmap.lab.inguest.WATCH_READY)
+            print(f"inspect-vmemmap: watching, {len(probes)} probes attached; Ctrl-C ends", file=sys.stderr, flush=True)
+            self.periodic("start")
+            started = time.monotonic()
+            next_periodic = started + self.interval if self.interval else None
+            while not self.stopping:
+                now = time.monotonic()
+                if self.duration is not None and now - started >= self.duration:
+                    break
+                if self.count is not None and self.by_kind_total() >= self.count:
+                    break
+                wait = 0.5
+                if next_periodic is not None:
+                    wait = min(wait, max(next_periodic - now, 0))
+                self.pump(wait)
+                if not self.bt.alive():
+                    self.pump()
+                    raise WatchError(f"bpftrace ended: {self.bt.reason()}")
+                if self.pending and not self.tracker.in_flight():
+                    self.recheck()
+                if self.settle_asked > self.settled:
+                    self.settle()
+                if next_periodic is not None and time.monotonic() >= next_periodic and not self.tracker.in_flight():
+                    self.periodic("interval")
+                    next_periodic = time.monotonic() + self.interval
+            self.pending.extend(self.tracker.feed(self.bt.stop()))
+            if self.pending:
+                self.recheck()
+        finally:
+            if self.bt is not None and self.bt.alive():
+                self.bt.stop()
+            for s, h in old.items():
+                signal.signal(s, h)
+        self.emit({"end": {"events": sum(self.by_kind.values()), "by_kind": dict(sorted(self.by_kind.items())),
+                           "lost": self.tracker.lost, "unpaired": self.tracker.unpaired,
+                           "seconds": round((time.monotonic_ns() - self.start_ns) / 1e9, 3),
+                           "errors": self.errors_seen}}, "end")
+        return 1 if self.errors_seen else 0
+
+    def settle(self) -> None:
+        """SIGUSR1 asked: once whatever changed until now has returned and been re-checked,
+        say so on stderr (the lab waits for it between its steps: "settled N")."""
+        asked = self.settle_asked
+        self.pump(0.3)
+        self.wait_quiet(30.0)
+        if self.pending:
+            self.recheck()
+        self.settled = asked
+        print(f"inspect-vmemmap: settled {asked}", file=sys.stderr, flush=True)
+
+    def _settle(self, signum, frame) -> None:
+        self.settle_asked += 1
+
+    def by_kind_total(self) -> int:
+        return sum(self.by_kind.values())
+
+    def _stop(self, signum, frame) -> None:
+        self.stopping = True
+
+
+def command(tgt: dict, as_json: bool, interval: Optional[float], duration: Optional[float], count: Optional[int],
+            open_target: Callable[[dict], object], console_factory: Callable[[], object],
+            fail: Callable[[str], None]) -> int:
+    """The ``watch`` command (cli.py): checks what it needs, opens the running kernel, watches."""
+    from inspect_vmemmap.live.output import json_emitter, text_emitter
+    from inspect_vmemmap.report import SCHEMA
+
+    if tgt.get("core") or tgt.get("qemu"):
+        fail("watch needs the running kernel (eBPF): --core and --qemu reach none")
+    problem = environment_problem()
+    if problem:
+        fail(problem)
+    t = open_target(tgt)
+    if as_json:
+        emit = json_emitter(t.to_json(), SCHEMA)
+    else:
+        emit = text_emitter(console_factory(), t.to_json(), t.layout)
+    try:
+        return Watcher(t, emit, interval=interval, duration=duration, count=count).run()
+    except WatchError as e:
+        fail(str(e))
+    return 2
