@@ -1,10 +1,8 @@
 """Independent truth about a fixture dump, read with nothing from inspect_vmemmap: its own
-ELF reader, the VMCOREINFO note's text, a naive page-table walk (x86_64 4/5-level; arm64 from
-the Arm ARM's VMSAv8-64 descriptors: bit 0 valid, bit 1 table/page, AP[2] bit 7 read-only,
-the output address in bits [47:page shift], with LPA2 [49:page shift] and PA[51:50] in bits
-[9:8]) and the mem_section encoding with the kernel's own bit numbers
-(include/linux/mmzone.h, enum SECTION_*_BIT; SECTION_IS_VMEMMAP_PREINIT_BIT 5 where 7.2
-configures it).
+ELF reader, the VMCOREINFO note's text, the naive page-table walks of tests/naivewalk.py
+(x86_64 4/5-level, arm64 from the Arm ARM's VMSAv8-64 descriptors) and the mem_section
+encoding with the kernel's own bit numbers (include/linux/mmzone.h, enum SECTION_*_BIT;
+SECTION_IS_VMEMMAP_PREINIT_BIT 5 where 7.2 configures it).
 
 ``scripts/fixture-truth`` writes it beside the tool's JSON as fixtures/NAME.truth.json;
 tests/unit/test_fixtures.py compares the tool with it.
@@ -16,8 +14,10 @@ import struct
 from collections import Counter
 from typing import Dict, List, Tuple
 
+from tests import naivewalk as nw
+
 START_KERNEL_MAP = 0xFFFFFFFF80000000
-ADDR = 0x000FFFFFFFFFF000
+ADDR = nw.X86_ADDR
 FLAG_BITS = ["present", "has_mem_map", "online", "early", "zone_device", "vmemmap_preinit"]
 
 
@@ -66,46 +66,14 @@ class Dump:
 
     # -- arm64 paging (TTBR1) -----------------------------------------------------------
 
-    def _a64(self):
-        """(page shift, VA bits in use, LPA2, VA shift of each level from the top)."""
-        ps = int(self.info["PAGESIZE"]).bit_length() - 1
-        va_bits = 64 - int(self.info["NUMBER(TCR_EL1_T1SZ)"], 0)
-        lpa2 = ps != 16 and int(self.info["NUMBER(MAX_PHYSMEM_BITS)"]) == 52
-        per = ps - 3
-        n = -(-(va_bits - ps) // per)
-        return ps, va_bits, lpa2, [ps + per * k for k in reversed(range(n))]
-
-    def _a64_oa(self, e: int) -> int:
-        ps, _, lpa2, _ = self._a64()
-        a = e & ((1 << (50 if lpa2 else 48)) - 1) & ~((1 << ps) - 1)
-        return a | (((e >> 8) & 3) << 50 if lpa2 else 0)
+    def _a64(self) -> nw.Arm64Geometry:
+        return nw.arm64_geometry(int(self.info["PAGESIZE"]).bit_length() - 1,
+                                 int(self.info["NUMBER(TCR_EL1_T1SZ)"], 0),
+                                 int(self.info["NUMBER(MAX_PHYSMEM_BITS)"]))
 
     def _a64_leaves(self, start: int, end: int):
-        ps, va_bits, _, shifts = self._a64()
         root = (int(self.info["SYMBOL(swapper_pg_dir)"], 16) - int(self.info["NUMBER(kimage_voffset)"], 0)) % (1 << 64)
-        out = []
-
-        def visit(table: int, depth: int, base: int) -> None:
-            shift = shifts[depth]
-            size = 1 << shift
-            n = (1 << (va_bits - shift)) if depth == 0 else (1 << (ps - 3))
-            lo = max(0, (start - base) // size) if start > base else 0
-            for i in range(lo, n):
-                va = base + i * size
-                if va >= end:
-                    break
-                if va + size <= start:
-                    continue
-                e = self.u64(table + 8 * i)
-                if not e & 1:
-                    continue
-                if depth == len(shifts) - 1 or not e & 2:
-                    out.append((va, size, self._a64_oa(e) & ~(size - 1), not e & (1 << 7)))
-                else:
-                    visit(self._a64_oa(e), depth + 1, va)
-
-        visit(root, 0, (1 << 64) - (1 << va_bits))
-        return out
+        return nw.arm64_leaves(self.u64, root, self._a64(), start, end)
 
     # -- x86_64 paging ------------------------------------------------------------------
 
@@ -115,7 +83,7 @@ class Dump:
 
     @property
     def shifts(self) -> List[int]:
-        return [48, 39, 30, 21, 12][5 - self.levels:]
+        return nw.x86_shifts(self.levels)
 
     @property
     def root(self) -> int:
@@ -140,32 +108,7 @@ class Dump:
     def leaves(self, start: int, end: int) -> List[Tuple[int, int, int, bool]]:
         if self.arm64:
             return self._a64_leaves(start, end)
-        n = self.levels
-        shifts = self.shifts
-        bits = 57 if n == 5 else 48
-        out = []
-
-        def canon(va: int) -> int:
-            va &= (1 << bits) - 1
-            return va | (((1 << 64) - 1) ^ ((1 << bits) - 1)) if va >> (bits - 1) else va
-
-        def visit(table: int, depth: int, base: int) -> None:
-            shift = shifts[depth]
-            for i in range(512):
-                va = canon(base + (i << shift)) if depth == 0 else base + (i << shift)
-                if va + (1 << shift) <= start or va >= end:
-                    continue
-                e = self.u64(table + 8 * i)
-                if not e & 1:
-                    continue
-                if depth == len(shifts) - 1 or (e & 0x80 and depth >= len(shifts) - 3):
-                    size = 1 << shift
-                    out.append((va, size, e & ADDR & ~(size - 1), bool(e & 2)))
-                else:
-                    visit(e & ADDR, depth + 1, va)
-
-        visit(self.root, 0, 0)
-        return out
+        return nw.x86_leaves(self.u64, self.root, self.levels, start, end)
 
     # -- sparsemem ----------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Ground truth that does not come from inspect_vmemmap's code.
 
-Deliberately naive x86_64 and arm64 page-table walks (one drgn read per entry, recursion,
-no shared code with inspect_vmemmap.pgtable), and drgn's own sparsemem helpers.
+Deliberately naive x86_64 and arm64 page-table walks (tests/naivewalk.py on one drgn read
+per entry: recursion, no shared code with inspect_vmemmap.pgtable), and drgn's own
+sparsemem helpers.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import drgn
 from drgn.helpers.linux.mm import follow_phys
 from drgn.helpers.linux.mmzone import decode_section_flags, for_each_present_section, section_mem_map_addr
 
+from tests import naivewalk as nw
+
 START_KERNEL_MAP = 0xFFFFFFFF80000000
-ADDR = 0x000FFFFFFFFFF000
+ADDR = nw.X86_ADDR
 
 
 def open_dump(core: str, vmlinux: str) -> drgn.Program:
@@ -66,101 +69,34 @@ def levels(prog: drgn.Program) -> int:
 
 
 def naive_walk(prog: drgn.Program, start: int, end: int) -> List[Tuple[int, int, int, bool]]:
-    """Every leaf (vaddr, size, phys, writable) in [start, end)."""
+    """Every leaf (vaddr, size, phys, writable) in [start, end), by tests/naivewalk.py on
+    drgn's physical reads."""
+    def u64(phys: int) -> int:
+        return prog.read_u64(phys, True)
+
     if is_arm64(prog):
-        return arm64_naive_walk(prog, start, end)
-    n = levels(prog)
-    shifts = [48, 39, 30, 21, 12][5 - n:]
-    root = follow(prog, prog.symbol("init_top_pgt").address)
-    leaves = []
-
-    def canon(va: int) -> int:
-        bits = 57 if n == 5 else 48
-        va &= (1 << bits) - 1
-        return va | (((1 << 64) - 1) ^ ((1 << bits) - 1)) if va >> (bits - 1) else va
-
-    def visit(table: int, depth: int, base: int) -> None:
-        shift = shifts[depth]
-        for i in range(512):
-            va = canon(base + (i << shift)) if depth == 0 else base + (i << shift)
-            if va + (1 << shift) <= start or va >= end:
-                continue
-            e = prog.read_u64(table + 8 * i, True)
-            if not e & 1:
-                continue
-            if depth == len(shifts) - 1 or (e & 0x80 and depth >= len(shifts) - 3):
-                size = 1 << shift
-                mask = ADDR & ~(size - 1)
-                leaves.append((va, size, e & mask, bool(e & 2)))
-            else:
-                visit(e & ADDR, depth + 1, va)
-
-    visit(root, 0, 0)
-    return leaves
+        return nw.arm64_leaves(u64, arm64_root(prog), arm64_geometry(prog), start, end)
+    return nw.x86_leaves(u64, follow(prog, prog.symbol("init_top_pgt").address), levels(prog), start, end)
 
 
-# -- arm64 ----------------------------------------------------------------------------
-# Written from the Arm ARM (VMSAv8-64 stage 1 descriptors), not from inspect_vmemmap:
-# bit 0 valid; bit 1 table (or page at the last level), clear = block; bit 7 AP[2]
-# read-only; output address bits [47:page shift], or with FEAT_LPA2 (TCR_EL1.DS) bits
-# [49:page shift] plus PA[51:50] in bits [9:8].
-
-
-def arm64_geometry(prog: drgn.Program) -> Tuple[int, int, bool, List[int]]:
+def arm64_geometry(prog: drgn.Program) -> nw.Arm64Geometry:
     """(page shift, VA bits in use, LPA2, the VA shift of each level from the top)."""
-    ps = page_shift(prog)
-    va_bits = 64 - vmcoreinfo_number(prog, "NUMBER(TCR_EL1_T1SZ)")
-    # the kernel says 52-bit physical addresses exactly when it runs with LPA2 (4K/16K)
-    lpa2 = ps != 16 and vmcoreinfo_number(prog, "NUMBER(MAX_PHYSMEM_BITS)") == 52
-    per_level = ps - 3
-    n = -(-(va_bits - ps) // per_level)
-    return ps, va_bits, lpa2, [ps + per_level * k for k in reversed(range(n))]
+    return nw.arm64_geometry(page_shift(prog), vmcoreinfo_number(prog, "NUMBER(TCR_EL1_T1SZ)"),
+                             vmcoreinfo_number(prog, "NUMBER(MAX_PHYSMEM_BITS)"))
 
 
 def arm64_oa(prog: drgn.Program, e: int) -> int:
     """The output address of an arm64 descriptor."""
-    ps, _, lpa2, _ = arm64_geometry(prog)
-    top = 50 if lpa2 else 48
-    a = e & ((1 << top) - 1) & ~((1 << ps) - 1)
-    if lpa2:
-        a |= ((e >> 8) & 3) << 50
-    return a
+    return nw.arm64_oa(arm64_geometry(prog), e)
 
 
 def arm64_root(prog: drgn.Program) -> int:
     return follow(prog, prog.symbol("swapper_pg_dir").address)
 
 
-def arm64_naive_walk(prog: drgn.Program, start: int, end: int) -> List[Tuple[int, int, int, bool]]:
-    ps, va_bits, lpa2, shifts = arm64_geometry(prog)
-    leaves = []
-
-    def visit(table: int, depth: int, base: int) -> None:
-        shift = shifts[depth]
-        size = 1 << shift
-        n = (1 << (va_bits - shift)) if depth == 0 else (1 << (ps - 3))
-        for i in range(n):
-            va = base + i * size
-            if va + size <= start or va >= end:
-                continue
-            e = prog.read_u64(table + 8 * i, True)
-            if not e & 1:
-                continue
-            if depth == len(shifts) - 1 or not e & 2:
-                leaves.append((va, size, arm64_oa(prog, e) & ~(size - 1), not e & (1 << 7)))
-            else:
-                visit(arm64_oa(prog, e), depth + 1, va)
-
-    visit(arm64_root(prog), 0, (1 << 64) - (1 << va_bits))
-    return leaves
-
-
 def addr_mask(prog: drgn.Program) -> int:
     """The bits of a leaf entry that hold its output address (to replace it)."""
-    if not is_arm64(prog):
-        return ADDR
-    ps, _, lpa2, _ = arm64_geometry(prog)
-    return (((1 << (50 if lpa2 else 48)) - 1) & ~((1 << ps) - 1)) | (0x300 if lpa2 else 0)
+    return nw.arm64_addr_mask(arm64_geometry(prog)) if is_arm64(prog) else ADDR
 
 
 def with_addr(prog: drgn.Program, e: int, phys: int) -> int:
