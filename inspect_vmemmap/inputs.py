@@ -31,6 +31,16 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _stat(path: str, where: str, missing: str) -> os.stat_result:
+    """``os.stat(path)``, or an AnalysisError ``"{where}: {missing}"`` / the OS's reason."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise AnalysisError(f"{where}: {missing}") from None
+    except OSError as e:
+        raise AnalysisError(f"{where}: {e.strerror}") from None
+
+
 def require_regular_file(path: str, what: str, block_ok: bool = False) -> None:
     """Refuse ``path`` (given as ``what``, e.g. ``--core``) unless it is a readable
     regular file (or, with ``block_ok``, a block device holding a dump). /proc/kcore is
@@ -38,12 +48,7 @@ def require_regular_file(path: str, what: str, block_ok: bool = False) -> None:
 
     :raises AnalysisError: one line naming the option, the path and what it is.
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise AnalysisError(f"{what} {path}: no such file") from None
-    except OSError as e:
-        raise AnalysisError(f"{what} {path}: {e.strerror}") from None
+    st = _stat(path, f"{what} {path}", "no such file")
     if stat.S_ISREG(st.st_mode) or (block_ok and stat.S_ISBLK(st.st_mode)):
         if not os.access(path, os.R_OK):
             raise AnalysisError(f"{what} {path}: not readable (permission denied)")
@@ -99,12 +104,7 @@ def probe_qmp(path: str, timeout: Optional[float] = None) -> None:
     if timeout is None:
         timeout = qmp_timeout()
     what = f"--qemu {path}"
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise AnalysisError(f"{what}: no such QMP socket") from None
-    except OSError as e:
-        raise AnalysisError(f"{what}: {e.strerror}") from None
+    st = _stat(path, what, "no such QMP socket")
     if not stat.S_ISSOCK(st.st_mode):
         raise AnalysisError(f"{what}: is {_kind(st.st_mode)}, not a QMP socket")
     deadline = time.monotonic() + timeout
