@@ -19,15 +19,18 @@ def paging_format(layout: KernelLayout) -> PagingFormat:
     return for_layout(layout).paging(layout)
 
 
-def load_sections(mem: Memory, layout: KernelLayout, nodes: NodeMap) -> SectionTable:
+def load_sections(mem: Memory, layout: KernelLayout, nodes: NodeMap,
+                  only: Optional[Tuple[int, int]] = None) -> SectionTable:
     """Read mem_section, give each section the node whose span holds its start, and check
     every valid section's coded mem_map against the vmemmap base.
 
     mm/sparse.c ``sparse_encode_mem_map``: section_mem_map holds ``mem_map - start_pfn``
     (in struct pages), which with SPARSEMEM_VMEMMAP is ``vmemmap`` for every section
     (``__populate_section_memmap`` returns ``pfn_to_page(pfn)``).
+
+    :param only: ``(first, last)``: read those sections alone (a ranged re-check).
     """
-    table = read_sections(mem, layout)
+    table = read_sections(mem, layout, only=only)
     for s in table:
         s.nid = nodes.nid_of_range(s.start_pfn(layout), s.start_pfn(layout) + layout.pages_per_section)
         if s.valid and s.coded_mem_map != layout.vmemmap_base:

@@ -125,8 +125,10 @@ class SectionTable:
         return c
 
 
-def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) -> SectionTable:
-    """Read every non-empty ``struct mem_section``.
+def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True,
+                  only: Optional[Tuple[int, int]] = None) -> SectionTable:
+    """Read every non-empty ``struct mem_section`` (``only=(first, last)``: those sections
+    alone, reading just their root pointers and entries: a ranged re-check).
 
     SPARSEMEM_EXTREME: ``mem_section`` points to NR_SECTION_ROOTS root pointers, each to
     one page of SECTIONS_PER_ROOT sections, NULL for roots with no sections
@@ -157,23 +159,29 @@ def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) ->
         if not base:
             table.findings.append(Finding("section-flags", None, "mem_section is NULL: sparse_init never ran or the pointer was overwritten"))
             return table
-        for i, p in _read_roots(table, mem, base, nroots, spr):
+        r0, r1 = (0, nroots) if only is None else (min(only[0] // spr, nroots), min(only[1] // spr + 1, nroots))
+        for i, p in _read_roots(table, mem, base, r1, spr, r0):
             if p:
                 roots.append((i, p))
     else:
         roots = [(i, layout.mem_section_addr + i * spr * size) for i in range(nroots)]
+        if only is not None:
+            roots = roots[only[0] // spr:only[1] // spr + 1]
 
     fmt = struct.Struct("<QQ")
     for ri, addr in roots:
+        # with ``only``: the entries of the root that lie in it
+        j0 = 0 if only is None else max(only[0] - ri * spr, 0)
+        j1 = spr if only is None else min(only[1] - ri * spr + 1, spr)
         try:
-            raw = mem.read(addr, spr * size)
+            raw = bytes(j0 * size) + mem.read(addr + j0 * size, (j1 - j0) * size)
         except FaultError:
             table.findings.append(Finding(
                 "unreadable", None,
                 f"mem_section root {ri} at {addr:#x} could not be read: sections {ri * spr}-{ri * spr + spr - 1} unknown",
                 vaddr=addr, section=ri * spr))
             continue
-        for j in range(spr):
+        for j in range(j0, j1):
             smm, usage = fmt.unpack_from(raw, j * size + 0)
             if layout.usage_offset != 8:
                 (usage,) = struct.unpack_from("<Q", raw, j * size + layout.usage_offset)
@@ -197,21 +205,24 @@ def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True) ->
     return table
 
 
-def _read_roots(table: SectionTable, mem: Memory, base: int, nroots: int, spr: int) -> List[Tuple[int, int]]:
+def _read_roots(table: SectionTable, mem: Memory, base: int, nroots: int, spr: int,
+                first: int = 0) -> List[Tuple[int, int]]:
     """The SPARSEMEM_EXTREME root pointers: in one read, or page by page when that fails
     (a truncated or filtered dump), so that the readable roots are still used; each run
     of unreadable pages becomes one ``unreadable`` finding naming its roots and sections.
 
+    :param first: the first root to read (roots ``first`` to ``nroots - 1``).
     :return: ``[(root index, pointer)]`` of the roots that could be read.
     """
     try:
-        return list(enumerate(struct.unpack(f"<{nroots}Q", mem.read(base, nroots * 8))))
+        return list(enumerate(struct.unpack(f"<{nroots - first}Q", mem.read(base + first * 8, (nroots - first) * 8)),
+                              first))
     except FaultError:
         pass
     out: List[Tuple[int, int]] = []
     chunk = 512  # roots per 4 KiB, read at 4 KiB boundaries
     bad: List[List[int]] = []  # [first root, end root) runs that could not be read
-    i = 0
+    i = first
     while i < nroots:
         n = min(nroots - i, chunk - (((base + i * 8) & 4095) >> 3)) or chunk
         try:

@@ -38,12 +38,15 @@ class CheckResult:
         self.device_dedup = {"compound_pages": 0, "remapped_ptes": 0, "saved_bytes": 0}
         #: vmemmap backed by an altmap where the model says: memmap_on_memory blocks, devices
         self.self_hosted = {"memory_blocks": 0, "device_maps": 0, "bytes": 0}
+        #: 7.1+ HVO: the page each (node, zone, order)'s tails map (check.hvo._shared_tails)
+        self.shared_tails: dict = {}
 
 
 def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[MappedLeaf],
               backing_free: Optional[Callable[[int], bool]] = None, mem=None, deep: bool = False,
               unknown: Sequence[Interval] = (), hvo_unknown: Optional[Assumption] = None,
-              progress: Optional[Callable[[int], None]] = None) -> CheckResult:
+              progress: Optional[Callable[[int], None]] = None, prediction: Optional[Prediction] = None,
+              known_tails: Optional[dict] = None) -> CheckResult:
     """Compare sections and leaves with the model's prediction for ``inputs``.
 
     :param leaves: every vmemmap leaf, in address order.
@@ -57,16 +60,22 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[MappedLea
         not reported as unmapped, since nobody knows.
     :param hvo_unknown: why the HugeTLB pools could not be read (a filtered dump left them out): read-only
         leaves no folio explains are then ``unreadable``, not ``hvo-inconsistent``.
+    :param prediction: the model's prediction to compare with (default ``predict(inputs)``;
+        a ranged re-check gives the part of it over its sections: live.recheck).
+    :param known_tails: 7.1+ HVO: the shared tail page of each (node, zone, order) as an
+        earlier check found it, where this one sees too few folios to tell by majority.
     :return: a :class:`CheckResult` with findings merged per range.
     """
     res = CheckResult()
-    res.prediction = predict(inputs)
+    res.prediction = predict(inputs) if prediction is None else prediction
     obs = Observed(inputs, res.prediction, sections, leaves, unknown)
+    obs.known_tails = known_tails or {}
     explained = Explained()
     out = res.findings
     out.extend(check_section_flags(obs))
     out.extend(check_placement(obs))
     found, res.hvo = check_hvo(obs, explained, hvo_unknown)
+    res.shared_tails = obs.shared_tails
     out.extend(found)
     found, res.device_dedup, res.self_hosted = check_device(obs, explained)
     out.extend(found)

@@ -25,7 +25,11 @@ def check_hvo(obs: Observed, explained: Explained,
     counts = {"optimized_folios": 0, "remapped_ptes": 0, "freed_bytes": 0}
     out: List[Finding] = []
     explained_ro: Set[int] = set()  # vaddrs of read-only leaves the model explains
-    shared_tail = _shared_tails(obs.pred, obs.by_va, page)
+    # a zone's shared tail page, once set, stays (7.2 mm/hugetlb_vmemmap.c
+    # vmemmap_get_tail(): cmpxchg from NULL into zone->vmemmap_tails[]): one an earlier
+    # check found stands for the majority a ranged re-check sees too few folios for
+    shared_tail = {**_shared_tails(obs.pred, obs.by_va, page), **obs.known_tails}
+    obs.shared_tails = shared_tail
     for h in obs.pred.hvo:
         finding = _check_folio(obs, h, shared_tail, explained_ro, explained)
         if finding is not None:

@@ -33,6 +33,9 @@ class Observed:
         #: the base-page leaves by virtual address
         self.by_va: Dict[int, MappedLeaf] = {l.vaddr: l for l in leaves if l.size == self.layout.page_size}
         self._starts: List[int] = []
+        #: 7.1+ HVO shared tail pages known beforehand, and those check_hvo used
+        self.known_tails: Dict[tuple, int] = {}
+        self.shared_tails: Dict[tuple, int] = {}
 
     def span(self, a: int, b: int) -> Tuple[int, int, int]:
         """:return: (section, first pfn, last pfn) of the struct pages in virtual [a, b)."""

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from inspect_vmemmap.findings import Finding, summarize
 from inspect_vmemmap.live.events import Call, Tracker
 from inspect_vmemmap.live.probes import READY, Absent, Probe, program, probes_json, select as select_probes
+from inspect_vmemmap.live.recheck import merge_windows, read_window, window_of, window_pfns
 
 MASK64 = (1 << 64) - 1
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -254,21 +255,28 @@ def _key(f: Finding) -> tuple:
 
 @dataclass
 class Read:
-    """One read of the whole kernel, with what changed while it was read."""
+    """One read of the kernel, with when it was made: the whole of it (``window`` None) or
+    a window of sections (live.recheck)."""
 
-    analysis: object
     findings: List[Finding]
     inputs: object
+    sections: object
+    nodes: object
     start_ns: int
     end_ns: int
     seconds: float
+    window: Optional[Tuple[int, int]] = None
 
 
 class Watcher:
     def __init__(self, target, emit: Callable[[dict, str], None], interval: Optional[float] = None,
                  duration: Optional[float] = None, count: Optional[int] = None, ready_timeout: float = 300.0,
-                 binary: str = "bpftrace") -> None:
+                 binary: str = "bpftrace", ranged: bool = True) -> None:
         self.t = target
+        #: re-check an event's sections alone (live.recheck); False: the whole kernel each time
+        self.ranged = ranged
+        #: 7.1+ HVO: each zone's shared tail page, as the last full check found it
+        self.known_tails: dict = {}
         self.lay = target.layout
         self.emit = emit
         self.interval = interval
@@ -285,13 +293,19 @@ class Watcher:
 
     # -- reading the kernel -------------------------------------------------------------
 
-    def read(self) -> Read:
+    def read(self, window: Optional[Tuple[int, int]] = None) -> Read:
+        """Read the whole kernel, or (``window``) only those sections (live.recheck)."""
         from inspect_vmemmap.commands import Analysis
 
+        if window is not None and self.ranged:
+            wr = read_window(self.t, window, self.known_tails)
+            self.known_tails.update(wr.shared_tails)
+            return Read(wr.findings, wr.inputs, wr.sections, wr.nodes, wr.start_ns, wr.end_ns, wr.seconds, wr.window)
         t0, w0 = time.monotonic_ns(), time.monotonic()
         a = Analysis(self.t)  # a fresh Reading of the running kernel
-        _doc, findings, _res, inputs, _notes = a.check()
-        return Read(a, findings, inputs, t0, time.monotonic_ns(), time.monotonic() - w0)
+        _doc, findings, res, inputs, _notes = a.check()
+        self.known_tails = dict(res.shared_tails)
+        return Read(findings, inputs, a.sections, a.nodes, t0, time.monotonic_ns(), time.monotonic() - w0)
 
     def raced(self, r: Read, exclude: Sequence[Call] = ()) -> Tuple[List[Tuple[Call, Tuple[int, int]]], List[Call]]:
         """Changes under way while ``r`` read: (with a range, without one)."""
@@ -351,7 +365,7 @@ class Watcher:
             out["in_pool"] = folio is not None
             if folio is not None:
                 out["optimized"] = folio.optimized
-        secs = [r.analysis.sections.get(n) for n in range(rng[0] >> lay.pfn_section_shift,
+        secs = [r.sections.get(n) for n in range(rng[0] >> lay.pfn_section_shift,
                                                          (rng[1] >> lay.pfn_section_shift) + 1)]
         out["sections_present"] = sum(1 for s in secs if s is not None and s.present)
         out["sections_online"] = sum(1 for s in secs if s is not None and "O" in s.letters())
@@ -368,48 +382,75 @@ class Watcher:
     # -- re-checking events --------------------------------------------------------------
 
     def recheck(self) -> None:
-        """Read the kernel for the pending events (nothing watched is under way)."""
+        """Read the kernel for the pending events (nothing watched is under way): each run
+        of sections the events touched alone (live.recheck), the whole kernel for an event
+        without a range."""
         todo: List[Tuple[Call, int]] = [(c, 0) for c in self.pending]
         self.pending = []
         while todo:
-            r = self.read()
-            self.pump()
-            mine = [c for c, _ in todo]
-            ranged, bare = self.raced(r, mine)
             later: List[Tuple[Call, int]] = []
-            confirm: List[Tuple[Call, List[Finding]]] = []
-            for c, tries in todo:
-                rng = call_range(c, self.lay)
-                found = [f for f in r.findings if rng is not None and touches(f, rng, self.lay)]
-                errs = [f for f in found if f.severity == "error"]
-                racing = [o for o, orng in ranged if rng is not None and orng[0] <= rng[1] and orng[1] >= rng[0]]
-                if c.probe.kind.startswith("hvo-"):
-                    racing += [o for o in bare if o.probe.kind.startswith("hvo-")]
-                if errs and racing and tries + 1 < MAX_READS:
-                    later.append((c, tries + 1))
-                    continue
-                if errs and racing:
-                    o = racing[0]
-                    found = [self.race(f, f"{o.probe.function} by {self.task(o)} was changing it while it was read")
-                             if f.severity == "error" else f for f in found]
-                    self.report(c, r, found, tries + 1)
-                elif errs:
-                    confirm.append((c, found))
-                else:
-                    self.report(c, r, found, tries + 1)
-            if confirm:
-                r2 = self.read()
-                self.pump()
-                for c, found in confirm:
-                    rng = call_range(c, self.lay)
-                    again = {_key(f) for f in r2.findings if f.severity == "error" and touches(f, rng, self.lay)}
-                    found = [f if f.severity != "error" or _key(f) in again else
-                             self.race(f, "the second read did not find it: the kernel was still changing the range "
-                                          "after the function returned") for f in found]
-                    self.report(c, r2, found, 2)
+            for window, items in self.groups(todo):
+                later += self.recheck_group(window, items)
             todo = later
             if later:
                 self.wait_quiet()
+
+    def scope(self, c: Call) -> Optional[Tuple[int, int]]:
+        """The pfns of the sections a change touched (first, last), or None."""
+        rng = call_range(c, self.lay)
+        return None if rng is None else window_pfns(self.lay, window_of(self.lay, rng))
+
+    def groups(self, todo: List[Tuple[Call, int]]) -> List[Tuple[Optional[Tuple[int, int]], List[Tuple[Call, int]]]]:
+        """The events by the window of sections one read covers (None: the whole kernel)."""
+        lay = self.lay
+        bare = [it for it in todo if call_range(it[0], lay) is None]
+        ranged = [it for it in todo if call_range(it[0], lay) is not None]
+        if not self.ranged:
+            return [(None, todo)] if todo else []
+        out: list = [(None, bare)] if bare else []
+        wins = {id(it[0]): window_of(lay, call_range(it[0], lay)) for it in ranged}
+        for w in merge_windows(list(wins.values())):
+            out.append((w, [it for it in ranged if w[0] <= wins[id(it[0])][0] <= w[1]]))
+        return out
+
+    def recheck_group(self, window: Optional[Tuple[int, int]], todo: List[Tuple[Call, int]]) -> List[Tuple[Call, int]]:
+        """One read for these events: :return: those to read again (a change raced it)."""
+        r = self.read(window)
+        self.pump()
+        mine = [c for c, _ in todo]
+        ranged, bare = self.raced(r, mine)
+        later: List[Tuple[Call, int]] = []
+        confirm: List[Tuple[Call, List[Finding]]] = []
+        for c, tries in todo:
+            rng = self.scope(c)
+            found = [f for f in r.findings if rng is not None and touches(f, rng, self.lay)]
+            errs = [f for f in found if f.severity == "error"]
+            racing = [o for o, orng in ranged if rng is not None and orng[0] <= rng[1] and orng[1] >= rng[0]]
+            if c.probe.kind.startswith("hvo-"):
+                racing += [o for o in bare if o.probe.kind.startswith("hvo-")]
+            if errs and racing and tries + 1 < MAX_READS:
+                later.append((c, tries + 1))
+                continue
+            if errs and racing:
+                o = racing[0]
+                found = [self.race(f, f"{o.probe.function} by {self.task(o)} was changing it while it was read")
+                         if f.severity == "error" else f for f in found]
+                self.report(c, r, found, tries + 1)
+            elif errs:
+                confirm.append((c, found))
+            else:
+                self.report(c, r, found, tries + 1)
+        if confirm:
+            r2 = self.read(window)
+            self.pump()
+            for c, found in confirm:
+                rng = self.scope(c)
+                again = {_key(f) for f in r2.findings if f.severity == "error" and touches(f, rng, self.lay)}
+                found = [f if f.severity != "error" or _key(f) in again else
+                         self.race(f, "the second read did not find it: the kernel was still changing the range "
+                                      "after the function returned") for f in found]
+                self.report(c, r2, found, 2)
+        return later
 
     def wait_quiet(self, limit: float = 5.0) -> None:
         deadline = time.monotonic() + limit
@@ -421,9 +462,12 @@ class Watcher:
         return Finding("race", "warning", f"{why}: {f.kind}: {f.message}", was=f.kind, **where)
 
     def report(self, c: Call, r: Read, found: List[Finding], reads: int) -> None:
-        ev = self.event_json(c, r.analysis.nodes)
+        ev = self.event_json(c, r.nodes)
         self.seq += 1
-        self.verdict(c, ev, found, {"reads": reads, "seconds": round(r.seconds, 3), "after": self.after(c, r)})
+        check = {"reads": reads, "seconds": round(r.seconds, 3), "after": self.after(c, r)}
+        if r.window is not None:
+            check["sections"] = list(r.window)
+        self.verdict(c, ev, found, check)
 
     def periodic(self, reason: str) -> None:
         for attempt in range(MAX_READS):
