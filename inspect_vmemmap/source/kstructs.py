@@ -181,8 +181,15 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
         h = hstates + i * hsize
         order = _u32(mem, h + o_order)
         heads = [h + o_active] + [h + o_free + k * lh for k in range(nfree)]
+        # the MAX_NUMNODES free lists' heads in one read (1024 of them on Debian's x86_64),
+        # not one read each: most are empty
+        try:
+            raw = mem.read(h + o_free, nfree * lh)
+            firsts = {h + o_free + k * lh: struct.unpack_from("<Q", raw, k * lh)[0] for k in range(nfree)}
+        except FaultError:
+            firsts = {}
         for head in heads:
-            node = _u64(mem, head)
+            node = firsts[head] if head in firsts else _u64(mem, head)
             steps = 0
             try:
                 while node and node != head and steps < _MAX_LIST:
