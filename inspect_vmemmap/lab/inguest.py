@@ -153,6 +153,8 @@ ivm_ig() {{
         ivm_n=$(grep -c 'settled' $we); kill -USR1 $ivm_watch 2>/dev/null
         while kill -0 $ivm_watch 2>/dev/null && [ "$(grep -c 'settled' $we)" -le "$ivm_n" ]; do sleep 0.2; done
         : > $o; : > $e; kill -0 $ivm_watch 2>/dev/null; ivm_rc=$?; ivm_answer ;;
+      peek)  # what the running watch printed so far (tests follow its periodic checks)
+        cp $wo $o; : > $e; kill -0 $ivm_watch 2>/dev/null; ivm_rc=$?; ivm_answer ;;
       unwatch)
         kill -INT $ivm_watch 2>/dev/null; wait $ivm_watch; ivm_rc=$?
         cp $wo $o; cp $we $e; ivm_answer ;;
@@ -232,6 +234,10 @@ class Channel:
         """Wait until the guest's watch has re-checked every change made so far (SIGUSR1);
         :return: False if the watch is no longer running."""
         return self.request("settle", [], timeout, alive, "in-guest watch").status == 0
+
+    def peek_watch(self, timeout: float, alive=None) -> InGuestResult:
+        """What the guest's watch printed so far (status 0 while it runs)."""
+        return self.request("peek", [], timeout, alive, "in-guest watch")
 
     def stop_watch(self, timeout: float, alive=None) -> InGuestResult:
         """End the guest's watch (SIGINT) and return what it printed."""
