@@ -153,6 +153,21 @@ ivm_ig() {{
         ivm_n=$(grep -c 'settled' $we); kill -USR1 $ivm_watch 2>/dev/null
         while kill -0 $ivm_watch 2>/dev/null && [ "$(grep -c 'settled' $we)" -le "$ivm_n" ]; do sleep 0.2; done
         : > $o; : > $e; kill -0 $ivm_watch 2>/dev/null; ivm_rc=$?; ivm_answer ;;
+      churn)  # SECONDS N: write N, then 0, to the 2M pool's nr_hugepages until SECONDS passed
+        # (scripts/bench watch); answered with the cycles done, /proc/vmstat's htlb counters
+        # before and after, and the loop's own /proc/self/stat (its utime, stime): shell builtins only
+        set -- $ivm_args; : > $e
+        ( f=/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
+          read -r up _ < /proc/uptime; end=$(( ${{up%.*}} + $1 )); n=0
+          while read -r k v; do case $k in htlb*) echo "before $k $v";; esac; done < /proc/vmstat
+          read -r st < /proc/self/stat; echo "stat0 $st"
+          while [ "${{up%.*}}" -lt $end ]; do
+            echo $2 > $f || break; echo 0 > $f || break; n=$((n+1)); read -r up _ < /proc/uptime
+          done
+          read -r st < /proc/self/stat; echo "stat1 $st"; echo "cycles $n"; echo "uptime $up"
+          while read -r k v; do case $k in htlb*) echo "after $k $v";; esac; done < /proc/vmstat
+        ) > $o 2>> $e
+        ivm_rc=$?; ivm_answer ;;
       peek)  # what the running watch printed so far (tests follow its periodic checks)
         cp $wo $o; : > $e; kill -0 $ivm_watch 2>/dev/null; ivm_rc=$?; ivm_answer ;;
       unwatch)
@@ -234,6 +249,12 @@ class Channel:
         """Wait until the guest's watch has re-checked every change made so far (SIGUSR1);
         :return: False if the watch is no longer running."""
         return self.request("settle", [], timeout, alive, "in-guest watch").status == 0
+
+    def churn(self, seconds: int, pages: int, timeout: float, alive=None) -> InGuestResult:
+        """Grow the guest's 2M pool to ``pages`` and shrink it to 0, again and again, for
+        ``seconds`` (scripts/bench watch); stdout: ``cycles``, ``before``/``after`` htlb
+        vmstat counters, ``stat0``/``stat1`` (the loop's /proc/self/stat)."""
+        return self.request("churn", [str(int(seconds)), str(int(pages))], timeout, alive, "in-guest churn")
 
     def peek_watch(self, timeout: float, alive=None) -> InGuestResult:
         """What the guest's watch printed so far (status 0 while it runs)."""
