@@ -375,6 +375,8 @@ class Watcher:
         s = summarize(findings)
         self.errors_seen += s["errors"]
         check.update(errors=s["errors"], warnings=s["warnings"], findings=[f.to_json() for f in findings])
+        if c is not None:  # bpftrace's nsecs and time.monotonic_ns() are both CLOCK_MONOTONIC
+            ev["latency_ms"] = round(max(time.monotonic_ns() - c.end_ns, 0) / 1e6, 3)
         self.emit({"event": ev, "check": check}, "event")
         if c is not None:
             self.by_kind[ev["kind"]] = self.by_kind.get(ev["kind"], 0) + 1
