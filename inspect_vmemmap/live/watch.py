@@ -4,9 +4,11 @@ bpftrace (the Debian package ``bpftrace``) attaches fentry/fexit programs throug
 kernel's own BTF to the functions of :mod:`.probes`, so it needs no compiler and no kernel
 headers on the target. Each change is one event once it has returned, and once nothing
 watched is under way any more (a HugeTLB batch frees the old vmemmap pages after its last
-folio) the watcher reads the kernel again (``check``'s whole analysis, through
-:class:`inspect_vmemmap.commands.Analysis`) and gives each event the findings in the range
-it touched, with what it left there (the folio's optimisation state, its sections).
+folio) the watcher reads the kernel again, only the sections the events touched
+(:mod:`.recheck`; a full ``check`` through :class:`inspect_vmemmap.commands.Analysis` for an
+event without a range and for the periodic checks), and gives each event the findings in
+the sections it touched, with what it left there (the folio's optimisation state, its
+sections).
 
 Races: an error in an event's range that another change was making while it was read is
 not judged: the range is read again once that change has returned (up to three reads, then
