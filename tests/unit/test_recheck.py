@@ -139,3 +139,28 @@ def test_an_alias_to_a_page_outside_the_window_is_left_to_the_full_check():
     assert [(f.kind, f.section) for f in full if f.severity == "error"] == [("alias", 3)]
     wc = check_window(k.mem, lay, inp, NodeMap(inp.nodes), (3, 3), PhysRanges(inp.ram))
     assert [f for f in wc.findings if f.severity == "error"] == []
+
+
+def test_watch_reads_each_run_of_touched_sections_once():
+    """Events in the same or neighbouring sections share one ranged read; one without a
+    range gets a full read; ``ranged=False`` reads everything for all (live.watch.Watcher)."""
+    from types import SimpleNamespace
+
+    from inspect_vmemmap.live.events import Tracker
+    from inspect_vmemmap.live.watch import Watcher
+    from tests.unit.test_watch import E, Lay, R, choose, K612
+
+    probes, _ = choose(K612)
+    by, tr = {p.function: p for p in probes}, Tracker(probes)
+    lay = Lay()
+    one, free = by["__hugetlb_vmemmap_optimize_folio"], by["vmemmap_free"]
+    lines = []
+    for i, pfn in enumerate([3 * 32768, 3 * 32768 + 512, 4 * 32768, 9 * 32768]):
+        lines += [E(one, 10 * i + 1, 1, 9, lay.pfn_to_page(pfn)), R(one, 10 * i + 2, 1)]
+    lines += [E(free, 100, 1, 0, 0), R(free, 101, 1)]  # no range
+    calls = tr.feed(lines)
+    w = Watcher(SimpleNamespace(layout=lay), lambda obj, what: None)
+    got = [(win, len(items)) for win, items in w.groups([(c, 0) for c in calls])]
+    assert got == [(None, 1), ((3, 4), 3), ((9, 9), 1)]
+    w.ranged = False
+    assert [(win, len(items)) for win, items in w.groups([(c, 0) for c in calls])] == [(None, 5)]
