@@ -17,9 +17,9 @@ the guest (the host's Python and bpftrace over 9p, as `boot --in-guest --watch`)
 
 The fault is chosen to be harmless to the guest: nothing in the kernel touches struct
 pages of pfns it has no memory for. Where the entry is, and what it must be, comes from a
-naive walk of the guest's page tables in the RAM file (tests/kernel/independent.py's
-shapes, by hand: no inspect_vmemmap.pgtable), its root and the vmemmap base from drgn
-with the guest's debug info.
+walk of the guest's page tables by hand (tests/kernel/independent.py: drgn with the guest's
+debug info for init_top_pgt and vmemmap_base, one physical read per level, nothing of
+inspect_vmemmap.pgtable), and the fault is written into the RAM file at that entry.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ pytestmark = pytest.mark.kernel
 
 MEM_MIB = 1024
 INTERVAL = "20"  # seconds between the watch's periodic full checks
-ADDR = 0x000FFFFFFFFFF000
-PSE = 1 << 7
+PSE = 1 << 7  # x86_64 PS: a PMD that maps 2M (SDM vol. 3, 4.5)
 
 
 def _lines(text: str) -> list:
@@ -109,24 +108,10 @@ def _qmp_target(guest):
     return open_target(qemu=str(guest.qmp_socket), vmlinux=str(guest.kernel.vmlinux))
 
 
-def _entry(w: Watched, root: int, levels: int, va: int, depth: int) -> tuple:
-    """(physical address, value) of the page-table entry for ``va`` at ``depth`` (0: the
-    top), walked by hand in the RAM file (x86_64: 9 bits a level, bit 7 PSE)."""
-    shifts = [48, 39, 30, 21, 12][5 - levels:]
-    table = root
-    for d in range(depth + 1):
-        addr = table + ((va >> shifts[d]) & 511) * 8
-        e = w.read_u64(addr)
-        if d == depth:
-            return addr, e
-        assert e & 1 and not (e & PSE and d > 0), f"level {d} entry {e:#x} for {va:#x}"
-        table = e & ADDR
-    raise AssertionError("unreachable")
-
-
 def test_watch_recheck_range_and_a_host_written_fault(watched):
     from inspect_vmemmap.commands import Analysis
     from inspect_vmemmap.live.recheck import read_window, restrict
+    from tests.kernel import independent
 
     w = watched
     # 1. the pool grows by 4: four HVO remaps, each re-checked over its sections alone
@@ -144,8 +129,6 @@ def test_watch_recheck_range_and_a_host_written_fault(watched):
     assert periodic and all(l["check"]["errors"] == 0 for l in periodic), periodic
 
     # 2. from the host, the guest stopped: each section's re-check against the whole check
-    import drgn  # noqa: F401 (the tool's QMP reader is drgn's)
-
     w.guest.qmp("stop")
     try:
         t = _qmp_target(w.guest)
@@ -158,21 +141,25 @@ def test_watch_recheck_range_and_a_host_written_fault(watched):
             wr = read_window(t, win, fres.shared_tails)
             key = lambda f: (f.kind, f.severity, f.section, f.pfn_start, f.pfn_end)  # noqa: E731
             assert sorted(map(key, wr.findings)) == sorted(map(key, restrict(full, lay, wr.window))), win
-        root, levels, base = lay.pgtable_root, lay.pgtable_levels, lay.vmemmap_base
+        # 3. where to write: the PMD entries, found by hand (independent.py, drgn)
+        prog = t.program
+        base = independent.vmemmap_base(prog)
+        pmd = independent.levels(prog) - 2
+        shift, sps = independent.pfn_section_shift(prog), prog.type("struct page").size
+        sec_va = lambda nr: base + (nr << shift) * sps  # noqa: E731
         last = present[-1]
-        del t, a
+        src_addr, src = independent.entry_addr(prog, sec_va(last), pmd)
+        if not src & PSE:  # the last section's PMD split (a HugeTLB folio there): the one below
+            last -= 1
+            src_addr, src = independent.entry_addr(prog, sec_va(last), pmd)
+        dst_addr, dst = independent.entry_addr(prog, sec_va(last + 1), pmd)
+        del t, a, prog
     finally:
         w.guest.qmp("cont")
-
-    # 3. a PMD where no section needs one, onto the last section's struct pages' memory
-    sec_va = lambda nr: base + (nr << lay.pfn_section_shift) * lay.struct_page_size  # noqa: E731
-    pmd = levels - 2
-    src_addr, src = _entry(w, root, levels, sec_va(last), pmd)
-    dst_addr, dst = _entry(w, root, levels, sec_va(last + 1), pmd)
-    if not src & PSE:  # the last section's PMD split (a HugeTLB folio there): the one below
-        last -= 1
-        src_addr, src = _entry(w, root, levels, sec_va(last), pmd)
     assert src & 1 and src & PSE and dst == 0, (hex(src), hex(dst))
+    assert w.read_u64(src_addr) == src and w.read_u64(dst_addr) == 0  # the RAM file is the guest's RAM
+
+    # a PMD where no section needs one, onto the last section's struct pages' memory
     seen = len(w.peek())
     w.write_u64(dst_addr, src)
     try:
