@@ -160,7 +160,7 @@ ivm_ig() {{
         ( f=/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
           read -r up _ < /proc/uptime; end=$(( ${{up%.*}} + $1 )); n=0
           while read -r k v; do case $k in htlb*) echo "before $k $v";; esac; done < /proc/vmstat
-          read -r st < /proc/self/stat; echo "stat0 $st"
+          read -r st < /proc/self/stat; echo "stat0 $st"; echo "uptime0 $up"
           while [ "${{up%.*}}" -lt $end ]; do
             echo $2 > $f || break; echo 0 > $f || break; n=$((n+1)); read -r up _ < /proc/uptime
           done
