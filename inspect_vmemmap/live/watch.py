@@ -355,6 +355,12 @@ class Watcher:
                                                          (rng[1] >> lay.pfn_section_shift) + 1)]
         out["sections_present"] = sum(1 for s in secs if s is not None and s.present)
         out["sections_online"] = sum(1 for s in secs if s is not None and "O" in s.letters())
+        if c.probe.kind.startswith("section-") or c.probe.kind in ("online", "offline"):
+            # memmap_on_memory: the blocks of the range whose memmap the kernel records on their own
+            # first pages (the check's backing-misplaced says whether the page tables agree)
+            hosted = [b for b in (r.inputs.hosted_blocks or ()) if b.start_pfn <= rng[1] and b.end_pfn > rng[0]]
+            out["memmap_on_memory_blocks"] = len(hosted)
+            out["memmap_on_memory_pages"] = sum(b.recorded_pages for b in hosted)
         return out
 
     def verdict(self, c: Optional[Call], ev: dict, findings: List[Finding], check: dict) -> None:
