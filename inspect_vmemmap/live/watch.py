@@ -38,6 +38,8 @@ MASK64 = (1 << 64) - 1
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 #: errors in a range another change was making are read again, up to this many reads
 MAX_READS = 3
+#: changes after which the running kernel is opened again before it is read (Watcher.reopen)
+HOTPLUG_KINDS = ("section-add", "section-remove", "online", "offline")
 
 
 class WatchError(Exception):
@@ -267,8 +269,14 @@ class Read:
 class Watcher:
     def __init__(self, target, emit: Callable[[dict, str], None], interval: Optional[float] = None,
                  duration: Optional[float] = None, count: Optional[int] = None, ready_timeout: float = 300.0,
-                 binary: str = "bpftrace") -> None:
+                 binary: str = "bpftrace", reopen: Optional[Callable[[], object]] = None) -> None:
         self.t = target
+        #: opens the running kernel again: after memory hotplug the open /proc/kcore's segments
+        #: (read once, when it was opened; fs/proc/kcore.c rebuilds its list on open after a
+        #: MEM_ONLINE/MEM_OFFLINE) miss the new memory, and a memmap_on_memory block's
+        #: struct pages on it cannot be read
+        self.reopen = reopen
+        self.stale = False
         self.lay = target.layout
         self.emit = emit
         self.interval = interval
@@ -288,6 +296,8 @@ class Watcher:
     def read(self) -> Read:
         from inspect_vmemmap.commands import Analysis
 
+        if self.stale and self.reopen is not None:
+            self.t, self.stale = self.reopen(), False
         t0, w0 = time.monotonic_ns(), time.monotonic()
         a = Analysis(self.t)  # a fresh Reading of the running kernel
         _doc, findings, _res, inputs, _notes = a.check()
@@ -305,7 +315,10 @@ class Watcher:
         return ranged, bare
 
     def pump(self, timeout: float = 0.0) -> None:
-        self.pending.extend(self.tracker.feed(self.bt.lines(timeout)))
+        done = self.tracker.feed(self.bt.lines(timeout))
+        if any(c.probe.kind in HOTPLUG_KINDS for c in done):
+            self.stale = True
+        self.pending.extend(done)
 
     # -- output -------------------------------------------------------------------------
 
@@ -544,7 +557,8 @@ def command(tgt: dict, as_json: bool, interval: Optional[float], duration: Optio
     else:
         emit = text_emitter(console_factory(), t.to_json(), t.layout)
     try:
-        return Watcher(t, emit, interval=interval, duration=duration, count=count).run()
+        return Watcher(t, emit, interval=interval, duration=duration, count=count,
+                       reopen=lambda: open_target(tgt)).run()
     except WatchError as e:
         fail(str(e))
     return 2
