@@ -367,6 +367,7 @@ def guest_spec(o: BootOptions, arch: str):
     headroom = HEADROOM_IN_GUEST_MIB if o.in_guest else HEADROOM_MIB
     # 1G pages need free, 1G-aligned GiBs beside the first one (the kernel boots in it)
     least = o.hugepages * 2 + headroom + ((o.hugepages_1g + 1) * 1024 if o.hugepages_1g else 0)
+    steps_1g = max([int(s.value) for s in _steps(o) if s.what == "hugepages-1g"], default=0)
     if o.dump_kdump:
         from .kdump import DEFAULT_CRASHKERNEL
 
@@ -379,7 +380,6 @@ def guest_spec(o: BootOptions, arch: str):
     else:
         # a 1G page allocated at run time (--then hugepages-1g=N) needs as many free, 1G-aligned
         # GiBs beside the first one as a boot-time one; with --mem the kernel says what it could
-        steps_1g = max([int(s.value) for s in _steps(o) if s.what == "hugepages-1g"], default=0)
         if steps_1g > o.hugepages_1g:
             least += (steps_1g - o.hugepages_1g + (0 if o.hugepages_1g else 1)) * 1024
         mem = max(1024, -(-least // 1024) * 1024)  # whole GiB
@@ -388,6 +388,12 @@ def guest_spec(o: BootOptions, arch: str):
     cmdline = []
     if o.hugepages_1g:
         cmdline.append(f"hugepagesz=1G hugepages={o.hugepages_1g}")
+    elif steps_1g:
+        # 1G pages at run time from a CMA area reserved for them at boot (mm/hugetlb.c
+        # alloc_gigantic_folio(): hugetlb_cma first, then alloc_contig_pages(), which needs a free
+        # or movable 1G-aligned GiB and, in a small guest, often finds none: one run in two on
+        # Debian 6.12 with 3G). Not with boot-time 1G pages: hugetlb_cma makes the kernel skip those
+        cmdline.append(f"hugetlb_cma={steps_1g}G")
     if o.cmdline.strip():
         cmdline.append(o.cmdline.strip())
     extra = {}

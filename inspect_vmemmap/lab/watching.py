@@ -144,9 +144,9 @@ def shortfall(step: Step, kb: int, before: Optional[int], got: Optional[int], st
     if status:
         return f"the kernel refused the write ({stderr.strip() or f'status {status}'}); the pool has {got}"
     if want > got:
-        # alloc_pool_huge_folio(); a 1G page: alloc_gigantic_folio() -> alloc_contig_pages(), which needs
-        # 1 GiB of free or movable, 1G-aligned memory in one zone
-        why = (" (alloc_contig_pages found no free or movable, 1G-aligned GiB)" if kb != 2048 else
+        # alloc_pool_huge_folio(); a 1G page: alloc_gigantic_folio(), from hugetlb_cma if reserved, else
+        # alloc_contig_pages(), which needs 1 GiB of free or movable, 1G-aligned memory in one zone
+        why = (" (the kernel found no free or movable, 1G-aligned GiB: alloc_gigantic_folio)" if kb != 2048 else
                " (the kernel found no more free 2M)")
         return f"the kernel allocated {got - (before or 0)} of the {want - (before or 0)} {size} pages asked for{why}; the pool has {got}"
     return f"the kernel freed the pool to {got}, not {want} (pages in use stay)"

@@ -32,6 +32,8 @@ def test_a_run_time_1g_page_gets_a_free_gib_by_default():
     spec = guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("hugepages-1g=1", "hugepages-1g=0")),
                       "x86_64")
     assert spec.mem == "3G"
+    # from a CMA area the kernel reserves for them at boot
+    assert kernel_cmdline(spec, arch_info("x86_64")).endswith(" hugetlb_cma=1G")
     # an explicit --mem is the user's: the kernel says what it could do
     spec = guest_spec(BootOptions(debian="6.12", mem="1G", in_guest=True, watch=True, then=("hugepages-1g=1",)),
                       "x86_64")
@@ -41,7 +43,7 @@ def test_a_run_time_1g_page_gets_a_free_gib_by_default():
 def test_shortfall_in_words():
     assert shortfall(Step("hugepages-1g", "1"), 1 << 20, 0, 1, 0, "") == ""
     said = shortfall(Step("hugepages-1g", "1"), 1 << 20, 0, 0, 0, "")
-    assert "allocated 0 of the 1 1G pages" in said and "alloc_contig_pages" in said and said.endswith("the pool has 0")
+    assert "allocated 0 of the 1 1G pages" in said and "1G-aligned GiB" in said and said.endswith("the pool has 0")
     assert "no 1G hugepage pool" in shortfall(Step("hugepages-1g", "1"), 1 << 20, None, None, 1, "sh: can't create")
     assert "allocated 3 of the 8 2M pages" in shortfall(Step("hugepages", "12"), 2048, 4, 7, 0, "")
     assert shortfall(Step("hugepages", "0"), 2048, 4, 1, 0, "") == "the kernel freed the pool to 1, not 0 (pages in use stay)"
