@@ -378,22 +378,21 @@ def guest_spec(o: BootOptions, arch: str):
             raise BootError(f"--mem {o.mem} is too small for {_hugepages_text(o)}: give at least "
                             f"--mem {_size_text(-(-least // 1024) * 1024)}")
     else:
-        # a 1G page allocated at run time (--then hugepages-1g=N) needs as many free, 1G-aligned
-        # GiBs beside the first one as a boot-time one; with --mem the kernel says what it could
+        # a 1G page allocated at run time (--then hugepages-1g=N; mm/hugetlb.c alloc_gigantic_folio()
+        # -> alloc_contig_pages(): a free or movable, 1G-aligned GiB of one zone, never ZONE_MOVABLE)
+        # needs free GiBs below 4G: QEMU's pc keeps RAM below 3G up to 3.5G (a 3G guest's top GiB
+        # ends 128K short of RAM), and only what exceeds it goes above 4G, into ZONE_NORMAL, which
+        # takes the kernel's own allocations first; with less, one Debian 6.12 run in two found no
+        # GiB. So the GiB for the kernel, one per page and one above 4G. With --mem the kernel
+        # says what it could.
         if steps_1g > o.hugepages_1g:
-            least += (steps_1g - o.hugepages_1g + (0 if o.hugepages_1g else 1)) * 1024
+            least += (steps_1g - o.hugepages_1g + (0 if o.hugepages_1g else 2)) * 1024
         mem = max(1024, -(-least // 1024) * 1024)  # whole GiB
     if o.numa and o.numa > 1 and mem // o.numa < 256:
         raise BootError(f"{_size_text(mem)} is too little memory for {o.numa} NUMA nodes")
     cmdline = []
     if o.hugepages_1g:
         cmdline.append(f"hugepagesz=1G hugepages={o.hugepages_1g}")
-    elif steps_1g:
-        # 1G pages at run time from a CMA area reserved for them at boot (mm/hugetlb.c
-        # alloc_gigantic_folio(): hugetlb_cma first, then alloc_contig_pages(), which needs a free
-        # or movable 1G-aligned GiB and, in a small guest, often finds none: one run in two on
-        # Debian 6.12 with 3G). Not with boot-time 1G pages: hugetlb_cma makes the kernel skip those
-        cmdline.append(f"hugetlb_cma={steps_1g}G")
     if o.cmdline.strip():
         cmdline.append(o.cmdline.strip())
     extra = {}

@@ -5,7 +5,7 @@ Two boots per kernel (Debian 6.12, 7.2 and 6.1, x86_64):
 
 - `plain`: 1G, HVO, grows the 2M pool from 4 to 12, shrinks it to 6, hot-adds a 1G pc-dimm
   and removes it again (the issue's "done when" command, then the unplug);
-- `mom`: 3G, HVO and memory_hotplug.memmap_on_memory=1, allocates and frees one 1G page at
+- `mom`: 4G, HVO and memory_hotplug.memmap_on_memory=1, allocates and frees one 1G page at
   run time, hot-adds a 1G pc-dimm whose blocks host their own memmap (6.12, 7.2; 6.1
   does so only for a one-block DIMM: mm/memory_hotplug.c mhp_supports_memmap_on_memory()),
   and removes it.
@@ -37,7 +37,7 @@ GIGA_PAGES = (1 << 30) >> 12
 
 PLAIN = ["--mem", "1G", "--hugepages", "4", "--hvo",
          "--then", "hugepages=12", "--then", "hugepages=6", "--then", "hotplug=1G", "--then", "unplug"]
-MOM = ["--mem", "3G", "--hvo", "--memmap-on-memory",
+MOM = ["--mem", "4G", "--hvo", "--memmap-on-memory",
        "--then", "hugepages-1g=1", "--then", "hugepages-1g=0", "--then", "hotplug=1G", "--then", "unplug"]
 #: 6.1 hosts a DIMM's memmap on it only when the DIMM is one memory block: a 128M one too
 MOM_61 = MOM[:-2] + ["--then", "hotplug=128M", "--then", "unplug", "--then", "unplug"]
