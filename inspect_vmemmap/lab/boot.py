@@ -367,6 +367,7 @@ def guest_spec(o: BootOptions, arch: str):
     headroom = HEADROOM_IN_GUEST_MIB if o.in_guest else HEADROOM_MIB
     # 1G pages need free, 1G-aligned GiBs beside the first one (the kernel boots in it)
     least = o.hugepages * 2 + headroom + ((o.hugepages_1g + 1) * 1024 if o.hugepages_1g else 0)
+    steps_1g = max([int(s.value) for s in _steps(o) if s.what == "hugepages-1g"], default=0)
     if o.dump_kdump:
         from .kdump import DEFAULT_CRASHKERNEL
 
@@ -377,6 +378,15 @@ def guest_spec(o: BootOptions, arch: str):
             raise BootError(f"--mem {o.mem} is too small for {_hugepages_text(o)}: give at least "
                             f"--mem {_size_text(-(-least // 1024) * 1024)}")
     else:
+        # a 1G page allocated at run time (--then hugepages-1g=N; mm/hugetlb.c alloc_gigantic_folio()
+        # -> alloc_contig_pages(): a free or movable, 1G-aligned GiB of one zone, never ZONE_MOVABLE)
+        # needs free GiBs below 4G: QEMU's pc keeps RAM below 3G up to 3.5G (a 3G guest's top GiB
+        # ends 128K short of RAM), and only what exceeds it goes above 4G, into ZONE_NORMAL, which
+        # takes the kernel's own allocations first; with less, one Debian 6.12 run in two found no
+        # GiB. So the GiB for the kernel, one per page and one above 4G. With --mem the kernel
+        # says what it could.
+        if steps_1g > o.hugepages_1g:
+            least += (steps_1g - o.hugepages_1g + (0 if o.hugepages_1g else 2)) * 1024
         mem = max(1024, -(-least // 1024) * 1024)  # whole GiB
     if o.numa and o.numa > 1 and mem // o.numa < 256:
         raise BootError(f"{_size_text(mem)} is too little memory for {o.numa} NUMA nodes")
@@ -386,19 +396,30 @@ def guest_spec(o: BootOptions, arch: str):
     if o.cmdline.strip():
         cmdline.append(o.cmdline.strip())
     extra = {}
-    from .watching import hotplug_sizes, parse_step
+    from .watching import hotplug_sizes
 
-    plugs = list(o.hotplug) + hotplug_sizes([parse_step(t) for t in o.then])
+    plugs = list(o.hotplug) + hotplug_sizes(_steps(o))
     if plugs:
         total = 0
         for s in plugs:
             total += _mib(s, "--hotplug")
         extra = dict(maxmem=_size_text(mem + total), slots=len(plugs))
+        if any(s.what == "unplug" for s in _steps(o)):
+            # offlining a block fails (EBUSY) once the kernel put an unmovable page in it, as it
+            # soon does in ZONE_NORMAL (mm/memory_hotplug.c offline_pages(): the pages must
+            # migrate): --then unplug onlines hot-added memory to ZONE_MOVABLE
+            extra["hotplug_online"] = "online_movable"
     return GuestSpec(
         debian=o.debian or "6.12", arch=arch, mem=_size_text(mem), numa=o.numa, hugepages=o.hugepages,
         hvo=o.hvo, la57=o.la57, paging=o.paging, cmdline=" ".join(cmdline), memmap_on_memory=o.memmap_on_memory,
         accel=o.accel, **extra,
     )
+
+
+def _steps(o: BootOptions) -> list:
+    from .watching import parse_step
+
+    return [parse_step(t) for t in o.then]
 
 
 def _hugepages_text(o: BootOptions) -> str:
@@ -509,8 +530,6 @@ def _run(o: BootOptions, progress, console_factory) -> int:
         raise BootError(f"give --debian SERIES ({', '.join(SERIES)}) or --kernel IMAGE (one of them)")
     if o.debian and o.modules_dir:
         raise BootError("--modules is for --kernel; Debian kernels bring their own")
-    if o.memmap_on_memory and not o.hotplug:
-        raise BootError("--memmap-on-memory concerns hot-added memory: give --hotplug SIZE too")
     if o.vmlinux and not os.path.isfile(o.vmlinux):
         raise BootError(f"{o.vmlinux}: no such file")
     if o.dump:
@@ -532,6 +551,8 @@ def _run(o: BootOptions, progress, console_factory) -> int:
             [parse_step(t) for t in o.then]
         except ValueError as e:
             raise BootError(str(e)) from None
+    if o.memmap_on_memory and not o.hotplug and not any(s.what == "hotplug" for s in _steps(o)):
+        raise BootError("--memmap-on-memory concerns hot-added memory: give --hotplug SIZE (or --then hotplug=SIZE) too")
     if o.in_guest:
         problem = inguest.environment_problem()
         if problem:

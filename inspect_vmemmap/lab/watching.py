@@ -4,16 +4,21 @@ own account:
 
 - ``hugepages=N`` / ``hugepages-1g=N``: the guest writes N to its 2M (1G) pool's
   ``nr_hugepages`` (sysfs), synchronous: the kernel has grown or shrunk the pool, and
-  remapped each folio's vmemmap, when the write returns;
+  remapped each folio's vmemmap, when the write returns. Where it could not (a 1G page
+  needs a free or movable, 1G-aligned GiB: mm/hugetlb.c alloc_gigantic_folio() ->
+  alloc_contig_pages()), the step says so in words (``short``);
 - ``hotplug=SIZE``: a pc-dimm hot-added through QMP (:meth:`~.guest.Guest.hotplug`,
   which waits until the guest onlined every block of it);
 - ``unplug``: the guest offlines the blocks of the last hot-added dimm, then QMP
   ``device_del`` and the guest's ACPI eject remove it, waited for until its blocks are
-  gone from sysfs.
+  gone from sysfs. Where the kernel does not let it go, the step says why (``short``) and
+  the watch goes on. (``boot`` onlines hot-added memory to ZONE_MOVABLE when an unplug
+  step follows: a ZONE_NORMAL block soon holds a page offline_pages() cannot migrate.)
 
 With ``--json`` the result is one document: ``watch`` (``probes``, ``events`` with each
 event's ``check`` folded in, ``end``), the findings of every check, and ``guest`` with
-``steps``, the guest's own account after each step.
+``steps``, the guest's own account after each step (with the DIMM a hotplug or unplug
+step added or removed).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import inguest
 from .account import parse_account
@@ -88,24 +93,31 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
         for step in steps:
             progress(f"step {step}")
             t0 = time.monotonic()
+            extra: dict = {}
             if step.what in ("hugepages", "hugepages-1g"):
                 kb = 2048 if step.what == "hugepages" else 1 << 20
+                before = guest.account.nr_hugepages.get(kb) if guest.account is not None else None
                 res = chan.step("hugepages", [str(kb), step.value], timeout, alive)
                 guest.account = parse_account(res.stdout)
+                short = shortfall(step, kb, before, guest.account.nr_hugepages.get(kb), res.status, res.stderr)
+                if short:
+                    extra["short"] = short
                 got = guest.account.nr_hugepages.get(kb, 0)
-                note = "" if got == int(step.value) else f" (the guest has {got})"
-                if res.status:
-                    note += f" ({res.stderr.strip() or 'the write failed'})"
-                progress(f"{step.what} {got}{note} after {time.monotonic() - t0:.1f}s")
+                progress(f"{step.what} {got} after {time.monotonic() - t0:.1f}s" + (f": {short}" if short else ""))
             elif step.what == "hotplug":
                 guest.hotplug(step.value, progress=progress)  # its own deadline, scaled to the size
                 d = guest.dimms[-1]
-                progress(f"pc-dimm {d.id} at {d.addr:#x}-{d.end - 1:#x} online after {time.monotonic() - t0:.1f}s")
+                extra = {"dimm": dimm_json(d), "memmap_on_memory": guest.spec.memmap_on_memory}
+                progress(f"pc-dimm {d.id} at {d.addr:#x}-{d.end - 1:#x} {guest.spec.hotplug_online or 'added'}"
+                         f"{' (memmap_on_memory=1)' if guest.spec.memmap_on_memory else ''} after {time.monotonic() - t0:.1f}s")
             else:
-                unplug(guest, chan, timeout, alive, progress)
+                d, short = unplug(guest, chan, timeout, alive, progress)
+                extra = {"dimm": dimm_json(d), **({"short": short} if short else {})}
+                if short:
+                    progress(f"unplug {d.id}: {short}")
             if not chan.settle_watch(timeout, alive):
                 break  # it ended: its reason comes with its output below
-            accounts.append({"step": str(step), **account_json(guest.account)})
+            accounts.append({"step": str(step), **account_json(guest.account), **extra})
         progress("stopping watch (it re-checks what is left and ends)")
         res = chan.stop_watch(timeout, alive)
     finally:
@@ -113,19 +125,61 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
     return res.status, res.stdout, accounts, res.stderr
 
 
-def unplug(guest, chan, timeout: float, alive, progress) -> None:
+def dimm_json(d) -> dict:
+    return {"id": d.id, "addr": hex(d.addr), "size": d.size, "node": d.node}
+
+
+def shortfall(step: Step, kb: int, before: Optional[int], got: Optional[int], status: int, stderr: str) -> str:
+    """What the kernel did not do of a ``hugepages``/``hugepages-1g`` step, in words ('' if it
+    did all). The write returns once the kernel gave up (mm/hugetlb.c set_max_huge_pages():
+    it allocates until the count is met or an allocation fails), so nothing here waits."""
+    size = "2M" if kb == 2048 else "1G"
+    if got is None:
+        # hugetlb_add_hstate(): x86_64 registers the 1G size only with CONFIG_CONTIG_ALLOC and a
+        # CPU with gbpages (arch/x86/mm/hugetlbpage.c gigantic_pages_init())
+        return f"the kernel has no {size} hugepage pool (no hugepages-{kb}kB in /sys/kernel/mm/hugepages)"
+    want = int(step.value)
+    if got == want:
+        return ""
+    if status:
+        return f"the kernel refused the write ({stderr.strip() or f'status {status}'}); the pool has {got}"
+    if want > got:
+        # alloc_pool_huge_folio(); a 1G page: alloc_gigantic_folio(), from hugetlb_cma if reserved, else
+        # alloc_contig_pages(), which needs 1 GiB of free or movable, 1G-aligned memory in one zone
+        why = (" (the kernel found no free or movable, 1G-aligned GiB: alloc_gigantic_folio)" if kb != 2048 else
+               " (the kernel found no more free 2M)")
+        return f"the kernel allocated {got - (before or 0)} of the {want - (before or 0)} {size} pages asked for{why}; the pool has {got}"
+    return f"the kernel freed the pool to {got}, not {want} (pages in use stay)"
+
+
+def unplug(guest, chan, timeout: float, alive, progress) -> Tuple[object, str]:
     """Offline the last hot-added dimm's blocks in the guest, then remove it (QMP device_del;
-    the guest's ACPI eject), waiting until its blocks are gone from sysfs."""
+    the guest's ACPI eject), waiting until its blocks are gone from sysfs.
+
+    :return: ``(the dimm, '')``, or ``(the dimm, why)`` where the kernel did not let it go
+    (a block it could not offline, an eject it refused): the watch goes on, the step says so.
+    """
     if not guest.dimms:
         raise LabError("--then unplug: no hot-added dimm to remove")
     d = guest.dimms[-1]
     bs = guest.account.memory_block_size
     blocks = list(range(d.addr // bs, d.end // bs))
+    mark = len(guest.console_text())
     res = chan.step("offline", [str(b) for b in blocks], timeout, alive)
     acc = parse_account(res.stdout)
-    if res.status or any(acc.memory_blocks.get(b) != "offline" for b in blocks):
-        raise LabError(f"--then unplug: the guest could not offline {d.id}'s blocks: "
-                       f"{res.stderr.strip() or 'states ' + str({b: acc.memory_blocks.get(b) for b in blocks})}")
+    guest.account = acc
+    left = [b for b in blocks if acc.memory_blocks.get(b) != "offline"]
+    if res.status or left:
+        # mm/memory_hotplug.c offline_pages(): -EBUSY once a page of the range cannot be
+        # migrated (an unmovable allocation in a ZONE_NORMAL block)
+        err = res.stderr.strip().splitlines()
+        return d, (f"the kernel did not offline memory{left[0] if left else blocks[0]}"
+                   f"{f' ({len(left)} of {len(blocks)} blocks)' if len(left) > 1 else ''}: "
+                   f"{err[-1].removeprefix('sh: ') if err else 'state ' + str(acc.memory_blocks.get(left[0]))}"
+                   f"{_kernel_said(guest, mark)}")
+    # the offline events re-checked while the blocks are offline but still there
+    if not chan.settle_watch(timeout, alive):
+        return d, "the watch ended while the blocks were offline"
     guest.qmp("device_del", id=d.id)
     deadline = time.monotonic() + max(120.0, timeout)
     while True:
@@ -134,11 +188,21 @@ def unplug(guest, chan, timeout: float, alive, progress) -> None:
         if not any(b in acc.memory_blocks for b in blocks):
             break
         if time.monotonic() > deadline:
-            raise LabError(f"--then unplug: {d.id}'s blocks still in the guest's sysfs after device_del")
+            guest.account = acc
+            return d, (f"{d.id}'s blocks still in the guest's sysfs {max(120.0, timeout):.0f}s after device_del "
+                       f"(the ACPI eject did not remove the memory){_kernel_said(guest, mark)}")
         time.sleep(0.5)
     guest.account = acc
     guest.dimms.pop()
     progress(f"pc-dimm {d.id} removed")
+    return d, ""
+
+
+def _kernel_said(guest, mark: int) -> str:
+    """The kernel's last console line since ``mark`` (its own reason), as '; the kernel: ...'."""
+    lines = [l.strip() for l in guest.console_text()[mark:].replace("\r", "").split("\n")
+             if re.match(r"\s*\[\s*\d+\.\d+\]", l)]
+    return f"; the kernel: {lines[-1]}" if lines else ""
 
 
 def document(lines: str, accounts: List[dict]) -> dict:
@@ -179,4 +243,5 @@ def write_text(stdout: str, accounts: List[dict]) -> None:
         for st in a["memory_blocks"].values():
             states[st] = states.get(st, 0) + 1
         print(f"after {a['step']}: the guest's own account: hugepages {huge or 'none'}, MemTotal {a['mem_total_kb']} kB, "
-              f"memory blocks {', '.join(f'{n} {s}' for s, n in sorted(states.items()))}")
+              f"memory blocks {', '.join(f'{n} {s}' for s, n in sorted(states.items()))}"
+              + (f"; not done: {a['short']}" if a.get("short") else ""))

@@ -43,6 +43,9 @@ def text_emitter(console, target_json: dict, layout) -> Callable[[dict, str], No
             extra = ""
             if ev.get("parts"):
                 extra = " (" + ", ".join(f"{n} {fn}" for fn, n in ev["parts"].items()) + ")"
+            mom = chk.get("after", {}).get("memmap_on_memory_blocks")
+            if mom:
+                extra += f"; memmap on memory: {mom} block{'s' if mom != 1 else ''}, {chk['after']['memmap_on_memory_pages']} pages"
             if chk["errors"]:
                 verdict = (f"{chk['errors']} error{'s' if chk['errors'] != 1 else ''}", "bold red")
             elif chk["warnings"]:

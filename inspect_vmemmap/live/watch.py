@@ -41,6 +41,8 @@ MASK64 = (1 << 64) - 1
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 #: errors in a range another change was making are read again, up to this many reads
 MAX_READS = 3
+#: changes after which the running kernel is opened again before it is read (Watcher.reopen)
+HOTPLUG_KINDS = ("section-add", "section-remove", "online", "offline")
 
 
 class WatchError(Exception):
@@ -273,12 +275,19 @@ class Read:
 class Watcher:
     def __init__(self, target, emit: Callable[[dict, str], None], interval: Optional[float] = None,
                  duration: Optional[float] = None, count: Optional[int] = None, ready_timeout: float = 300.0,
-                 binary: str = "bpftrace", ranged: bool = True) -> None:
+                 binary: str = "bpftrace", ranged: bool = True,
+                 reopen: Optional[Callable[[], object]] = None) -> None:
         self.t = target
         #: re-check an event's sections alone (live.recheck); False: the whole kernel each time
         self.ranged = ranged
         #: 7.1+ HVO: each zone's shared tail page, as the last full check found it
         self.known_tails: dict = {}
+        #: opens the running kernel again: after memory hotplug the open /proc/kcore's segments
+        #: (read once, when it was opened; fs/proc/kcore.c rebuilds its list on open after a
+        #: MEM_ONLINE/MEM_OFFLINE) miss the new memory, and a memmap_on_memory block's
+        #: struct pages on it cannot be read
+        self.reopen = reopen
+        self.stale = False
         self.lay = target.layout
         self.emit = emit
         self.interval = interval
@@ -299,6 +308,8 @@ class Watcher:
         """Read the whole kernel, or (``window``) only those sections (live.recheck)."""
         from inspect_vmemmap.commands import Analysis
 
+        if self.stale and self.reopen is not None:
+            self.t, self.stale = self.reopen(), False
         if window is not None and self.ranged:
             wr = read_window(self.t, window, self.known_tails)
             self.known_tails.update(wr.shared_tails)
@@ -321,7 +332,10 @@ class Watcher:
         return ranged, bare
 
     def pump(self, timeout: float = 0.0) -> None:
-        self.pending.extend(self.tracker.feed(self.bt.lines(timeout)))
+        done = self.tracker.feed(self.bt.lines(timeout))
+        if any(c.probe.kind in HOTPLUG_KINDS for c in done):
+            self.stale = True
+        self.pending.extend(done)
 
     # -- output -------------------------------------------------------------------------
 
@@ -371,6 +385,12 @@ class Watcher:
                                                          (rng[1] >> lay.pfn_section_shift) + 1)]
         out["sections_present"] = sum(1 for s in secs if s is not None and s.present)
         out["sections_online"] = sum(1 for s in secs if s is not None and "O" in s.letters())
+        if c.probe.kind.startswith("section-") or c.probe.kind in ("online", "offline"):
+            # memmap_on_memory: the blocks of the range whose memmap the kernel records on their own
+            # first pages (the check's backing-misplaced says whether the page tables agree)
+            hosted = [b for b in (r.inputs.hosted_blocks or ()) if b.start_pfn <= rng[1] and b.end_pfn > rng[0]]
+            out["memmap_on_memory_blocks"] = len(hosted)
+            out["memmap_on_memory_pages"] = sum(b.recorded_pages for b in hosted)
         return out
 
     def verdict(self, c: Optional[Call], ev: dict, findings: List[Finding], check: dict) -> None:
@@ -586,7 +606,8 @@ def command(tgt: dict, as_json: bool, interval: Optional[float], duration: Optio
     else:
         emit = text_emitter(console_factory(), t.to_json(), t.layout)
     try:
-        return Watcher(t, emit, interval=interval, duration=duration, count=count).run()
+        return Watcher(t, emit, interval=interval, duration=duration, count=count,
+                       reopen=lambda: open_target(tgt)).run()
     except WatchError as e:
         fail(str(e))
     return 2

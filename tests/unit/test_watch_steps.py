@@ -1,0 +1,90 @@
+"""The lab's ``--then`` steps without a guest: what boot asks of the guest for them, how a
+step the kernel did not fully do is said, and that watch opens the running kernel again
+after memory hotplug (a /proc/kcore opened before it has no segment for the new memory)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from inspect_vmemmap.lab.boot import BootOptions, guest_spec
+from inspect_vmemmap.lab.guest import kernel_cmdline
+from inspect_vmemmap.lab.arch import arch_info
+from inspect_vmemmap.lab.watching import Step, shortfall
+from inspect_vmemmap.live.events import Tracker
+from inspect_vmemmap.live.probes import select
+from inspect_vmemmap.live.watch import Watcher
+from tests.unit.test_watch import K612, E, R
+
+
+def test_unplug_onlines_to_zone_movable_and_mom_with_a_then_hotplug():
+    spec = guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, memmap_on_memory=True,
+                                  then=("hotplug=1G", "unplug")), "x86_64")
+    assert (spec.maxmem, spec.slots, spec.hotplug_online, spec.memmap_on_memory) == ("2G", 1, "online_movable", True)
+    line = kernel_cmdline(spec, arch_info("x86_64"))
+    assert "memhp_default_state=online_movable" in line and "memory_hotplug.memmap_on_memory=1" in line
+    # without an unplug step the kernel's own online policy of the lab stays
+    spec = guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("hotplug=1G",)), "x86_64")
+    assert spec.hotplug_online == "online"
+
+
+def test_a_run_time_1g_page_gets_a_free_gib_by_default():
+    # one GiB the kernel boots in, one for the page, one above 4G (ZONE_NORMAL); the in-guest
+    # headroom rounds it up to a fourth
+    spec = guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("hugepages-1g=1", "hugepages-1g=0")),
+                      "x86_64")
+    assert spec.mem == "4G" and "hugetlb_cma" not in kernel_cmdline(spec, arch_info("x86_64"))
+    # an explicit --mem is the user's: the kernel says what it could do
+    spec = guest_spec(BootOptions(debian="6.12", mem="1G", in_guest=True, watch=True, then=("hugepages-1g=1",)),
+                      "x86_64")
+    assert spec.mem == "1G"
+
+
+def test_shortfall_in_words():
+    assert shortfall(Step("hugepages-1g", "1"), 1 << 20, 0, 1, 0, "") == ""
+    said = shortfall(Step("hugepages-1g", "1"), 1 << 20, 0, 0, 0, "")
+    assert "allocated 0 of the 1 1G pages" in said and "1G-aligned GiB" in said and said.endswith("the pool has 0")
+    assert "no 1G hugepage pool" in shortfall(Step("hugepages-1g", "1"), 1 << 20, None, None, 1, "sh: can't create")
+    assert "allocated 3 of the 8 2M pages" in shortfall(Step("hugepages", "12"), 2048, 4, 7, 0, "")
+    assert shortfall(Step("hugepages", "0"), 2048, 4, 1, 0, "") == "the kernel freed the pool to 1, not 0 (pages in use stay)"
+    assert "refused the write (sh: write error: Invalid argument)" in shortfall(
+        Step("hugepages", "3"), 2048, 4, 4, 1, "sh: write error: Invalid argument")
+
+
+def test_watch_opens_the_kernel_again_after_a_hotplug_event():
+    probes, _ = select(K612.get, lambda fn: True)
+    by = {p.function: p for p in probes}
+    amr, onl, one = by["add_memory_resource"], by["online_pages"], by["__hugetlb_vmemmap_optimize_folio"]
+    feed = [[E(one, 1, 3, 9, 0xffe7526a00000000), R(one, 2, 3)],
+            [E(amr, 10, 7, 0, 1 << 32, (5 << 30) - 1), E(onl, 11, 7, 1 << 20, 32768), R(onl, 12, 7), R(amr, 13, 7)]]
+
+    class Bt:
+        def lines(self, timeout):
+            return feed.pop(0) if feed else []
+
+    opened = []
+    first = SimpleNamespace(layout=None, name="first")
+    w = Watcher(first, emit=lambda obj, what: None, reopen=lambda: opened.append(1) or SimpleNamespace(name="again"))
+    w.bt, w.tracker, w.pending = Bt(), Tracker(probes), []
+    w.pump()  # an HVO remap: the open kernel still sees all of its memory
+    assert not w.stale and len(w.pending) == 1
+    w.pump()  # a hot-add: read through a fresh open from now on
+    assert w.stale and [c.probe.function for c in w.pending] == ["__hugetlb_vmemmap_optimize_folio", "add_memory_resource"]
+    import inspect_vmemmap.commands as commands
+
+    class NoAnalysis(Exception):
+        pass
+
+    def analysis(t):
+        assert t.name == "again"
+        raise NoAnalysis
+
+    real = commands.Analysis
+    commands.Analysis = analysis
+    try:
+        try:
+            w.read()
+        except NoAnalysis:
+            pass
+    finally:
+        commands.Analysis = real
+    assert opened == [1] and w.t.name == "again" and not w.stale
