@@ -30,6 +30,12 @@ def check_backing(obs: Observed, explained: Explained, backing_free: Optional[Ca
     free: List[Tuple[int, int, int]] = []  # (vaddr, size, phys)
     bulk = deep and hasattr(backing_free, "free_ranges")
     know_ram = bool(ram)  # no RAM list at all: nothing can be said about backing
+    if backing_free is not None and not bulk and hasattr(backing_free, "free_of"):
+        # the first page of each leaf, all asked at once: their struct pages read in bulk
+        first_free = backing_free.free_of(
+            phys >> shift for va, size, phys, _ in obs.leaves
+            if not (know_ram and not ram.covers(phys, phys + size) and va not in explained.placed))
+        backing_free = first_free.__contains__
     for va, size, phys, _ in obs.leaves:
         if know_ram and not ram.covers(phys, phys + size) and va not in explained.placed:
             outside.append((va, size, phys))
