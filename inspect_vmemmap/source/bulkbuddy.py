@@ -3,52 +3,63 @@
 struct pages of every block head it looks at read in bulk, each vmemmap page once,
 neighbouring pages in one read, in address order. ``check`` asks this of the first page
 backing each vmemmap leaf: with thousands of HVO folios, tens of thousands of leaves,
-whose heads lie on a few thousand vmemmap pages."""
+whose block heads lie on a few thousand vmemmap pages."""
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Set
+from bisect import bisect_right
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from inspect_vmemmap.memory import FaultError
 
 
 def free_of(checker, pfns: Iterable[int], max_read: int = 1 << 20) -> Set[int]:
-    """The pfns of ``pfns`` that are free, as ``checker`` (a BuddyChecker) says one by one, with
-    their block heads' struct pages read in bulk: each vmemmap page they are on read
-    once, neighbouring pages in one read (at most ``max_read`` bytes), in address order.
-    A read that fails is retried page by page; a pfn whose heads' page cannot be read
-    is not free, as one by one."""
+    """The pfns of ``pfns`` that are free, as ``checker`` (a BuddyChecker) says one by
+    one, with their block heads' struct pages read in bulk: each vmemmap page they are on
+    read once, neighbouring pages in one read (at most ``max_read`` bytes), in address
+    order. A read that fails is retried page by page.
+
+    One by one, pfn is free when for some order o its block head ``pfn & ~(2**o - 1)`` is
+    PageBuddy with an order of at least o, every head before it read. So a PageBuddy head h
+    of order k frees exactly ``[h, h + 2**m)``, m = min(k, max_order, h's alignment): the
+    union of those blocks, with the pfns that have an unreadable head decided one by one."""
     lay = checker.layout
-    page = lay.page_size
-    lo, span = checker.lo, checker.span
-    pfns = sorted(set(pfns))
-    heads = {}  # pfn -> [(order, head)], the distinct heads in the order _block reads them
+    page, base, sps = lay.page_size, lay.vmemmap_base, lay.struct_page_size
+    lo, span, top = checker.lo, checker.span, checker.max_order
+    pfns = set(pfns)
+    masks = [~((1 << o) - 1) for o in range(top + 1)]
+    heads = sorted({pfn & m for pfn in pfns for m in masks})
     need = set()
-    for pfn in pfns:
-        hs, last = [], -1
-        for o in range(checker.max_order + 1):
-            head = pfn & ~((1 << o) - 1)
-            if head != last:
-                last = head
-                hs.append((o, head))
-                a = lay.pfn_to_page(head) + lo
-                need.update(range(a // page, (a + span - 1) // page + 1))
-        heads[pfn] = hs
+    for h in heads:
+        a = base + h * sps + lo
+        need.add(a // page)
+        need.add((a + span - 1) // page)
     got = _read_pages(checker.mem, sorted(need), page, max_read)
+    o_type, o_priv = checker.off_type - lo, checker.off_priv - lo
+    blocks: List[Tuple[int, int]] = []
+    unread = set()
+    for h in heads:
+        raw = _raw(got, base + h * sps + lo, span, page)
+        if raw is None:
+            unread.add(h)
+        elif checker.is_buddy(int.from_bytes(raw[o_type:o_type + 4], "little")):
+            k = min(int.from_bytes(raw[o_priv:o_priv + 8], "little"), top)
+            align = (h & -h).bit_length() - 1 if h else top
+            blocks.append((h, h + (1 << min(k, align))))
     free = set()
+    starts = [a for a, _ in blocks]
     for pfn in pfns:
-        buddy, order, hs, k = False, 0, heads[pfn], 0
-        for o in range(checker.max_order + 1):
-            if k < len(hs) and hs[k][0] == o:
-                raw = _raw(got, lay.pfn_to_page(hs[k][1]) + lo, span, page)
-                k += 1
-                if raw is None:
-                    break
-                buddy = checker.is_buddy(int.from_bytes(raw[checker.off_type - lo:checker.off_type - lo + 4], "little"))
-                order = int.from_bytes(raw[checker.off_priv - lo:checker.off_priv - lo + 8], "little")
-            if buddy and order >= o:
+        if unread and any(pfn & m in unread for m in masks):
+            if checker(pfn):  # an unreadable head on the way: as one by one
+                free.add(pfn)
+            continue
+        i = bisect_right(starts, pfn) - 1
+        # blocks may nest (a stale order on a head inside a bigger free block): any holds
+        while i >= 0 and pfn - starts[i] < 1 << top:
+            if pfn < blocks[i][1]:
                 free.add(pfn)
                 break
+            i -= 1
     return free
 
 

@@ -183,8 +183,16 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
         h = hstates + i * hsize
         order = _u32(mem, h + o_order)
         heads = [h + o_active] + [h + o_free + k * lh for k in range(nfree)]
+        try:  # the per-node free lists' heads side by side (MAX_NUMNODES of them): one read
+            free_heads = mem.read(h + o_free, nfree * lh)
+        except FaultError:
+            free_heads = None
         for head in heads:
-            node = _u64(mem, head)
+            at = head - h - o_free
+            if free_heads is not None and at >= 0:
+                node = int.from_bytes(free_heads[at:at + 8], "little")
+            else:
+                node = _u64(mem, head)
             steps = 0
             try:
                 while node and node != head and steps < _MAX_LIST:
