@@ -16,7 +16,10 @@ which carries the boot's KASLR offset), never as absolute addresses.
 
 A record is used only when its build ID, kernel release and format match; anything
 else (unreadable, corrupt, another kernel's, another format) is ignored without a word
-and replaced by this run's. ``INSPECT_VMEMMAP_NO_CACHE`` (any non-empty value) turns the
+and replaced by this run's. Records are written only from a running kernel (live or a
+QEMU guest), whose BTF and kallsyms are what the kernel itself runs with; a crash dump
+reads them but never writes one, so a damaged dump cannot teach the cache wrong answers
+for its build. A kernel without BTF is not recorded as such (a dump may only have lost it). ``INSPECT_VMEMMAP_NO_CACHE`` (any non-empty value) turns the
 cache off. Nothing here imports drgn.
 """
 
@@ -64,9 +67,11 @@ class KernelRecord:
         self.types: Dict[str, list] = dict(types or {})
         #: symbol name -> offset from _stext, or None (the kernel has no such symbol)
         self.symbols: Dict[str, Optional[int]] = dict(symbols or {})
-        #: whether the kernel has type information (BTF) at all; None: not known yet
+        #: whether the kernel has type information (BTF); None: not known (never recorded False)
         self.has_types: Optional[bool] = None
         self.dirty = False
+        #: whether :meth:`save` writes (a running kernel's record; see the module's doc)
+        self.writable = True
 
     @classmethod
     def open(cls, build_id: Optional[str], release: str) -> Optional["KernelRecord"]:
@@ -86,7 +91,7 @@ class KernelRecord:
                     and isinstance(doc.get("symbols"), dict)
                     and all(_valid_answer(v) for v in doc["types"].values())
                     and all(v is None or isinstance(v, int) for v in doc["symbols"].values())
-                    and isinstance(doc.get("has_types"), bool)):
+                    and doc.get("has_types") is True):
                 rec.types, rec.symbols, rec.has_types = doc["types"], doc["symbols"], doc["has_types"]
         except (OSError, ValueError, UnicodeDecodeError, TypeError, AttributeError):
             pass  # none yet, or not ours: this run writes a new one
@@ -95,7 +100,7 @@ class KernelRecord:
     def save(self) -> None:
         """Write the record where it belongs (atomically) if this run added to it; a cache
         that cannot be written is no error."""
-        if not self.dirty or self.path is None or self.has_types is None:
+        if not self.dirty or not self.writable or self.path is None or not self.has_types:
             return
         doc = {"format": FORMAT, "build_id": self.build_id, "release": self.release,
                "has_types": bool(self.has_types), "types": self.types, "symbols": self.symbols}
@@ -190,13 +195,14 @@ class RecordedTypes:
 
 def recorded_types(record: KernelRecord, load: Callable[[], object]):
     """The kernel's type information through ``record``: a :class:`RecordedTypes`, or None
-    where the kernel has none. Where the record does not know yet, ``load()`` runs now."""
-    if record.has_types is None:
+    where the kernel has none. Where the record holds none yet, ``load()`` runs now."""
+    if not record.has_types:
         real = load()
-        record.has_types = real is not None
-        record.dirty = True
-        return None if real is None else RecordedTypes(record, load, real)
-    return RecordedTypes(record, load) if record.has_types else None
+        if real is None:
+            return None
+        record.has_types = record.dirty = True
+        return RecordedTypes(record, load, real)
+    return RecordedTypes(record, load)
 
 
 class SymbolsUnavailable(Exception):

@@ -341,6 +341,7 @@ def _recorded(prog: drgn.Program, source: str, memory: DrgnMemory, text: str):
     stext = info.symbol("_stext")
     if record is None or stext is None:
         return DrgnLookup(prog, False), _btf_or_scan(prog, source, memory, text)
+    record.writable = source in ("live", "qemu")  # a dump reads records, never writes one
     atexit.register(record.save)
     kallsyms = []
 

@@ -146,40 +146,24 @@ def _check_json(core: Path, env: dict) -> str:
     return p.stdout
 
 
-def test_answers_from_the_cache_print_what_a_run_without_it_prints(tmp_path):
-    """A real dump (the 6.12 fixture) checked three times: without the cache, recording it,
-    and answered from it (and from a record another boot of the build would read the
-    same way): byte-identical JSON."""
-    import os
-
+@pytest.fixture
+def fixture_core(tmp_path):
     core = tmp_path / "6.12.core"
     with lzma.open(FIXTURES / "6.12-numa2-hvo.core.xz") as src, open(core, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    base = {k: v for k, v in os.environ.items() if k not in ("INSPECT_VMEMMAP_CACHE", "INSPECT_VMEMMAP_NO_CACHE")}
-    off = _check_json(core, dict(base, INSPECT_VMEMMAP_NO_CACHE="1"))
-    env = dict(base, XDG_CACHE_HOME=str(tmp_path / "xdg"))
-    first = _check_json(core, env)
-    rec = tmp_path / "xdg" / "inspect-vmemmap" / "kernels" / f"{BUILD}.json"
-    doc = json.loads(rec.read_text())
-    assert doc["has_types"] is True and doc["types"] and doc["symbols"]
-    second = _check_json(core, env)
-    assert off == first == second
-    assert json.loads(rec.read_text()) == doc  # nothing new to record
+    return core
 
 
-def test_a_recorded_build_opens_without_kallsyms_or_btf(tmp_path, monkeypatch):
-    """In one process: the first open of the 6.12 fixture loads kallsyms and the BTF and
-    records; the second answers everything `check` asks from the record, loading neither,
-    and gives the same document."""
+@pytest.fixture
+def counted_open(monkeypatch, tmp_path):
+    """open(core, as_running): the 6.12 fixture opened as a dump, or as a running kernel
+    (what writes records), with the record saved as at the process's end; ``calls``
+    counts the BTF loads and kallsyms registrations."""
     import atexit
 
-    from inspect_vmemmap.commands import confirmed_check
     from inspect_vmemmap.source import drgn as adapter
-    from inspect_vmemmap.source import open_target
+    from inspect_vmemmap.source.target import target_from_program
 
-    core = tmp_path / "6.12.core"
-    with lzma.open(FIXTURES / "6.12-numa2-hvo.core.xz") as src, open(core, "wb") as dst:
-        shutil.copyfileobj(src, dst)
     monkeypatch.delenv("INSPECT_VMEMMAP_NO_CACHE", raising=False)
     monkeypatch.delenv("INSPECT_VMEMMAP_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -198,17 +182,68 @@ def test_a_recorded_build_opens_without_kallsyms_or_btf(tmp_path, monkeypatch):
     monkeypatch.setattr(adapter, "load_btf", counting_btf)
     monkeypatch.setattr(adapter, "_register_kallsyms", counting_kallsyms)
 
-    def check():
-        t = open_target(core=str(core), no_debuginfo=True)
+    def open_(core: Path, as_running: bool):
+        from inspect_vmemmap.commands import confirmed_check
+
+        prog = adapter.open_core(str(core), None)
+        t = target_from_program(prog, "qemu" if as_running else "vmcore", no_debuginfo=True, dump_path=str(core))
         doc = confirmed_check(t)[1]
         for save in at_exit:
             save()
         at_exit.clear()
         return doc
 
-    first = check()
+    open_.calls = calls
+    return open_
+
+
+def _records(tmp_path):
+    return sorted((tmp_path / "xdg" / "inspect-vmemmap" / "kernels").glob("*.json"))
+
+
+def test_a_dump_never_writes_a_record(fixture_core, counted_open, tmp_path):
+    counted_open(fixture_core, as_running=False)
+    assert _records(tmp_path) == []
+
+
+def test_a_recorded_build_opens_without_kallsyms_or_btf(fixture_core, counted_open, tmp_path):
+    """A running kernel's open loads kallsyms and the BTF and records; a dump of the same
+    build then answers everything `check` asks from the record, loading neither, and
+    gives the same document."""
+    calls = counted_open.calls
+    first = counted_open(fixture_core, as_running=True)
     assert calls["btf"] == 1 and calls["kallsyms"] >= 1
+    assert [r.name for r in _records(tmp_path)] == [f"{BUILD}.json"]
     calls.update(btf=0, kallsyms=0)
-    second = check()
+    second = counted_open(fixture_core, as_running=False)
     assert calls == {"btf": 0, "kallsyms": 0}
-    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+    assert json.dumps(first["sections"], sort_keys=True) == json.dumps(second["sections"], sort_keys=True)
+    assert json.dumps(first["findings"], sort_keys=True) == json.dumps(second["findings"], sort_keys=True)
+
+
+def test_answers_from_the_cache_print_what_a_run_without_it_prints(fixture_core, counted_open, tmp_path):
+    """The 6.12 fixture checked by the CLI without the cache, then with a record a running
+    kernel of its build wrote: byte-identical JSON, and the record left as it was."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k not in ("INSPECT_VMEMMAP_CACHE", "INSPECT_VMEMMAP_NO_CACHE")}
+    off = _check_json(fixture_core, dict(base, INSPECT_VMEMMAP_NO_CACHE="1"))
+    counted_open(fixture_core, as_running=True)
+    rec = _records(tmp_path)[0]
+    doc = json.loads(rec.read_text())
+    assert doc["has_types"] is True and doc["types"] and doc["symbols"]
+    on = _check_json(fixture_core, dict(base, XDG_CACHE_HOME=str(tmp_path / "xdg")))
+    assert off == on
+    assert json.loads(rec.read_text()) == doc
+
+
+def test_a_kernel_without_btf_is_not_recorded_as_such(cache):
+    """A dump that lost its BTF says nothing about the build: nothing is written, and the
+    next run tries again."""
+    rec = kcache.KernelRecord.open(BUILD, "6.12.117+deb13-amd64")
+    assert kcache.recorded_types(rec, lambda: None) is None
+    kcache.RecordedSymbols(rec, 0, {"hstates": 0x1000}.get)("hstates")
+    rec.save()
+    assert not (cache / f"{BUILD}.json").exists()
+    again = kcache.KernelRecord.open(BUILD, "6.12.117+deb13-amd64")
+    assert kcache.recorded_types(again, FakeTypes) is not None
