@@ -57,6 +57,7 @@ class PhysRanges:
 
         self.ranges = merge(ranges)
         self._starts = [s for s, _ in self.ranges]
+        self._last: Optional[Tuple[int, int]] = None
 
     def __contains__(self, addr: int) -> bool:
         return self.find(addr) is not None
@@ -65,11 +66,15 @@ class PhysRanges:
         return bool(self.ranges)
 
     def find(self, addr: int) -> Optional[Tuple[int, int]]:
+        last = self._last  # callers ask in runs: the range found last time, first
+        if last is not None and last[0] <= addr < last[1]:
+            return last
         from bisect import bisect_right
 
         i = bisect_right(self._starts, addr) - 1
         if i >= 0 and addr < self.ranges[i][1]:
-            return self.ranges[i]
+            self._last = self.ranges[i]
+            return self._last
         return None
 
     def covers(self, start: int, end: int) -> bool:

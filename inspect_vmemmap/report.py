@@ -313,13 +313,20 @@ def print_node_pictures(console: Console, layout: KernelLayout, sections: Sectio
         width = min(width, max(8, (console.width - 17) // 8 * 8))
         for row in range(first, last + 1, width):
             text = Text(f"  {(row * pps) << layout.page_shift:#014x} ")
+            run, run_style = [], None  # characters of one style appended together
             for nr in range(row, min(row + width, last + 1)):
                 sec = sections.get(nr)
                 if sec is None or not sec.present:
-                    text.append(".", style="dim")
-                    continue
-                sz = sizes.get(nr, set())
-                ch = "?" if not sz else "#" if sz == {1 << (2 * layout.page_shift - 3)} else "+" if max(sz) == layout.page_size else "%"
-                style = "bold red" if nr in bad else "green" if sec.early else "cyan" if "ONLINE" in sec.flags else "dim"
-                text.append(ch, style=style)
+                    ch, style = ".", "dim"
+                else:
+                    sz = sizes.get(nr, set())
+                    ch = "?" if not sz else "#" if sz == {1 << (2 * layout.page_shift - 3)} else "+" if max(sz) == layout.page_size else "%"
+                    style = "bold red" if nr in bad else "green" if sec.early else "cyan" if "ONLINE" in sec.flags else "dim"
+                if style != run_style and run:
+                    text.append("".join(run), style=run_style)
+                    run = []
+                run.append(ch)
+                run_style = style
+            if run:
+                text.append("".join(run), style=run_style)
             console.print(text)

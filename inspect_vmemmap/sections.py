@@ -190,13 +190,19 @@ def read_sections(mem: Memory, layout: KernelLayout, read_usage: bool = True,
             nr = ri * spr + j
             table.sections[nr] = Section(nr, addr + j * size, smm & mask64, usage, layout)
 
+    # every section's subsection map at once: early sections' usage lies side by side
+    # (sparse_usage_init() allocates one node's in one block, mm/sparse.c)
+    from inspect_vmemmap.bulkread import read_many
+
+    want = [s for s in table.sections.values() if read_usage and s.usage and s.valid]
+    maps = dict(zip((s.nr for s in want), read_many(mem, [(s.usage + layout.subsection_map_offset, 8) for s in want])))
     for s in table.sections.values():
         _check_flags(table, s)
         if read_usage and s.usage and s.valid:
-            try:
-                (bits,) = struct.unpack("<Q", mem.read(s.usage + layout.subsection_map_offset, 8))
-                s.subsection_map = bits
-            except FaultError:
+            raw = maps[s.nr]
+            if raw is not None:
+                (s.subsection_map,) = struct.unpack("<Q", raw)
+            else:
                 if not s.early:
                     table.findings.append(Finding(
                         "unreadable", None,

@@ -53,11 +53,19 @@ class NodeMap:
     def __init__(self, spans: Iterable[Tuple[int, int, int]]) -> None:
         self.spans = sorted(spans, key=lambda s: s[1])
         self._starts = [s[1] for s in self.spans]
+        self._last: Optional[Tuple[int, int, int]] = None
 
     def nid(self, pfn: int) -> Optional[int]:
         """:return: the node whose span holds ``pfn`` (the innermost, latest-starting one
         where spans nest), or None."""
+        last = self._last  # asked in runs: between the starts that bound the last answer, the same
+        if last is not None and last[0] <= pfn < last[1]:
+            return last[2]
         i = bisect_right(self._starts, pfn) - 1
+        if i >= 0 and pfn < self.spans[i][2]:
+            nxt = self._starts[i + 1] if i + 1 < len(self._starts) else self.spans[i][2]
+            self._last = (self.spans[i][1], min(nxt, self.spans[i][2]), self.spans[i][0])
+            return self.spans[i][0]
         while i >= 0:
             if pfn < self.spans[i][2]:
                 return self.spans[i][0]

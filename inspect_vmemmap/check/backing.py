@@ -30,6 +30,7 @@ def check_backing(obs: Observed, explained: Explained, backing_free: Optional[Ca
     free: List[Tuple[int, int, int]] = []  # (vaddr, size, phys)
     bulk = deep and hasattr(backing_free, "free_ranges")
     know_ram = bool(ram)  # no RAM list at all: nothing can be said about backing
+    at_once = backing_free is not None and not bulk and hasattr(backing_free, "free_of")
     for va, size, phys, _ in obs.leaves:
         if know_ram and not ram.covers(phys, phys + size) and va not in explained.placed:
             outside.append((va, size, phys))
@@ -39,8 +40,11 @@ def check_backing(obs: Observed, explained: Explained, backing_free: Optional[Ca
         bn = nodes.nid(phys >> shift)
         if sp is not None and sp.nid is not None and bn is not None and bn != sp.nid:
             offnode.append((va, size, sp.nid, bn))
-        if backing_free is not None and not bulk and backing_free(phys >> shift):
+        if backing_free is not None and not bulk and not at_once and backing_free(phys >> shift):
             free.append((va, size, phys))
+    if at_once:  # the first page of each leaf, all asked at once: their struct pages read in bulk
+        first_free = backing_free.free_of(phys >> shift for phys, _, _ in backed)
+        free = [(va, end - phys, phys) for phys, end, va in backed if phys >> shift in first_free]
     if bulk:
         free = _free_backing(backing_free, backed, shift)
     out: List[Finding] = []

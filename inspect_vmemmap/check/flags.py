@@ -141,6 +141,7 @@ def _read_page_links(obs: Observed, mem, deep: bool, progress: Optional[Callable
         m = 0xFF if k else (0xFF << low_bits) & 0xFF
         tables.append(bytes(b & m for b in range(256)))
     done = 0
+    pieces = []  # (first pfn, count, field wanted): at most a chunk each, in pfn order
     for s in obs.sections:
         if not s.valid or "ONLINE" not in s.flags or "ZONE_DEVICE" in s.flags:
             continue
@@ -148,31 +149,57 @@ def _read_page_links(obs: Observed, mem, deep: bool, progress: Optional[Callable
             for ra, rb, nid, zone in _zone_runs(inputs, ram_pfns, a, b):
                 spans = [(ra, rb)] if deep or rb - ra <= 128 else [(ra, ra + 64), (rb - 64, rb)]
                 want = (nid << pf["zones_width"]) | zone
-                wbytes = (want << low_bits).to_bytes(nbytes, "little")
                 for x, y in spans:
-                    for c in range(x, y, chunk):
-                        n = min(chunk, y - c)
-                        done += n
-                        if progress is not None:
-                            progress(done)
-                        try:
-                            buf = mem.read(lay.pfn_to_page(c), n * sps)
-                        except FaultError:
-                            unread.append((c, c + n))
-                            continue
-                        same = True
-                        for k in range(nbytes):
-                            col = buf[first_byte + k::sps][:n].translate(tables[k])
-                            if col != bytes([wbytes[k]]) * n:
-                                same = False
-                                break
-                        if same:
-                            continue
-                        for i in range(n):
-                            w = int.from_bytes(buf[i * sps:i * sps + 8], "little") >> shift
-                            if w != want:
-                                bad.append((c + i, w, want))
+                    pieces.extend((c, min(chunk, y - c), want) for c in range(x, y, chunk))
+    for buf, c, n, want in _read_pieces(mem, lay, pieces, chunk):
+        done += n
+        if progress is not None:
+            progress(done)
+        if buf is None:
+            unread.append((c, c + n))
+            continue
+        wbytes = (want << low_bits).to_bytes(nbytes, "little")
+        same = True
+        for k in range(nbytes):
+            col = buf[first_byte + k::sps][:n].translate(tables[k])
+            if col != bytes([wbytes[k]]) * n:
+                same = False
+                break
+        if same:
+            continue
+        for i in range(n):
+            w = int.from_bytes(buf[i * sps:i * sps + 8], "little") >> shift
+            if w != want:
+                bad.append((c + i, w, want))
     return bad, unread
+
+
+def _read_pieces(mem, lay, pieces, chunk: int):
+    """``(bytes or None, pfn, count, want)`` of each piece, neighbouring pieces' struct
+    pages read together (the last sample of a section and the first of the next are
+    side by side), at most ``chunk`` struct pages a read: the pieces of a read that fails
+    are read alone, so what is unread is what reading them alone could not."""
+    sps = lay.struct_page_size
+    i, n = 0, len(pieces)
+    while i < n:
+        c0 = pieces[i][0]
+        j, end = i + 1, c0 + pieces[i][1]
+        while j < n and pieces[j][0] == end and end + pieces[j][1] - c0 <= chunk:
+            end += pieces[j][1]
+            j += 1
+        try:
+            buf = mem.read(lay.pfn_to_page(c0), (end - c0) * sps)
+        except FaultError:
+            buf = None
+        for c, k, want in pieces[i:j]:
+            if buf is not None:
+                yield (buf if j == i + 1 else buf[(c - c0) * sps:(c - c0 + k) * sps]), c, k, want
+                continue
+            try:
+                yield mem.read(lay.pfn_to_page(c), k * sps), c, k, want
+            except FaultError:
+                yield None, c, k, want
+        i = j
 
 
 def _zone_runs(inputs: Inputs, ram_pfns: Sequence[Interval], start: int, end: int):

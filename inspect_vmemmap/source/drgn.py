@@ -91,11 +91,15 @@ class DrgnLookup(KernelLookup):
     """Symbols through drgn (ELF symbols, or kallsyms where :func:`load_btf` registered
     it), and variables from DWARF where it is loaded."""
 
-    def __init__(self, prog: drgn.Program, has_dwarf: bool) -> None:
+    def __init__(self, prog: drgn.Program, has_dwarf: bool, symbols=None) -> None:
         self.prog = prog
         self.has_dwarf = has_dwarf
+        #: a :class:`inspect_vmemmap.kcache.RecordedSymbols` to answer first, or None
+        self.symbols = symbols
 
     def symbol(self, name: str) -> Optional[int]:
+        if self.symbols is not None:
+            return self.symbols(name)
         try:
             return self.prog.symbol(name).address
         except LookupError:
@@ -159,9 +163,18 @@ class Kernel:
     arch_name: str
 
 
+#: drgn's own plugins: its interactive commands (drgn.commands), which the tool does not use
+#: and whose import costs a fourth of a second in every process that opens a program
+DRGN_COMMAND_PLUGINS = "builtin_commands,crash_commands"
+
+
 def quiet() -> None:
-    """drgn logs its debug-info search to stderr; the tool says what matters in one line."""
+    """drgn logs its debug-info search to stderr; the tool says what matters in one line.
+    drgn's command plugins are left unloaded unless the user chose plugins
+    (DRGN_PLUGINS, DRGN_DISABLE_PLUGINS); other plugins load as ever."""
     logging.getLogger("drgn").setLevel(logging.CRITICAL)
+    if "DRGN_PLUGINS" not in os.environ and "DRGN_DISABLE_PLUGINS" not in os.environ:
+        os.environ["DRGN_DISABLE_PLUGINS"] = DRGN_COMMAND_PLUGINS
 
 
 def open_core(core: str, note: Optional[bytes]) -> drgn.Program:
@@ -292,9 +305,73 @@ def kernel(prog: drgn.Program, source: str, vmlinux: Optional[str] = None, no_de
         text = prog["VMCOREINFO"].string_().decode(errors="replace")
     except (LookupError, drgn.FaultError, ValueError):
         text = ""
-    types = DwarfTypes(prog) if has_dwarf else load_btf(prog, source)
-    return Kernel(prog, source, DrgnMemory(prog), DrgnLookup(prog, has_dwarf), types, text,
-                  prog.platform.arch.name)
+    memory = DrgnMemory(prog)
+    if has_dwarf:
+        lookup, types = DrgnLookup(prog, True), DwarfTypes(prog)
+    elif load_debug_info:  # our own program: what an earlier run on this build found is reused
+        lookup, types = _recorded(prog, source, memory, text)
+    else:
+        lookup, types = DrgnLookup(prog, False), _btf_or_scan(prog, source, memory, text)
+    return Kernel(prog, source, memory, lookup, types, text, prog.platform.arch.name)
+
+
+def _btf_or_scan(prog: drgn.Program, source: str, memory: DrgnMemory, text: str) -> Optional[Btf]:
+    """:func:`load_btf`, and where drgn's kallsyms loader failed (no SYMBOL(kallsyms_*),
+    a byte it cannot decode), the BTF found by scanning the image (issue 15)."""
+    btf = load_btf(prog, source)
+    if btf is None:
+        from inspect_vmemmap.btfscan import find_btf
+        from inspect_vmemmap.source.vmcoreinfo import VmcoreInfo, parse_vmcoreinfo
+
+        btf = find_btf(memory, VmcoreInfo(parse_vmcoreinfo(text)).symbol("_stext"))
+    return btf
+
+
+def _recorded(prog: drgn.Program, source: str, memory: DrgnMemory, text: str):
+    """Symbols and BTF answered from the record of an earlier run on this kernel build
+    (:mod:`inspect_vmemmap.kcache`), kallsyms and the BTF loaded only for what it lacks;
+    the record is written when the process ends. Without a build ID: loaded as ever."""
+    import atexit
+
+    from inspect_vmemmap import kcache
+    from inspect_vmemmap.source.vmcoreinfo import VmcoreInfo, parse_vmcoreinfo
+
+    info = VmcoreInfo(parse_vmcoreinfo(text))
+    record = kcache.KernelRecord.open(info.get("BUILD-ID"), info.get("OSRELEASE") or "")
+    stext = info.symbol("_stext")
+    if record is None or stext is None:
+        return DrgnLookup(prog, False), _btf_or_scan(prog, source, memory, text)
+    record.writable = source in ("live", "qemu")  # a dump reads records, never writes one
+    atexit.register(record.save)
+    kallsyms = []
+
+    def lookup(name: str) -> Optional[int]:
+        if not kallsyms:
+            kallsyms.append(_register_kallsyms(prog))
+        try:
+            return prog.symbol(name).address
+        except LookupError:
+            if not kallsyms[0]:
+                raise kcache.SymbolsUnavailable(name) from None
+            return None
+
+    symbols = kcache.RecordedSymbols(record, stext, lookup)
+    types = kcache.recorded_types(record, lambda: _btf_or_scan(prog, source, memory, text))
+    return DrgnLookup(prog, False, symbols), types
+
+
+def _register_kallsyms(prog: drgn.Program) -> bool:
+    """drgn's symbol finder over the kernel's kallsyms (VMCOREINFO's kallsyms_* entries,
+    v6.0+), once. :return: whether it is there."""
+    if "vmlinux_kallsyms" in prog.registered_symbol_finders():
+        return True
+    try:
+        from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
+
+        prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
+        return True
+    except Exception:  # no kallsyms in VMCOREINFO, or unreadable: ELF symbols only
+        return False
 
 
 def _lend_address_space(prog: drgn.Program, source: str) -> None:
@@ -326,12 +403,7 @@ def load_btf(prog: drgn.Program, source: str) -> Optional[Btf]:
 
     :return: a :class:`inspect_vmemmap.btf.Btf`, or None where there is none.
     """
-    try:
-        from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
-
-        prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
-    except Exception:  # no kallsyms in VMCOREINFO, or unreadable: ELF symbols only
-        pass
+    _register_kallsyms(prog)
     try:
         if source == "live" and os.path.exists("/sys/kernel/btf/vmlinux"):
             with open("/sys/kernel/btf/vmlinux", "rb") as f:

@@ -173,6 +173,8 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
     o_priv = types.offsetof("struct page", "private")
     sps = layout.struct_page_size
     base = layout.vmemmap_base
+    lo = min(o_lru, o_priv)
+    span = max(o_lru, o_priv) + 8 - lo
     out = []
     seen = set()
     broken: List[FaultError] = []
@@ -181,15 +183,16 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
         h = hstates + i * hsize
         order = _u32(mem, h + o_order)
         heads = [h + o_active] + [h + o_free + k * lh for k in range(nfree)]
-        # the MAX_NUMNODES free lists' heads in one read (1024 of them on Debian's x86_64),
-        # not one read each: most are empty
-        try:
-            raw = mem.read(h + o_free, nfree * lh)
-            firsts = {h + o_free + k * lh: struct.unpack_from("<Q", raw, k * lh)[0] for k in range(nfree)}
+        try:  # the per-node free lists' heads side by side (MAX_NUMNODES of them): one read
+            free_heads = mem.read(h + o_free, nfree * lh)
         except FaultError:
-            firsts = {}
+            free_heads = None
         for head in heads:
-            node = firsts[head] if head in firsts else _u64(mem, head)
+            at = head - h - o_free
+            if free_heads is not None and at >= 0:
+                node = int.from_bytes(free_heads[at:at + 8], "little")
+            else:
+                node = _u64(mem, head)
             steps = 0
             try:
                 while node and node != head and steps < _MAX_LIST:
@@ -199,9 +202,17 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
                     if pfn in seen:
                         break
                     seen.add(pfn)
-                    opt = bool(_u64(mem, page + o_priv) >> bit & 1)
+                    # ->private and lru.next in one read (one struct page: never two pages)
+                    try:
+                        raw = mem.read(page + lo, span)
+                    except FaultError:  # read them apart, to fail where reading them apart does
+                        opt = bool(_u64(mem, page + o_priv) >> bit & 1)
+                        nxt = _u64(mem, node)
+                    else:
+                        opt = bool(int.from_bytes(raw[o_priv - lo:o_priv - lo + 8], "little") >> bit & 1)
+                        nxt = int.from_bytes(raw[o_lru - lo:o_lru - lo + 8], "little")
                     out.append(Folio(pfn, order, opt, nid_of(pfn), zone_of(pfn)))
-                    node = _u64(mem, node)
+                    node = nxt
             except FaultError as e:  # this list ends here for us; the others may be whole
                 broken.append(e)
     if broken:
@@ -265,6 +276,13 @@ class BuddyChecker:
             if buddy and order >= o:
                 return head, head + (1 << min(order, self.max_order))
         return None
+
+    def free_of(self, pfns, max_read: int = 1 << 20) -> set:
+        """The pfns of ``pfns`` that are free, as :meth:`__call__` says, read in bulk
+        (:func:`inspect_vmemmap.source.bulkbuddy.free_of`)."""
+        from inspect_vmemmap.source.bulkbuddy import free_of
+
+        return free_of(self, pfns, max_read)
 
     def free_ranges(self, start: int, end: int, chunk: int = 1 << 15) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
         """Every free pfn in ``[start, end)``, reading the struct pages in bulk: a column of

@@ -112,13 +112,7 @@ def target_from_program(prog, source: str, vmlinux: Optional[str] = None, no_deb
     k = adapter.kernel(prog, source, vmlinux, no_debuginfo, load_debug_info)
     arch = arch_for(k.arch_name)
     info = VmcoreInfo(parse_vmcoreinfo(k.vmcoreinfo_text))
-    types = k.types
-    if types is None:
-        # drgn's kallsyms loader failed (no SYMBOL(kallsyms_*), a byte it cannot decode):
-        # the BTF is in the image all the same (issue 15)
-        from inspect_vmemmap.btfscan import find_btf
-
-        types = find_btf(k.memory, info.symbol("_stext"))
+    types = k.types  # without DWARF: the BTF, or the BTF found in the image (issue 15)
     layout = decide_layout(arch, info, k.lookup, k.memory, types)
     dump = describe(dump_path, layout.page_size) if dump_path else None
     memory = filtering_memory(k.memory, dump, layout)

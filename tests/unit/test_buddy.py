@@ -82,6 +82,34 @@ def test_bulk_scan_agrees_with_one_by_one(case):
     assert free == merge([(p, p + 1) for p in range(start, end) if checker(p)])
 
 
+@settings(max_examples=60, deadline=None)
+@given(pages(), st.lists(st.integers(0, PAGES + 200), max_size=300), st.sampled_from([4096, 8192, 1 << 20]))
+def test_many_at_once_agrees_with_one_by_one(case, pfns, max_read):
+    """free_of (check's first page of each leaf, read in bulk) against __call__, also for
+    pfns whose struct pages (or some of their block heads') cannot be read."""
+    checker = case[0]
+    assert checker.free_of(pfns, max_read) == {p for p in pfns if checker(p)}
+
+
+def test_many_at_once_reads_each_page_once_in_address_order():
+    lay = x86_layout()
+    mem = StructPages(lay)
+    reads = []
+    read = mem.read
+    mem.read = lambda a, n, physical=False: reads.append((a, n)) or read(a, n, physical)
+    checker = BuddyChecker(mem, lay, OFF_TYPE, OFF_PRIV, 0xFF000000, PGTY_BUDDY << 24, max_order=10)
+    mem.put(1024, PGTY_BUDDY << 24, 10)
+    pfns = list(range(1024, 2048, 7)) + list(range(3000, 3100))
+    assert checker.free_of(pfns) == {p for p in pfns if p < 2048}
+    # 64 struct pages to a vmemmap page. pfns 1024-2047 (head 1024 at every order): pages
+    # 16-31. pfns 3000-3071: themselves on pages 46-47, heads 2944 (orders 7), 2816 (8),
+    # 2560 (9), 2048 (10) on pages 46, 44, 40 and 32; pfns 3072-3099 are their own heads
+    # (3072) up to order 10, on page 48. Pages 16-32, 40, 44, 46-48: four runs, each read once.
+    base = lay.pfn_to_page(0)
+    assert reads == [(base + 16 * 4096, 17 * 4096), (base + 40 * 4096, 4096), (base + 44 * 4096, 4096),
+                     (base + 46 * 4096, 3 * 4096)]
+
+
 def test_unreadable_struct_pages_are_said():
     lay = x86_layout()
     mem = StructPages(lay)
