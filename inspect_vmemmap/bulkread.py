@@ -11,7 +11,11 @@ from typing import List, Optional, Sequence, Tuple
 from inspect_vmemmap.memory import FaultError, Memory
 
 
-def read_many(mem: Memory, items: Sequence[Tuple[int, int]], max_gap: int = 512, max_run: int = 1 << 16,
+#: the most bytes between two items that one run reads without being asked for them
+MAX_GAP = 512
+
+
+def read_many(mem: Memory, items: Sequence[Tuple[int, int]], max_gap: int = MAX_GAP, max_run: int = 1 << 16,
               physical: bool = False) -> List[Optional[bytes]]:
     """:param items: ``(address, size)`` pairs, in any order.
     :return: for each item, in the order given, its bytes, or None where it could not be read."""
