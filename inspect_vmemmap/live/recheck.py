@@ -36,7 +36,7 @@ folios take the page an earlier full check found (it never changes once set:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from inspect_vmemmap.analysis import load_sections, paging_format

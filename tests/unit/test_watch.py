@@ -207,7 +207,7 @@ def test_watch_without_bpftrace(tmp_path):
 
 
 def test_bpftrace_that_cannot_attach_is_one_line(tmp_path, monkeypatch):
-    from inspect_vmemmap.live.watch import Bpftrace, WatchError
+    from inspect_vmemmap.live.bpftrace import Bpftrace, WatchError
 
     fake = tmp_path / "bpftrace"
     fake.write_text("#!/bin/sh\necho 'Attaching 3 probes...' >&2\n"
@@ -265,7 +265,7 @@ def test_changes_during_a_read_and_the_races_they_name(k612):
 
 
 def test_a_probe_the_kernel_refuses_is_listed_absent_and_the_rest_attached(tmp_path):
-    from inspect_vmemmap.live.watch import attach
+    from inspect_vmemmap.live.bpftrace import attach
 
     fake = tmp_path / "bpftrace"
     fake.write_text("#!/bin/sh\n"
