@@ -546,9 +546,6 @@ def _run(o: BootOptions, progress, console_factory) -> int:
             arch = o.arch or "x86_64"
             kernel = None
         info = arch_info(arch)
-        if o.in_guest and arch != os.uname().machine:
-            raise BootError(f"--in-guest runs the host's Python in the guest, so the guest must be {os.uname().machine} "
-                            f"like the host, not {arch}")
         if o.dump_kdump and arch != "x86_64":
             raise BootError(f"--dump-kdump: kdump captures are implemented for x86_64 guests, not {arch}")
         spec = guest_spec(o, arch)
@@ -564,11 +561,12 @@ def _run(o: BootOptions, progress, console_factory) -> int:
             progress(f"kernel {kernel.release} from {o.kernel_image}")
         if o.in_guest:
             chan = inguest.channel_path(scratch)
+            userland = _foreign_userland(arch, progress)
             spec = replace(
                 spec,
                 extra_modules=tuple(inguest.modules_for(arch, kernel.modules_dep())),
-                init_extra=inguest.init_script(arch),
-                qemu_args=tuple(inguest.qemu_args(arch, chan)),
+                init_extra=inguest.init_script(arch, userland=userland),
+                qemu_args=tuple(inguest.qemu_args(arch, chan, userland=userland)),
             )
         kd = None
         if o.dump_kdump:
@@ -599,6 +597,19 @@ def _run(o: BootOptions, progress, console_factory) -> int:
                                   after=(lambda doc: _kdump_capture(o, kd, guest, doc, progress)) if kd else None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _foreign_userland(arch: str, progress):
+    """For --in-guest: None when the guest runs the host's own Python (same architecture),
+    else a Debian userland of the guest's architecture (:mod:`.userland`, built once)."""
+    if arch == os.uname().machine:
+        return None
+    from .userland import ensure_userland
+
+    u = ensure_userland(arch, progress=progress)
+    progress(f"in-guest userland: Debian {u.suite} {arch} (python3 {u.packages.get('python3', '?')}, "
+             f"drgn {u.packages.get('python3-drgn', '?')})")
+    return u
 
 
 def _note_shortfalls(o: BootOptions, guest, progress) -> None:

@@ -5,6 +5,9 @@ The guest mounts the host's root file system read-only over virtio-9p (mount tag
 (on another scratch directory when the project lives under /tmp, as a CI clone may),
 and chroots into it to run the host's Python (``sys.executable``, with the project on
 PYTHONPATH): the very interpreter, drgn and source tree the host uses, with no copy.
+A guest of another architecture than the host's gets a Debian userland of its own
+architecture instead (:mod:`.userland`) as that root, and the project's source tree over a
+second read-only 9p export (``ivmproject``) mounted inside it, on its PYTHONPATH.
 
 The host asks for a run over a second serial line (a QEMU chardev socket: an ISA
 16550, ``/dev/ttyS1``, on x86_64; a virtio console, ``/dev/hvc0``, on aarch64), so kernel
@@ -37,6 +40,7 @@ from .errors import LabError
 from .initramfs import ACCOUNT_SCRIPT, MARK_ACCOUNT_BEGIN, MARK_ACCOUNT_END
 
 MOUNT_TAG = "hostroot"
+PROJECT_TAG = "ivmproject"  # the project's source tree, for a foreign userland
 GUEST_ROOT = "/host"  # where the guest mounts the host's root
 MARK_BEGIN = "IVM-INGUEST-BEGIN"
 MARK_STDERR = "IVM-INGUEST-STDERR"
@@ -48,9 +52,10 @@ WATCH_READY = "probes attached"
 #: 9p over virtio; the lab adds their dependencies (netfs, 9pnet, fscache on 6.1, virtio, virtio_ring)
 MODULES = ("9pnet_virtio", "9p")
 #: loaded when the kernel has them as modules (6.1: virtio_pci is =m), else taken to be built in
-OPTIONAL_MODULES = {"x86_64": ("virtio_pci",), "aarch64": ("virtio_pci", "virtio_console")}
+OPTIONAL_MODULES = {"x86_64": ("virtio_pci",), "aarch64": ("virtio_pci", "virtio_console"),
+                    "riscv64": ("virtio_pci", "virtio_console")}
 #: the guest end of the request line, per architecture
-CHANNEL_DEVICE = {"x86_64": "/dev/ttyS1", "aarch64": "/dev/hvc0"}
+CHANNEL_DEVICE = {"x86_64": "/dev/ttyS1", "aarch64": "/dev/hvc0", "riscv64": "/dev/hvc0"}
 
 
 def project_root() -> Path:
@@ -66,13 +71,20 @@ def modules_for(arch: str, available) -> list[str]:
     return [m for m in OPTIONAL_MODULES.get(arch, ()) if m in available] + list(MODULES)
 
 
-def qemu_args(arch: str, channel_socket: Path) -> list[str]:
-    """The host's root as a read-only 9p export, and the request line on ``channel_socket``."""
+def qemu_args(arch: str, channel_socket: Path, userland=None) -> list[str]:
+    """The host's root (or ``userland``'s, a :class:`.userland.Userland`, with the project's
+    source tree beside it) as a read-only 9p export, and the request line on ``channel_socket``."""
+    root = userland.root if userland is not None else "/"
     args = [
-        "-fsdev", f"local,id=ivmroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-fsdev", f"local,id=ivmroot,path={root},security_model=none,readonly=on,multidevs=remap",
         "-device", f"virtio-9p-pci,fsdev=ivmroot,mount_tag={MOUNT_TAG}",
-        "-chardev", f"socket,id=ivmreq,path={channel_socket},server=on,wait=off",
     ]
+    if userland is not None:
+        args += [
+            "-fsdev", f"local,id=ivmproj,path={project_root()},security_model=none,readonly=on,multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev=ivmproj,mount_tag={PROJECT_TAG}",
+        ]
+    args += ["-chardev", f"socket,id=ivmreq,path={channel_socket},server=on,wait=off"]
     if arch == "x86_64":
         args += ["-device", "isa-serial,chardev=ivmreq,index=1"]  # COM2: ttyS1 (lab.guest puts its state line on COM3)
     else:
@@ -92,15 +104,19 @@ def scratch_dir(python: str, pythonpath: Path, *more: Path) -> str:
     raise LabError("--in-guest: no host directory to put the guest's scratch tmpfs on")
 
 
-def init_script(arch: str, python: str | None = None, pythonpath: Path | None = None) -> str:
-    """Shell for the lab's ``init_extra``: mount the host root and start the request loop.
+def init_script(arch: str, python: str | None = None, pythonpath: Path | None = None, userland=None) -> str:
+    """Shell for the lab's ``init_extra``: mount the host root (or ``userland``'s, with the
+    project's source tree in it) and start the request loop.
 
     Runs as part of /init before the guest reports ready, so a failure here (reported with
     ``fail``) fails the boot with its reason.
     """
-    python = python or sys.executable
-    pythonpath = pythonpath or project_root()
-    scratch = scratch_dir(python, pythonpath)
+    if userland is not None:
+        python, pythonpath, scratch = userland.python, Path(userland.project_mount), "/tmp"
+    else:
+        python = python or sys.executable
+        pythonpath = pythonpath or project_root()
+        scratch = scratch_dir(python, pythonpath)
     chan = CHANNEL_DEVICE.get(arch)
     if chan is None:
         raise LabError(f"--in-guest: no request channel for {arch}")
@@ -108,14 +124,20 @@ def init_script(arch: str, python: str | None = None, pythonpath: Path | None = 
     env = " ".join(shlex.quote(a) for a in (
         f"HOME={scratch}", f"TMPDIR={scratch}", "PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
         "LANG=C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1", f"PYTHONPATH={pythonpath}",
+        # a foreign userland has no byte code (Debian compiles it in maintainer scripts, which
+        # never ran): compiled once per boot into the scratch tmpfs
+        *((f"PYTHONPYCACHEPREFIX={scratch}/pycache",) if userland is not None else ("PYTHONDONTWRITEBYTECODE=1",)),
+        "PYTHONUNBUFFERED=1", f"PYTHONPATH={pythonpath}",
     ))
     py = shlex.quote(python)
+    project_mount = "" if userland is None else f"""
+  mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose {PROJECT_TAG} {r}{pythonpath} \\
+    || {{ fail "in-guest: cannot mount the project's source tree over 9p ({PROJECT_TAG})"; return 1; }}"""
     return f"""\
 ivm_ig() {{
   mkdir -p {r} || return 1
   mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose {MOUNT_TAG} {r} \\
-    || {{ fail "in-guest: cannot mount the host root over 9p ({MOUNT_TAG})"; return 1; }}
+    || {{ fail "in-guest: cannot mount the host root over 9p ({MOUNT_TAG})"; return 1; }}{project_mount}
   for d in proc sys dev {scratch.lstrip("/")}; do
     [ -d {r}/$d ] || {{ fail "in-guest: the host has no /$d to mount on"; return 1; }}
   done
