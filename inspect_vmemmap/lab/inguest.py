@@ -41,6 +41,7 @@ from .initramfs import ACCOUNT_SCRIPT, MARK_ACCOUNT_BEGIN, MARK_ACCOUNT_END
 
 MOUNT_TAG = "hostroot"
 PROJECT_TAG = "ivmproject"  # the project's source tree, for a foreign userland
+PYCACHE_TAG = "ivmpycache"  # its byte code, kept across boots (the userland's pycache_dir)
 GUEST_ROOT = "/host"  # where the guest mounts the host's root
 MARK_BEGIN = "IVM-INGUEST-BEGIN"
 MARK_STDERR = "IVM-INGUEST-STDERR"
@@ -83,6 +84,9 @@ def qemu_args(arch: str, channel_socket: Path, userland=None) -> list[str]:
         args += [
             "-fsdev", f"local,id=ivmproj,path={project_root()},security_model=none,readonly=on,multidevs=remap",
             "-device", f"virtio-9p-pci,fsdev=ivmproj,mount_tag={PROJECT_TAG}",
+            # writable: the guest's Python compiles what it imports there once for all boots
+            "-fsdev", f"local,id=ivmpyc,path={userland.pycache_dir()},security_model=none,multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev=ivmpyc,mount_tag={PYCACHE_TAG}",
         ]
     args += ["-chardev", f"socket,id=ivmreq,path={channel_socket},server=on,wait=off"]
     if arch == "x86_64":
@@ -125,7 +129,7 @@ def init_script(arch: str, python: str | None = None, pythonpath: Path | None = 
         f"HOME={scratch}", f"TMPDIR={scratch}", "PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
         "LANG=C.UTF-8",
         # a foreign userland has no byte code (Debian compiles it in maintainer scripts, which
-        # never ran): compiled once per boot into the scratch tmpfs
+        # never ran): compiled on first use into the pycache export (a tmpfs if it fails)
         *((f"PYTHONPYCACHEPREFIX={scratch}/pycache",) if userland is not None else ("PYTHONDONTWRITEBYTECODE=1",)),
         "PYTHONUNBUFFERED=1", f"PYTHONPATH={pythonpath}",
     ))
@@ -133,6 +137,8 @@ def init_script(arch: str, python: str | None = None, pythonpath: Path | None = 
     project_mount = "" if userland is None else f"""
   mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose {PROJECT_TAG} {r}{pythonpath} \\
     || {{ fail "in-guest: cannot mount the project's source tree over 9p ({PROJECT_TAG})"; return 1; }}"""
+    pycache_mount = "" if userland is None else f"""
+  mkdir -p {r}{scratch}/pycache && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {PYCACHE_TAG} {r}{scratch}/pycache"""
     return f"""\
 ivm_ig() {{
   mkdir -p {r} || return 1
@@ -143,7 +149,7 @@ ivm_ig() {{
   done
   mount -t proc proc {r}/proc && mount -t sysfs sysfs {r}/sys && mount -t devtmpfs devtmpfs {r}/dev \\
     && mount -t tmpfs -o mode=1777 tmpfs {r}{scratch} \\
-    || {{ fail "in-guest: cannot mount proc, sysfs, devtmpfs and tmpfs in {r}"; return 1; }}
+    || {{ fail "in-guest: cannot mount proc, sysfs, devtmpfs and tmpfs in {r}"; return 1; }}{pycache_mount}
   # (the venv's python is a symlink to an absolute path: look at it inside the chroot)
   chroot {r} /bin/sh -c "[ -x {py} ]" || {{ fail "in-guest: "{py}" does not run in the host root over 9p"; return 1; }}
   [ -e {chan} ] || {{ fail "in-guest: no {chan} (the request line)"; return 1; }}
@@ -322,3 +328,28 @@ def environment_problem() -> str | None:
     if not exe or not os.path.isabs(exe):
         return "the host's Python has no absolute path (sys.executable)"
     return None
+
+
+def userland_for(arch: str, progress=None):
+    """None when a guest of ``arch`` runs the host's own Python (the host's architecture),
+    else its Debian userland (:func:`.userland.ensure_userland`, built once)."""
+    if arch == os.uname().machine:
+        return None
+    from .userland import ensure_userland
+
+    return ensure_userland(arch, progress=progress)
+
+
+def with_in_guest(spec, kernel, channel_socket: Path, progress=None):
+    """``spec`` (a :class:`.guest.GuestSpec`) with what an in-guest run needs added: the 9p
+    modules of ``kernel``, the root (the host's, or a userland of the guest's architecture),
+    the request line on ``channel_socket``."""
+    from dataclasses import replace
+
+    u = userland_for(spec.arch, progress)
+    return replace(
+        spec,
+        extra_modules=(*spec.extra_modules, *modules_for(spec.arch, kernel.modules_dep())),
+        init_extra=spec.init_extra + init_script(spec.arch, userland=u),
+        qemu_args=(*spec.qemu_args, *qemu_args(spec.arch, channel_socket, userland=u)),
+    )

@@ -15,7 +15,8 @@ modules or run bpftrace). Nothing of it is executed on the host.
 The root is built once, under ``<cache>/userland/<suite>-<deb arch>/``: in a temporary
 directory next to it, renamed into place when complete, with ``userland.json`` (its
 packages and versions, ``complete``) as the stamp. The guest mounts it read-only and the
-project's source tree over a second 9p export at :data:`PROJECT_MOUNT`.
+project's source tree over a second 9p export at :data:`PROJECT_MOUNT`, and a third,
+writable one for the byte code its Python compiles (:meth:`Userland.pycache_dir`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ class Userland:
     python: str = PYTHON  # inside the root
     project_mount: str = PROJECT_MOUNT  # inside the root
     meta: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def pycache_dir(self) -> Path:
+        """Where the guest's Python keeps the byte code it compiles (PYTHONPYCACHEPREFIX),
+        beside the read-only root: kept across boots, keyed by each source's path and mtime."""
+        d = self.root.parent / f"{self.root.name}.pycache"
+        d.mkdir(exist_ok=True)
+        return d
 
     @property
     def packages(self) -> dict[str, str]:

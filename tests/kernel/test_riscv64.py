@@ -14,6 +14,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import drgn
 import pytest
 from drgn.helpers.linux.mmzone import decode_section_flags, for_each_present_section, section_mem_map_addr
 
-from inspect_vmemmap.lab import GuestSpec, boot_guest
+from inspect_vmemmap.lab import GuestSpec, boot_guest, inguest
+from inspect_vmemmap.lab.debian import fetch_debian_kernel
 
 pytestmark = pytest.mark.kernel
 
@@ -41,6 +43,12 @@ MODES = {
 }
 #: the dump faults are injected into
 FAULTY = "6.12-sv39"
+#: the scenarios whose boot also runs check inside the guest (issue 19's --in-guest, on a
+#: Debian trixie riscv64 userland: lab/userland.py), started right after the dump so that
+#: it runs while the tests read the dump
+IN_GUEST = tuple(MODES)
+#: python3 under TCG riscv64 with a cold byte-code cache, BTF parsed in Python: minutes
+IN_GUEST_TIMEOUT = 1500
 
 
 def vmcoreinfo_in(core: Path) -> bytes:
@@ -72,6 +80,8 @@ class Guest:
     vmlinux: Path
     prog: drgn.Program
     live: bool = True  # the guest still runs (QMP)
+    in_guest: list = None  # [InGuestResult or LabError] once the in-guest check answered
+    in_guest_thread: threading.Thread = None
 
     @property
     def mode(self) -> str:
@@ -162,17 +172,27 @@ class Lab:
         self.stop()
         if old is not None:
             os.unlink(old.core)
-        spec = MODES[name]
+        spec = boot_spec = MODES[name]
         work = self.tmp.mktemp(f"riscv64-{name}")
-        cm = boot_guest(spec, workdir=work, timeout=600)
+        chan = inguest.channel_path(work)
+        if name in IN_GUEST:
+            boot_spec = inguest.with_in_guest(spec, fetch_debian_kernel(spec.debian, spec.arch), chan)
+        cm = boot_guest(boot_spec, workdir=work, timeout=600)
         guest = cm.__enter__()
         self.running = (name, cm)
         core = guest.dump(work / "vmcore")
-        self.done[name] = Guest(name, spec, guest, core, guest.kernel.vmlinux, open_truth(core, guest.kernel.vmlinux))
-        return self.done[name]
+        g = self.done[name] = Guest(name, spec, guest, core, guest.kernel.vmlinux, open_truth(core, guest.kernel.vmlinux))
+        if name in IN_GUEST:
+            g.in_guest = []
+            g.in_guest_thread = threading.Thread(target=_check_in_guest, args=(chan, g.in_guest), daemon=True)
+            g.in_guest_thread.start()
+        return g
 
     def stop(self) -> None:
         if self.running is not None:
+            t = self.done[self.running[0]].in_guest_thread
+            if t is not None:  # let it answer: a test of it may come after this stop
+                t.join(IN_GUEST_TIMEOUT)
             self.running[1].__exit__(None, None, None)
             self.done[self.running[0]].live = False
             self.running = None
@@ -181,6 +201,17 @@ class Lab:
         self.stop()
         for g in self.done.values():
             os.unlink(g.core)
+
+
+def _check_in_guest(chan: Path, out: list) -> None:
+    """``check`` inside the guest (the lab's request line), its answer appended to ``out``."""
+    c = inguest.Channel(chan)
+    try:
+        out.append(c.run_check(["--json", "--no-debuginfo"], timeout=IN_GUEST_TIMEOUT))
+    except Exception as e:  # the test reports it
+        out.append(e)
+    finally:
+        c.close()
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +321,33 @@ def test_check_is_consistent_with_the_guests_hvo(rv):
     assert status == 0
     maps = [rv.run("map")[1], rv.run("map", target="qemu")[1]]
     assert maps[0]["vmemmap"]["ranges"] == maps[1]["vmemmap"]["ranges"]
+
+
+def test_in_guest_check_agrees_with_the_dump(rv):
+    """``check`` inside the guest, on its own /proc/kcore (python3, drgn 0.0.31 and the
+    project over 9p, types from the kernel's BTF), sees what the dump of the same boot shows:
+    the same sections, the same leaves and ranges, the same HVO count."""
+    rv.in_guest_thread.join(IN_GUEST_TIMEOUT)
+    assert rv.in_guest, "the in-guest check did not answer in time"
+    res = rv.in_guest[0]
+    assert not isinstance(res, Exception), res
+    assert res.status == 0, res.stderr
+    from tests import schema
+
+    ig = json.loads(res.stdout)
+    schema.validate(ig, "check")
+    _, out = rv.run("check", "--no-debuginfo")
+    assert ig["target"]["source"] == "live" and out["target"]["source"] == "vmcore"
+    assert ig["target"]["type_source"] == "btf"
+    for k in ("arch", "pgtable_levels", "vmemmap_base", "kernel_release"):
+        assert ig["target"][k] == out["target"][k], k
+    assert ig["sections"] == out["sections"]
+    assert ig["sections"]["present"] == 8
+    for k in ("start", "end", "leaves", "split_pmds", "readonly_ptes", "bytes_mapped", "ranges"):
+        assert ig["vmemmap"][k] == out["vmemmap"][k], k
+    assert ig["hvo"] == out["hvo"]
+    assert ig["hvo"]["optimized_folios"] == (rv.guest.account.hugepages_total if rv.spec.hvo else 0)
+    assert ig["summary"]["errors"] == 0, ig["findings"]
 
 
 def test_boot_command_sv48_hvo(lab):
