@@ -602,11 +602,9 @@ def _run(o: BootOptions, progress, console_factory) -> int:
 def _foreign_userland(arch: str, progress):
     """For --in-guest: None when the guest runs the host's own Python (same architecture),
     else a Debian userland of the guest's architecture (:mod:`.userland`, built once)."""
-    if arch == os.uname().machine:
+    u = inguest.userland_for(arch, progress)
+    if u is None:
         return None
-    from .userland import ensure_userland
-
-    u = ensure_userland(arch, progress=progress)
     progress(f"in-guest userland: Debian {u.suite} {arch} (python3 {u.packages.get('python3', '?')}, "
              f"drgn {u.packages.get('python3-drgn', '?')})")
     return u
