@@ -12,26 +12,20 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inspect_vmemmap.analysis import load_map, load_sections
 from inspect_vmemmap.bulkread import MAX_GAP
 from inspect_vmemmap.check import run_check
 from inspect_vmemmap.live.recheck import check_window, restrict, widen, window_vaddrs
 from inspect_vmemmap.memory import PhysRanges
 from inspect_vmemmap.model import predict
-from inspect_vmemmap.vmemmap import MappedLeaf, NodeMap
+from inspect_vmemmap.vmemmap import NodeMap
 from tests import kernelsim as ks
 from tests.synth import SynthKernel
-from tests.unit.test_model_properties import layouts
+from tests.unit.test_model_properties import _observe, layouts
 
 
 def _full(k: SynthKernel):
     """What ``check`` finds on the whole simulated kernel (as commands.Analysis.check)."""
-    lay = k.layout
-    nodes = NodeMap(k.inputs.nodes)
-    sections = load_sections(k.mem, lay, nodes)
-    leaves = []
-    vm = load_map(k.mem, lay, sections, nodes, PhysRanges(k.inputs.ram),
-                  on_leaf=lambda l: leaves.append(MappedLeaf.of(l)))
+    sections, vm, leaves = _observe(k)
     res = run_check(k.inputs, sections, leaves, mem=k.mem, unknown=vm.unknown())
     return list(sections.findings) + vm.findings + res.findings, res
 
