@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from typing import Callable, List, Optional, Tuple
 
+from inspect_vmemmap.bulkread import read_many
 from inspect_vmemmap.layout import KernelLayout
 from inspect_vmemmap.memory import FaultError, Memory
 from inspect_vmemmap.intervals import merge
@@ -183,16 +184,10 @@ def hugetlb_folios(mem: Memory, types, symbol: Callable[[str], Optional[int]], l
         h = hstates + i * hsize
         order = _u32(mem, h + o_order)
         heads = [h + o_active] + [h + o_free + k * lh for k in range(nfree)]
-        try:  # the per-node free lists' heads side by side (MAX_NUMNODES of them): one read
-            free_heads = mem.read(h + o_free, nfree * lh)
-        except FaultError:
-            free_heads = None
-        for head in heads:
-            at = head - h - o_free
-            if free_heads is not None and at >= 0:
-                node = int.from_bytes(free_heads[at:at + 8], "little")
-            else:
-                node = _u64(mem, head)
+        # the per-node free lists' heads side by side (MAX_NUMNODES of them): coalesced reads
+        firsts = read_many(mem, [(head, 8) for head in heads])
+        for head, first in zip(heads, firsts):
+            node = int.from_bytes(first, "little") if first is not None else _u64(mem, head)
             steps = 0
             try:
                 while node and node != head and steps < _MAX_LIST:
