@@ -131,10 +131,13 @@ class Bpftrace:
         self.buf += chunk
         return True
 
-    def lines(self, timeout: float, quiet: float = 0.02) -> List[str]:
-        """Whatever bpftrace printed within ``timeout``, read on until it is ``quiet`` seconds."""
+    def lines(self, timeout: float, quiet: float = 0.02, most: float = 0.2) -> List[str]:
+        """Whatever bpftrace printed within ``timeout``, read on until it is ``quiet`` seconds
+        or for at most ``most`` seconds more (under a steady stream of changes it is never
+        quiet, and the changes read so far are waiting for their re-check)."""
         got = self._read(timeout)
-        while got:
+        until = time.monotonic() + most
+        while got and time.monotonic() < until:
             got = self._read(quiet)
         *full, self.buf = self.buf.split(b"\n")
         return [l.decode(errors="replace") for l in full]

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Sequence
 from inspect_vmemmap.live.probes import Probe
 
 _LOST = re.compile(r"Lost (\d+) events")
+#: feeds a return without its entry is held for, waiting for the entry, before it is unpaired
+HOLD_FEEDS = 3
 
 
 @dataclass
@@ -73,10 +75,13 @@ class Tracker:
         self.stacks: Dict[int, List[Call]] = {}
         self.lost = 0  # lines bpftrace could not deliver (its "Lost N events")
         self.unpaired = 0  # returns without their entry (a call under way when the watch began)
+        self.held: List[tuple] = []  # (feeds left, return item) whose entry has not come yet
         self.seen: List[Call] = []  # every call that started, for what raced a read
 
-    def feed(self, lines: Sequence[str]) -> List[Call]:
-        """:return: the changes that completed with these lines, in order of return."""
+    def feed(self, lines: Sequence[str], final: bool = False) -> List[Call]:
+        """:return: the changes that completed with these lines, in order of return.
+        ``final``: nothing more will come (bpftrace ended); a return still without its
+        entry is unpaired now."""
         items = []
         for line in lines:
             it = parse(line, self.probes)
@@ -86,10 +91,14 @@ class Tracker:
                 self.lost += it[1]
             else:
                 items.append(it)
+        left = {id(it): n for n, it in self.held}
+        items += [it for _, it in self.held]
+        self.held = []
         # entries before returns at the same nanosecond (a call cannot return before it starts)
         items.sort(key=lambda it: (it[1], 0 if it[0] == "E" else 1))
         done: List[Call] = []
-        for kind, ns, tid, what in items:
+        for item in items:
+            kind, ns, tid, what = item
             stack = self.stacks.setdefault(tid, [])
             if kind == "E":
                 stack.append(what)
@@ -98,7 +107,11 @@ class Tracker:
             pid, ret = what
             at = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].probe.id == pid), None)
             if at is None:
-                self.unpaired += 1
+                n = left.get(id(item), HOLD_FEEDS)
+                if n > 0 and not final:
+                    self.held.append((n - 1, item))
+                else:
+                    self.unpaired += 1
                 continue
             call = stack[at]
             del stack[at:]  # whatever it called and did not see return was lost

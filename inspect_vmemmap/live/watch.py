@@ -123,6 +123,8 @@ class Watcher:
         """Read the whole kernel, or (``window``) only those sections (live.recheck)."""
         from inspect_vmemmap.commands import Analysis
 
+        # a change that returned before this read began cannot have raced it
+        self.tracker.forget_before(time.monotonic_ns())
         if self.stale and self.reopen is not None:
             self.t, self.stale = self.reopen(), False
         if window is not None and self.ranged:
@@ -219,6 +221,18 @@ class Watcher:
             self.by_kind[ev["kind"]] = self.by_kind.get(ev["kind"], 0) + 1
 
     # -- re-checking events --------------------------------------------------------------
+
+    def due(self) -> bool:
+        """Whether the pending events are re-checked now: once no change that was under way
+        when one of them returned is under way any more (the HugeTLB batch a folio was
+        remapped in flushes the TLB and frees the old vmemmap pages after its last folio:
+        mm/hugetlb_vmemmap.c hugetlb_vmemmap_optimize_folios()). A change that began after
+        them does not hold them back: what it touches while they are read is a race, told
+        as for any read (:meth:`recheck_group`)."""
+        if not self.pending:
+            return False
+        last = max(c.end_ns for c in self.pending)
+        return not any(c.start_ns <= last for c in self.tracker.in_flight())
 
     def recheck(self) -> None:
         """Read the kernel for the pending events (nothing watched is under way): each run
@@ -361,14 +375,14 @@ class Watcher:
                 if not self.bt.alive():
                     self.pump()
                     raise WatchError(f"bpftrace ended: {self.bt.reason()}")
-                if self.pending and not self.tracker.in_flight():
+                if self.due():
                     self.recheck()
                 if self.settle_asked > self.settled:
                     self.settle()
                 if next_periodic is not None and time.monotonic() >= next_periodic and not self.tracker.in_flight():
                     self.periodic("interval")
                     next_periodic = time.monotonic() + self.interval
-            self.pending.extend(self.tracker.feed(self.bt.stop()))
+            self.pending.extend(self.tracker.feed(self.bt.stop(), final=True))
             if self.pending:
                 self.recheck()
         finally:
