@@ -183,8 +183,12 @@ ivm_ig() {{
         : > $o; : > $e; kill -0 $ivm_watch 2>/dev/null; ivm_rc=$?; ivm_answer ;;
       churn)  # SECONDS N: write N, then 0, to the 2M pool's nr_hugepages until SECONDS passed
         # (scripts/bench watch); answered with the cycles done, /proc/vmstat's htlb counters
-        # before and after, and the loop's own /proc/self/stat (its utime, stime): shell builtins only
+        # before and after, and the loop's own /proc/self/stat (its utime, stime): shell builtins only.
+        # Memory is compacted first (a run after another found it fragmented: its allocations
+        # failed). Dropping the caches as well was tried once: that guest later panicked out of
+        # memory, tainted by a bad page (not diagnosed).
         set -- $ivm_args; : > $e
+        echo 1 > /proc/sys/vm/compact_memory 2>> $e
         ( f=/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
           read -r up _ < /proc/uptime; end=$(( ${{up%.*}} + $1 )); n=0
           while read -r k v; do case $k in htlb*) echo "before $k $v";; esac; done < /proc/vmstat

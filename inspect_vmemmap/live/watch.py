@@ -2,9 +2,9 @@
 
 bpftrace (the Debian package ``bpftrace``) attaches fentry/fexit programs through the
 kernel's own BTF to the functions of :mod:`.probes`, so it needs no compiler and no kernel
-headers on the target. Each change is one event once it has returned, and once nothing
-watched is under way any more (a HugeTLB batch frees the old vmemmap pages after its last
-folio) the watcher reads the kernel again, only the sections the events touched
+headers on the target. Each change is one event once it has returned, and once no change
+that was under way when it returned still is (a HugeTLB batch frees the old vmemmap pages
+after its last folio: :meth:`Watcher.due`) the watcher reads the kernel again, only the sections the events touched
 (:mod:`.recheck`; a full ``check`` through :class:`inspect_vmemmap.commands.Analysis` for an
 event without a range and for the periodic checks), and gives each event the findings in
 the sections it touched, with what it left there (the folio's optimisation state, its
