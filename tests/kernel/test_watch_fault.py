@@ -11,7 +11,7 @@ the guest (the host's Python and bpftrace over 9p, as `boot --in-guest --watch`)
    a run of them) gives what the whole check gives there (live.recheck.restrict);
 3. the host writes a PMD into the guest's vmemmap page table where no section needs one,
    mapping the struct pages of the section above the top of RAM onto the memory of the
-   last section's: no probe sees a store from the host; the next periodic check must find
+   highest section's that one 2M PMD maps: no probe sees a store from the host; the next periodic check must find
    it there, as an ``alias`` error at that section and pfn range (and its
    ``stray-mapping`` warning), and no other error.
 
@@ -147,19 +147,19 @@ def test_watch_recheck_range_and_a_host_written_fault(watched):
         pmd = independent.levels(prog) - 2
         shift, sps = independent.pfn_section_shift(prog), prog.type("struct page").size
         sec_va = lambda nr: base + (nr << shift) * sps  # noqa: E731
-        last = present[-1]
-        src_addr, src = independent.entry_addr(prog, sec_va(last), pmd)
-        if not src & PSE:  # the last section's PMD split (a HugeTLB folio there): the one below
-            last -= 1
-            src_addr, src = independent.entry_addr(prog, sec_va(last), pmd)
-        dst_addr, dst = independent.entry_addr(prog, sec_va(last + 1), pmd)
+        # the PMD past the last present section (none there) takes a copy of the highest
+        # section's 2M PMD leaf (a section whose PMD a HugeTLB folio split has none)
+        fault = present[-1] + 1
+        dst_addr, dst = independent.entry_addr(prog, sec_va(fault), pmd)
+        src_nr = next(nr for nr in reversed(present) if independent.entry_addr(prog, sec_va(nr), pmd)[1] & PSE)
+        src_addr, src = independent.entry_addr(prog, sec_va(src_nr), pmd)
         del t, a, prog
     finally:
         w.guest.qmp("cont")
     assert src & 1 and src & PSE and dst == 0, (hex(src), hex(dst))
     assert w.read_u64(src_addr) == src and w.read_u64(dst_addr) == 0  # the RAM file is the guest's RAM
 
-    # a PMD where no section needs one, onto the last section's struct pages' memory
+    # a PMD where no section needs one, onto a present section's struct pages' memory
     seen = len(w.peek())
     w.write_u64(dst_addr, src)
     try:
@@ -177,7 +177,6 @@ def test_watch_recheck_range_and_a_host_written_fault(watched):
     out = w.chan.stop_watch(900, w.alive)
     assert out.status == 1, out.stderr  # an error was seen
     chk = after[1]["check"]
-    fault = last + 1
     pfns = (fault << lay.pfn_section_shift, ((fault + 1) << lay.pfn_section_shift) - 1)
     errs = [f for f in chk["findings"] if f["severity"] == "error"]
     assert [(f["kind"], f["section"], f["pfn_start"], f["pfn_end"]) for f in errs] == [("alias", fault, *pfns)], errs
