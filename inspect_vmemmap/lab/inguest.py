@@ -181,14 +181,14 @@ ivm_ig() {{
         ivm_n=$(grep -c 'settled' $we); kill -USR1 $ivm_watch 2>/dev/null
         while kill -0 $ivm_watch 2>/dev/null && [ "$(grep -c 'settled' $we)" -le "$ivm_n" ]; do sleep 0.2; done
         : > $o; : > $e; kill -0 $ivm_watch 2>/dev/null; ivm_rc=$?; ivm_answer ;;
-      churn)  # SECONDS N: write N, then 0, to the 2M pool's nr_hugepages until SECONDS passed
-        # (scripts/bench watch); answered with the cycles done, /proc/vmstat's htlb counters
-        # before and after, and the loop's own /proc/self/stat (its utime, stime): shell builtins only.
-        # Memory is compacted first (a run after another found it fragmented: its allocations
-        # failed). Dropping the caches as well was tried once: that guest later panicked out of
-        # memory, tainted by a bad page (not diagnosed).
+      churn)  # SECONDS N [AT]: write N, then 0, to the 2M pool's nr_hugepages until SECONDS passed
+        # (scripts/bench watch), from uptime AT on; answered with the cycles done, /proc/vmstat's
+        # htlb counters before and after, and the loop's own /proc/self/stat (its utime, stime):
+        # shell builtins only. (Compacting memory first, /proc/sys/vm/compact_memory, was tried:
+        # two of the five 6.12 guests that did later panicked out of memory, tainted by a bad page.)
         set -- $ivm_args; : > $e
-        echo 1 > /proc/sys/vm/compact_memory 2>> $e
+        read -r up _ < /proc/uptime
+        while [ -n "$3" ] && [ "${{up%.*}}" -lt "$3" ]; do sleep 1; read -r up _ < /proc/uptime; done
         ( f=/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
           read -r up _ < /proc/uptime; end=$(( ${{up%.*}} + $1 )); n=0
           while read -r k v; do case $k in htlb*) echo "before $k $v";; esac; done < /proc/vmstat
@@ -282,11 +282,13 @@ class Channel:
         :return: False if the watch is no longer running."""
         return self.request("settle", [], timeout, alive, "in-guest watch").status == 0
 
-    def churn(self, seconds: int, pages: int, timeout: float, alive=None) -> InGuestResult:
+    def churn(self, seconds: int, pages: int, timeout: float, alive=None, at: float | None = None) -> InGuestResult:
         """Grow the guest's 2M pool to ``pages`` and shrink it to 0, again and again, for
-        ``seconds`` (scripts/bench watch); stdout: ``cycles``, ``before``/``after`` htlb
-        vmstat counters, ``stat0``/``stat1`` (the loop's /proc/self/stat)."""
-        return self.request("churn", [str(int(seconds)), str(int(pages))], timeout, alive, "in-guest churn")
+        ``seconds`` (scripts/bench watch), from the guest's uptime ``at`` on (None: now);
+        stdout: ``cycles``, ``before``/``after`` htlb vmstat counters, ``uptime0``,
+        ``stat0``/``stat1`` (the loop's /proc/self/stat)."""
+        args = [str(int(seconds)), str(int(pages))] + ([str(int(at))] if at is not None else [])
+        return self.request("churn", args, timeout, alive, "in-guest churn")
 
     def peek_watch(self, timeout: float, alive=None) -> InGuestResult:
         """What the guest's watch printed so far (status 0 while it runs)."""
