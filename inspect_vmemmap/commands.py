@@ -9,6 +9,7 @@ from typing import Callable, List, Optional, Tuple
 
 from inspect_vmemmap import report
 from inspect_vmemmap.analysis import explain_pfn, load_map, load_sections
+from inspect_vmemmap.mapped import VmemmapMemory
 from inspect_vmemmap.source.dumpfile import name_filter
 from inspect_vmemmap.source.gather import Reading
 from inspect_vmemmap.facts import Assumption
@@ -85,8 +86,10 @@ class Analysis:
         from inspect_vmemmap.source import gather
 
         vm = self.vmemmap()
+        # struct pages read at the physical addresses this walk found (issue 18: one read, not four)
+        mem = VmemmapMemory(self.t.memory, self._leaves)
         notes: List[Assumption] = []
-        inputs = gather.gather_inputs(self.reading, notes)
+        inputs = gather.gather_inputs(self.reading, notes, mem)
         # a corrupted System RAM end is a finding, not a loop over every section to 2^64
         inputs, cut = bound_inputs(inputs, self.sections)
         # a filtered dump may have left out the struct pages the HugeTLB pool lists run through
@@ -98,7 +101,7 @@ class Analysis:
         if deep:
             total = sum(b - a for s in self.sections if s.valid for a, b in s.pfn_ranges(self.t.layout))
             update = self.progress.task("reading every struct page (--deep)", max(total, 1))
-        res = run_check(inputs, self.sections, self._leaves, gather.buddy_checker(self.t), self.t.memory, deep,
+        res = run_check(inputs, self.sections, self._leaves, gather.buddy_checker(self.t, mem), mem, deep,
                         unknown=vm.unknown(), hvo_unknown=hvo_unknown, progress=update)
         if update is not None:
             update(total)  # offline and device sections have no flags to read: done all the same

@@ -187,20 +187,38 @@ def map_vmemmap(
     cur: Optional[Range] = None
     leaves = vm.leaves
 
+    # a section's valid pfn runs, and whether they cover it all: asked once per section (a
+    # leaf's struct pages mostly lie in one section, every leaf of a split PMD in the same)
+    sec_runs: Dict[int, Optional[list]] = {}
+
+    full: Dict[int, Tuple[int, int]] = {}  # sections whose pfns are all valid -> (nr, nr)
+    whole = 1 << pfn_shift
+
+    def runs_of(nr: int) -> Optional[list]:
+        if nr in sec_runs:
+            return sec_runs[nr]
+        s = secs.get(nr)
+        r = sec_runs[nr] = None if s is None or not s.valid else s.pfn_ranges(layout)
+        if r is not None and len(r) == 1 and r[0] == (nr << pfn_shift, (nr << pfn_shift) + whole):
+            full[nr] = (nr, nr)
+        return r
+
     def holds_of(leaf: Leaf) -> Tuple[str, Tuple[Optional[int], Optional[int]]]:
-        p0 = (leaf.vaddr - base) // sps
-        p1 = (leaf.vaddr + leaf.size - base + sps - 1) // sps  # exclusive
+        vaddr = leaf.vaddr
+        p0 = (vaddr - base) // sps
+        p1 = (vaddr + leaf.size - base + sps - 1) // sps  # exclusive
         s0, s1 = p0 >> pfn_shift, (p1 - 1) >> pfn_shift
         used = False
         first = last = None
         for nr in range(s0, s1 + 1):
-            s = secs.get(nr)
-            if s is None or not s.valid:
+            runs = sec_runs[nr] if nr in sec_runs else runs_of(nr)
+            if runs is None:
                 continue
-            for a, b in s.pfn_ranges(layout):
-                if a < p1 and p0 < b:
-                    used = True
-                    break
+            if not used:
+                for a, b in runs:
+                    if a < p1 and p0 < b:
+                        used = True
+                        break
             if first is None:
                 first = nr
             last = nr
@@ -219,6 +237,9 @@ def map_vmemmap(
     perms = _Permissions(fmt)
     suspect = fmt.suspect
     protected = False  # a leaf with PAGE_KERNEL's permissions (x86: NX is in use)
+    by_size: Dict[int, int] = {}  # leaves counted by size, labelled at the end
+    mapped = readonly = 0
+    nid_of = nodes.nid
     for ev in walk(mem, fmt, layout.pgtable_root, vm.start, vm.end, phys_ok):
         if type(ev) is Leaf:
             if ev.denied_by is not None or suspect(ev.entry):
@@ -226,32 +247,40 @@ def map_vmemmap(
             elif not protected:
                 protected = True
             size = ev.size
-            label = SIZE_LABELS.get(size) or size_label(size)
-            leaves[label] = leaves.get(label, 0) + 1
-            vm.bytes_mapped += size
-            if not ev.writable:
-                vm.readonly_ptes += 1
+            vaddr = ev.vaddr
+            writable = ev.writable
+            by_size[size] = by_size.get(size, 0) + 1
+            mapped += size
+            if not writable:
+                readonly += 1
             if count_split and size == pte_size:
-                split_bases.add(ev.vaddr >> pmd_shift)
+                split_bases.add(vaddr >> pmd_shift)
             if on_leaf is not None:
                 on_leaf(ev)
-            holds, sec = holds_of(ev)
-            if cur is not None and cur.end == ev.vaddr and cur.page_size == size and cur.writable == ev.writable \
-                    and cur.attrs == ev.attrs and cur.holds == holds and cur.level == ev.level:
-                delta = ev.phys - (cur.phys_start + (cur.count - 1) * (cur.stride or 0))
+            p0 = (vaddr - base) // sps
+            s0 = p0 >> pfn_shift
+            if s0 in full and ((vaddr + size - base + sps - 1) // sps - 1) >> pfn_shift == s0:
+                # inside a section whose pfns are all valid: its struct pages are in use
+                sec = full[s0]
+                holds = "hvo-tail" if size == pte_size and not ev.leaf_writable else "memmap"
+            else:
+                holds, sec = holds_of(ev)
+            phys = ev.phys
+            nid = nid_of(phys >> page_shift)
+            if cur is not None and cur.end == vaddr and cur.page_size == size and cur.writable == writable \
+                    and cur.attrs == ev.attrs and cur.holds == holds and cur.level == ev.level and nid == cur.nid:
                 stride = cur.stride
+                delta = phys - (cur.phys_start + (cur.count - 1) * (stride or 0))
                 if (stride is None and delta in (size, 0)) or delta == stride:
-                    nid = nodes.nid(ev.phys >> page_shift)
-                    if nid == cur.nid:
-                        cur.stride = delta
-                        cur.count += 1
-                        cur.end += size
-                        if sec[0] is not None:
-                            if cur.first_section is None:
-                                cur.first_section = sec[0]
-                            cur.last_section = sec[1]
-                        continue
-            cur = Range(ev, holds, nodes.nid(ev.phys >> page_shift), sec)
+                    cur.stride = delta
+                    cur.count += 1
+                    cur.end += size
+                    if sec[0] is not None:
+                        if cur.first_section is None:
+                            cur.first_section = sec[0]
+                        cur.last_section = sec[1]
+                    continue
+            cur = Range(ev, holds, nid, sec)
             ranges.append(cur)
         elif type(ev) is BadEntry:
             cur = None
@@ -271,6 +300,11 @@ def map_vmemmap(
                 f"{ev.vaddr:#x}-{ev.vaddr + ev.size:#x} (struct pages of pfn {p0}-{p1}) is unknown",
                 section=p0 >> pfn_shift, pfn_start=p0, pfn_end=p1, vaddr=ev.vaddr, vaddr_end=ev.vaddr + ev.size,
                 phys=ev.table_phys, level=ev.level))
+    for size, n in by_size.items():
+        label = SIZE_LABELS.get(size) or size_label(size)
+        leaves[label] = leaves.get(label, 0) + n
+    vm.bytes_mapped = mapped
+    vm.readonly_ptes = readonly
     vm.split_pmds = len(split_bases)
     perms.protected = perms.protected or protected
     vm.findings.extend(perms.findings(pfns_of, pfn_shift))

@@ -139,7 +139,7 @@ def _read_page_links(obs: Observed, mem, deep: bool, progress: Optional[Callable
     tables = []
     for k in range(nbytes):
         m = 0xFF if k else (0xFF << low_bits) & 0xFF
-        tables.append(bytes(b & m for b in range(256)))
+        tables.append(None if m == 0xFF else bytes(b & m for b in range(256)))  # None: the byte as it is
     done = 0
     pieces = []  # (first pfn, count, field wanted): at most a chunk each, in pfn order
     for s in obs.sections:
@@ -161,7 +161,9 @@ def _read_page_links(obs: Observed, mem, deep: bool, progress: Optional[Callable
         wbytes = (want << low_bits).to_bytes(nbytes, "little")
         same = True
         for k in range(nbytes):
-            col = buf[first_byte + k::sps][:n].translate(tables[k])
+            col = buf[first_byte + k::sps][:n]
+            if tables[k] is not None:
+                col = col.translate(tables[k])
             if col != bytes([wbytes[k]]) * n:
                 same = False
                 break

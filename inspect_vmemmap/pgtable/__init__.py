@@ -212,8 +212,15 @@ def walk(
     last = len(shifts) - 1
     seen = {root_phys: None}  # table page -> the virtual address it was first used for
     decode = fmt.decode
+    canonical = fmt.canonical
+    leaf_info = fmt.leaf_info
+    leaf_writable = fmt.leaf_writable
+    restrict = fmt.table_restrict
+    span_of = fmt.contiguous_span
 
-    def table(phys: int, depth: int, base: int, inh: int, denied: Optional[tuple]) -> Iterator[Event]:
+    def table(phys: int, depth: int, base: int, inh: int, denied: Optional[tuple]) -> Union[list, Unreadable]:
+        """A table page read, as the frame the walk continues from: [entries, next index,
+        end index, depth, base, inherited, denied, phys, done]; or why it could not be."""
         # base: the virtual address that index 0 of this table maps
         shift = shifts[depth]
         size = 1 << shift
@@ -229,61 +236,80 @@ def walk(
             entries = unpackers[depth](mem.read(phys, n * 8, True))
         except FaultError:
             first = max(start, base + (lo << shift)) if depth else start
-            yield Unreadable(first, min(end, (base + (hi << shift)) if depth else end) - first, names[depth], phys)
-            return
-        done = 0  # entries below it belong to a contiguous leaf already yielded
-        for i in range(lo, hi):
+            return Unreadable(first, min(end, (base + (hi << shift)) if depth else end) - first, names[depth], phys)
+        return [entries, lo, hi, depth, base, inh, denied, phys, 0]
+
+    # one generator frame and an explicit stack of tables (not a generator per table: a
+    # 1 TiB vmemmap split by HVO has 40000 leaves, each passed up through every level)
+    top = table(root_phys, 0, 0, 0, None)
+    if type(top) is Unreadable:
+        yield top
+        return
+    stack = [top]
+    while stack:
+        frame = stack[-1]
+        entries, i, hi, depth, base, inh, denied, phys, done = frame
+        shift = shifts[depth]
+        size = 1 << shift
+        name = names[depth]
+        child = None
+        while i < hi:
             e = entries[i]
+            i += 1
             if not e:
                 continue
-            va = base + (i << shift) if depth else canonical(i << shift)
+            va = base + ((i - 1) << shift) if depth else canonical((i - 1) << shift)
             kind, nphys, reason = decode(e, depth)
             if kind == NONE:
                 continue
             if kind == LEAF:
                 if span_of is not None and (span := span_of(e, depth)) > 1:
                     # one mapping over `span` entries that must all be the same
-                    first = i & ~(span - 1)
-                    if i < done:
+                    first = (i - 1) & ~(span - 1)
+                    if i - 1 < done:
                         continue
                     group = entries[first:first + span]
                     if len(group) == span and group.count(e) == span:
                         done = first + span
                         writable, attrs = leaf_info(e, depth, inh)
-                        yield Leaf(va - ((i - first) << shift), size * span, names[depth], e, nphys, writable, attrs,
+                        yield Leaf(va - ((i - 1 - first) << shift), size * span, name, e, nphys, writable, attrs,
                                    writable if not inh else leaf_writable(e, depth), inh, denied)
                     else:
-                        yield BadEntry(va, size, names[depth], e, phys, i,
+                        yield BadEntry(va, size, name, e, phys, i - 1,
                                        f"one of a group of {span} entries that must be equal ({first}-{first + span - 1}) and are not")
                     continue
                 writable, attrs = leaf_info(e, depth, inh)
-                yield Leaf(va, size, names[depth], e, nphys, writable, attrs,
+                yield Leaf(va, size, name, e, nphys, writable, attrs,
                            writable if not inh else leaf_writable(e, depth), inh, denied)
             elif kind == TABLE:
                 if depth == last:
-                    yield BadEntry(va, size, names[depth], e, phys, i, "table pointer at the last level")
+                    yield BadEntry(va, size, name, e, phys, i - 1, "table pointer at the last level")
                 elif phys_ok is not None and not phys_ok(nphys):
-                    yield BadEntry(va, size, names[depth], e, phys, i, f"points outside physical memory ({nphys:#x})")
+                    yield BadEntry(va, size, name, e, phys, i - 1, f"points outside physical memory ({nphys:#x})")
                 elif nphys in seen:
                     first = seen[nphys]
                     where = "as the top-level table (a loop)" if first is None else f"for {first:#x} (a loop or a shared table)"
-                    yield BadEntry(va, size, names[depth], e, phys, i, f"table {nphys:#x} is already used {where}")
+                    yield BadEntry(va, size, name, e, phys, i - 1, f"table {nphys:#x} is already used {where}")
                 else:
                     seen[nphys] = va
                     r = restrict(e, depth)
                     below = denied
                     if r & DENY_WRITE and not inh & DENY_WRITE:
-                        below = (names[depth], phys, i, e, va, size)
-                    yield from table(nphys, depth + 1, va, inh | r, below)
+                        below = (name, phys, i - 1, e, va, size)
+                    child = table(nphys, depth + 1, va, inh | r, below)
+                    if type(child) is Unreadable:
+                        yield child
+                        child = None
+                        continue
+                    break
             else:
-                yield BadEntry(va, size, names[depth], e, phys, i, reason)
-
-    canonical = fmt.canonical
-    leaf_info = fmt.leaf_info
-    leaf_writable = fmt.leaf_writable
-    restrict = fmt.table_restrict
-    span_of = fmt.contiguous_span
-    yield from table(root_phys, 0, 0, 0, None)
+                yield BadEntry(va, size, name, e, phys, i - 1, reason)
+        if child is None:
+            stack.pop()
+        else:
+            frame[1] = i
+            frame[8] = done
+            stack.append(child)
 
 
 class Step:

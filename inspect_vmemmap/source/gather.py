@@ -55,13 +55,15 @@ def _excluded_by(e: BaseException) -> Optional[str]:
     return getattr(e, "excluded_by", None)
 
 
-def gather_inputs(reading: Reading, notes: Optional[List[Assumption]] = None) -> Inputs:
+def gather_inputs(reading: Reading, notes: Optional[List[Assumption]] = None, memory=None) -> Inputs:
     """The reference model's inputs, read from sources independent of what is checked:
     iomem "System RAM", the firmware's e820 table, node spans, the HugeTLB pools, with
     DWARF or BTF type information (the same code for both).
 
     :param notes: receives an :class:`~inspect_vmemmap.facts.Assumption` for each input
         that could not be read.
+    :param memory: what to read the kernel's structures through (default the target's
+        memory; ``check`` gives a :class:`~inspect_vmemmap.mapped.VmemmapMemory`).
     :return: :class:`inspect_vmemmap.facts.Inputs`.
     """
     from inspect_vmemmap.arch import for_layout
@@ -69,7 +71,7 @@ def gather_inputs(reading: Reading, notes: Optional[List[Assumption]] = None) ->
 
     t = reading.target
     notes = notes if notes is not None else []
-    types, symbol, mem, lay = t.types, t.symbol, t.memory, t.layout
+    types, symbol, mem, lay = t.types, t.symbol, memory or t.memory, t.layout
     ram = reading.ram()
     if not reading.system_ram():
         notes.append(Assumption("ram", "RAM ranges: node spans (iomem could not be read)"))
@@ -143,12 +145,13 @@ def gather_inputs(reading: Reading, notes: Optional[List[Assumption]] = None) ->
                   pageblock_order=pageblock_order)
 
 
-def buddy_checker(t) -> Optional[kstructs.BuddyChecker]:
-    """:return: pfn -> free in the buddy allocator (see kstructs.buddy_checker), or None."""
+def buddy_checker(t, memory=None) -> Optional[kstructs.BuddyChecker]:
+    """:return: pfn -> free in the buddy allocator (see kstructs.buddy_checker), or None;
+    reading through ``memory`` (default the target's)."""
     # NR_PAGE_ORDERS = MAX_PAGE_ORDER + 1 (VMCOREINFO LENGTH(zone.free_area)): 11 with 4K
     # pages, 12 with arm64's 16K (ARCH_FORCE_MAX_ORDER 11)
     orders = t.vmcoreinfo.length("zone.free_area")
-    return None if t.types is None else kstructs.buddy_checker(t.memory, t.types, t.layout,
+    return None if t.types is None else kstructs.buddy_checker(memory or t.memory, t.types, t.layout,
                                                               max_order=orders - 1 if orders else 10)
 
 

@@ -419,9 +419,33 @@ def memory_block_states(mem: Memory, types, symbol: Callable[[str], Optional[int
     spb = _u32(mem, spb_addr)
     pps = layout.pages_per_section
     out = []
-    for mb in xarray_entries(mem, types, xa):
-        start = _u64(mem, mb + o_start) * pps
-        out.append((start, start + spb * pps, _u32(mem, mb + o_state) != offline))
+    for mb, (start, state) in _block_fields(mem, types, xa, ((o_start, 8), (o_state, 4))):
+        start *= pps
+        out.append((start, start + spb * pps, state != offline))
+    return out
+
+
+def _block_fields(mem: Memory, types, xa: int, fields: Tuple[Tuple[int, int], ...]) -> List[Tuple[int, tuple]]:
+    """Each memory block's address with its little-endian ``(offset, size)`` fields, read
+    in bulk (issue 18: 1024 blocks on 1 TiB, a read per field before): one span per
+    block, neighbouring blocks in one read (bulkread.read_many). Where a span or the list
+    cannot be read, the fields are read one by one, in order, so the same read fails."""
+    lo = min(o for o, _ in fields)
+    hi = max(o + n for o, n in fields)
+
+    def one_by_one(mb: int) -> tuple:
+        return tuple(int.from_bytes(mem.read(mb + o, n), "little") for o, n in fields)
+
+    try:
+        blocks = list(xarray_entries(mem, types, xa))
+    except FaultError:  # as the loop one by one: what it reads before the failure, then the failure
+        return [(mb, one_by_one(mb)) for mb in xarray_entries(mem, types, xa)]
+    out = []
+    for mb, raw in zip(blocks, read_many(mem, [(mb + lo, hi - lo) for mb in blocks])):
+        if raw is None:
+            out.append((mb, one_by_one(mb)))
+        else:
+            out.append((mb, tuple(int.from_bytes(raw[o - lo:o - lo + n], "little") for o, n in fields)))
     return out
 
 
@@ -530,18 +554,15 @@ def hosted_memory_blocks(mem: Memory, types, symbol: Callable[[str], Optional[in
     else:
         return []
     out = []
-    for mb in xarray_entries(mem, types, xa):
-        start = _u64(mem, mb + o_start) * pps
+    for mb, (start, value) in _block_fields(mem, types, xa, ((o_start, 8), (o_alt if o_nr is None else o_nr, 8))):
+        start *= pps
         end = start + spb * pps
         if o_alt is not None:
-            alt = _u64(mem, mb + o_alt)
-            if alt:
-                a = _altmap(mem, types, alt)
+            if value:
+                a = _altmap(mem, types, value)
                 out.append(HostedBlock(start, end, a, a.free))
-        else:
-            n = _u64(mem, mb + o_nr)
-            if n:
-                out.append(HostedBlock(start, end, Altmap(start, 0, end - start), n))
+        elif value:
+            out.append(HostedBlock(start, end, Altmap(start, 0, end - start), value))
     return out
 
 
