@@ -184,8 +184,7 @@ ivm_ig() {{
       churn)  # SECONDS N [AT]: write N, then 0, to the 2M pool's nr_hugepages until SECONDS passed
         # (scripts/bench watch), from uptime AT on; answered with the cycles done, /proc/vmstat's
         # htlb counters before and after, and the loop's own /proc/self/stat (its utime, stime):
-        # shell builtins only. (Compacting memory first, /proc/sys/vm/compact_memory, was tried:
-        # two of the five 6.12 guests that did later panicked out of memory, tainted by a bad page.)
+        # shell builtins only.
         set -- $ivm_args; : > $e
         read -r up _ < /proc/uptime
         while [ -n "$3" ] && [ "${{up%.*}}" -lt "$3" ]; do sleep 1; read -r up _ < /proc/uptime; done
