@@ -107,6 +107,9 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
             elif step.what == "hotplug":
                 total_before = guest.account.mem_total_kb if guest.account is not None else None
                 guest.hotplug(step.value, progress=progress)  # its own deadline, scaled to the size
+                # a fresh account: the state line hotplug() waited for may have read MemTotal
+                # before the last block's online_pages() counted its pages
+                guest.account = parse_account(chan.step("offline", [], timeout, alive).stdout)
                 d = guest.dimms[-1]
                 extra = {"dimm": dimm_json(d), "memmap_on_memory": guest.spec.memmap_on_memory}
                 short = memmap_in_ram(guest.spec.memmap_on_memory, d.size, total_before, guest.account.mem_total_kb)

@@ -33,6 +33,13 @@ def test_a_run_time_1g_page_gets_a_free_gib_by_default():
     spec = guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("hugepages-1g=1", "hugepages-1g=0")),
                       "x86_64")
     assert spec.mem == "4G" and "hugetlb_cma" not in kernel_cmdline(spec, arch_info("x86_64"))
+    # and the kernel image out of that GiB: at 16M, not where KASLR would put it
+    assert "nokaslr" in kernel_cmdline(spec, arch_info("x86_64")).split()
+    spec = guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, cmdline="kaslr",
+                                  then=("hugepages-1g=1",)), "x86_64")
+    assert "nokaslr" not in kernel_cmdline(spec, arch_info("x86_64")).split()  # the user's choice stays
+    spec = guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("hugepages=8",)), "x86_64")
+    assert "nokaslr" not in kernel_cmdline(spec, arch_info("x86_64")).split()
     # an explicit --mem is the user's: the kernel says what it could do
     spec = guest_spec(BootOptions(debian="6.12", mem="1G", in_guest=True, watch=True, then=("hugepages-1g=1",)),
                       "x86_64")
