@@ -395,6 +395,13 @@ def guest_spec(o: BootOptions, arch: str):
         cmdline.append(f"hugepagesz=1G hugepages={o.hugepages_1g}")
     if o.cmdline.strip():
         cmdline.append(o.cmdline.strip())
+    if steps_1g > o.hugepages_1g and arch == "x86_64" and "kaslr" not in o.cmdline:
+        # the kernel image where KASLR puts it (arch/x86/boot/compressed/kaslr.c
+        # find_random_phys_addr(): any RAM from 16M) may take the one free GiB a run-time 1G page
+        # can have (the one below 3G; ZONE_NORMAL's takes the kernel's allocations): nokaslr
+        # keeps it at LOAD_PHYSICAL_ADDR, 16M, in the first GiB (KASLR keeps GiBs free only for
+        # boot-time 1G pages, process_gb_huge_pages())
+        cmdline.append("nokaslr")
     extra = {}
     from .watching import hotplug_sizes
 

@@ -105,9 +105,17 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
                 got = guest.account.nr_hugepages.get(kb, 0)
                 progress(f"{step.what} {got} after {time.monotonic() - t0:.1f}s" + (f": {short}" if short else ""))
             elif step.what == "hotplug":
+                total_before = guest.account.mem_total_kb if guest.account is not None else None
                 guest.hotplug(step.value, progress=progress)  # its own deadline, scaled to the size
+                # a fresh account: the state line hotplug() waited for may have read MemTotal
+                # before the last block's online_pages() counted its pages
+                guest.account = parse_account(chan.step("offline", [], timeout, alive).stdout)
                 d = guest.dimms[-1]
                 extra = {"dimm": dimm_json(d), "memmap_on_memory": guest.spec.memmap_on_memory}
+                short = memmap_in_ram(guest.spec.memmap_on_memory, d.size, total_before, guest.account.mem_total_kb)
+                if short:
+                    extra["short"] = short
+                    progress(f"pc-dimm {d.id}: {short}")
                 progress(f"pc-dimm {d.id} at {d.addr:#x}-{d.end - 1:#x} {guest.spec.hotplug_online or 'added'}"
                          f"{' (memmap_on_memory=1)' if guest.spec.memmap_on_memory else ''} after {time.monotonic() - t0:.1f}s")
             else:
@@ -152,6 +160,21 @@ def shortfall(step: Step, kb: int, before: Optional[int], got: Optional[int], st
     return f"the kernel freed the pool to {got}, not {want} (pages in use stay)"
 
 
+def memmap_in_ram(memmap_on_memory: bool, size: int, total_before: Optional[int], total_after: int) -> str:
+    """A hot-add with memory_hotplug.memmap_on_memory=1 whose memmap the kernel put in RAM
+    instead, in words ('' otherwise), from the guest's own MemTotal: the struct pages a block
+    hosts are not managed memory (mm/memory_hotplug.c mhp_init_memmap_on_memory() puts them in
+    the zone as present, never in the buddy), so a DIMM that hosts its memmap grows MemTotal by
+    less than its size, and one whose memmap is in RAM by all of it. The kernel decides per
+    request (mhp_supports_memmap_on_memory(): in 6.1 only a request of exactly one memory block,
+    since upstream 6b8f0798b85a "mm/memory_hotplug: split memmap_on_memory requests across
+    memblocks" each block of any whole number of them)."""
+    if not memmap_on_memory or total_before is None or total_after - total_before != size >> 10:
+        return ""
+    return (f"the kernel put the DIMM's memmap in RAM, not on the DIMM (MemTotal grew by all of its {size >> 10} kB; "
+            "mhp_supports_memmap_on_memory() refused a request of this size)")
+
+
 def unplug(guest, chan, timeout: float, alive, progress) -> Tuple[object, str]:
     """Offline the last hot-added dimm's blocks in the guest, then remove it (QMP device_del;
     the guest's ACPI eject), waiting until its blocks are gone from sysfs.
@@ -181,6 +204,7 @@ def unplug(guest, chan, timeout: float, alive, progress) -> Tuple[object, str]:
     if not chan.settle_watch(timeout, alive):
         return d, "the watch ended while the blocks were offline"
     guest.qmp("device_del", id=d.id)
+    t_del = time.monotonic()
     deadline = time.monotonic() + max(120.0, timeout)
     while True:
         res = chan.step("offline", [], timeout, alive)  # no blocks: just the account
@@ -190,12 +214,33 @@ def unplug(guest, chan, timeout: float, alive, progress) -> Tuple[object, str]:
         if time.monotonic() > deadline:
             guest.account = acc
             return d, (f"{d.id}'s blocks still in the guest's sysfs {max(120.0, timeout):.0f}s after device_del "
-                       f"(the ACPI eject did not remove the memory){_kernel_said(guest, mark)}")
+                       f"({ospm_said(guest, d.id)}){_kernel_said(guest, mark)}")
         time.sleep(0.5)
     guest.account = acc
     guest.dimms.pop()
-    progress(f"pc-dimm {d.id} removed")
+    progress(f"pc-dimm {d.id} removed {time.monotonic() - t_del:.1f}s after device_del")
     return d, ""
+
+
+#: ACPI _OST status codes for an eject (ACPI 6.x, 6.3.5 _OST; drivers/acpi/scan.c reports them)
+_OST_STATUS = {0: "success", 1: "non-specific failure", 2: "unrecognized notify code", 0x80: "device ejection not supported",
+               0x81: "device in use by an application", 0x82: "device busy", 0x83: "ejection dependency is busy or not supported",
+               0x84: "ejection in progress (pending)"}
+
+
+def ospm_said(guest, dimm_id: str) -> str:
+    """What the guest's OSPM last told QEMU about ``dimm_id`` (QMP query-acpi-ospm-status:
+    its _OST source and status), in words: the kernel's own answer to the eject request."""
+    try:
+        infos = guest.qmp("query-acpi-ospm-status") or []
+    except LabError as e:
+        return f"the ACPI eject did not remove the memory; query-acpi-ospm-status: {e}"
+    mine = [i for i in infos if i.get("device") == dimm_id]
+    if not mine or (mine[0].get("source"), mine[0].get("status")) == (0, 0):
+        return "the guest's OSPM never answered the eject request (no _OST for the DIMM)"
+    src, st = mine[0].get("source"), mine[0].get("status")
+    return (f"the guest's last _OST for the DIMM: source {src:#x}, status {st:#x} "
+            f"({_OST_STATUS.get(st, 'unknown')}); the ACPI eject did not remove the memory")
 
 
 def _kernel_said(guest, mark: int) -> str:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from inspect_vmemmap.lab.boot import BootOptions, guest_spec
 from inspect_vmemmap.lab.guest import kernel_cmdline
 from inspect_vmemmap.lab.arch import arch_info
-from inspect_vmemmap.lab.watching import Step, shortfall
+from inspect_vmemmap.lab.watching import Step, memmap_in_ram, ospm_said, shortfall
 from inspect_vmemmap.live.events import Tracker
 from inspect_vmemmap.live.probes import select
 from inspect_vmemmap.live.watch import Watcher
@@ -33,6 +33,13 @@ def test_a_run_time_1g_page_gets_a_free_gib_by_default():
     spec = guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("hugepages-1g=1", "hugepages-1g=0")),
                       "x86_64")
     assert spec.mem == "4G" and "hugetlb_cma" not in kernel_cmdline(spec, arch_info("x86_64"))
+    # and the kernel image out of that GiB: at 16M, not where KASLR would put it
+    assert "nokaslr" in kernel_cmdline(spec, arch_info("x86_64")).split()
+    spec = guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, cmdline="kaslr",
+                                  then=("hugepages-1g=1",)), "x86_64")
+    assert "nokaslr" not in kernel_cmdline(spec, arch_info("x86_64")).split()  # the user's choice stays
+    spec = guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("hugepages=8",)), "x86_64")
+    assert "nokaslr" not in kernel_cmdline(spec, arch_info("x86_64")).split()
     # an explicit --mem is the user's: the kernel says what it could do
     spec = guest_spec(BootOptions(debian="6.12", mem="1G", in_guest=True, watch=True, then=("hugepages-1g=1",)),
                       "x86_64")
@@ -48,6 +55,32 @@ def test_shortfall_in_words():
     assert shortfall(Step("hugepages", "0"), 2048, 4, 1, 0, "") == "the kernel freed the pool to 1, not 0 (pages in use stay)"
     assert "refused the write (sh: write error: Invalid argument)" in shortfall(
         Step("hugepages", "3"), 2048, 4, 4, 1, "sh: write error: Invalid argument")
+
+
+def test_a_memmap_on_memory_dimm_with_its_memmap_in_ram_is_said_from_memtotal():
+    g = 1 << 30
+    # hosted: MemTotal grew by the DIMM less its 8 blocks' 2M of struct pages each
+    assert memmap_in_ram(True, g, 4026348, 4026348 + (g >> 10) - 8 * 2048) == ""
+    said = memmap_in_ram(True, g, 4026348, 4026348 + (g >> 10))
+    assert said.startswith("the kernel put the DIMM's memmap in RAM, not on the DIMM (MemTotal grew by all of its 1048576 kB")
+    assert "mhp_supports_memmap_on_memory()" in said
+    # not asked for, or no account before: nothing to say
+    assert memmap_in_ram(False, g, 4026348, 4026348 + (g >> 10)) == ""
+    assert memmap_in_ram(True, g, None, 4026348) == ""
+
+
+def test_a_stuck_unplug_says_what_the_guests_ospm_answered():
+    def guest(reply):
+        def qmp(cmd):
+            assert cmd == "query-acpi-ospm-status"
+            return reply
+        return SimpleNamespace(qmp=qmp)
+
+    d = "ivm-hp-dimm0"
+    assert "never answered" in ospm_said(guest([]), d)
+    assert "never answered" in ospm_said(guest([{"device": d, "slot": "0", "slot-type": "DIMM", "source": 0, "status": 0}]), d)
+    said = ospm_said(guest([{"device": d, "slot": "0", "slot-type": "DIMM", "source": 3, "status": 0x82}]), d)
+    assert "source 0x3, status 0x82 (device busy)" in said
 
 
 def test_watch_opens_the_kernel_again_after_a_hotplug_event():
