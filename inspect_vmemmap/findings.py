@@ -31,6 +31,9 @@ KINDS: Dict[str, str] = {
     # a section flag the kernel cannot have set there: SECTION_TAINT_ZONE_DEVICE on a
     # section that is RAM throughout, where no device memory can ever have been
     "impossible-flag": "error",
+    # struct pages that begin a vmemmap page and are copies of a head page outside an
+    # optimized folio: a HugeTLB vmemmap restore that left the copied head (check.heads)
+    "fake-head": "error",
 }
 
 class Finding:

@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Sequence
 from inspect_vmemmap.check.backing import check_backing
 from inspect_vmemmap.check.device import check_device
 from inspect_vmemmap.check.flags import check_page_node_zone, check_section_flags
+from inspect_vmemmap.check.heads import check_folio_heads
 from inspect_vmemmap.check.hvo import check_hvo
 from inspect_vmemmap.check.observed import Explained, Observed
 from inspect_vmemmap.check.placement import check_placement
@@ -82,4 +83,5 @@ def run_check(inputs: Inputs, sections: SectionTable, leaves: Sequence[MappedLea
     out.extend(check_backing(obs, explained, backing_free, deep))
     if mem is not None and inputs.page_flags and inputs.zones:
         out.extend(check_page_node_zone(obs, mem, deep, progress))
+    out.extend(check_folio_heads(obs, mem))
     return res

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from inspect_vmemmap.check.heads import fake_head_finding, fake_heads
 from inspect_vmemmap.findings import Finding, summarize
 from inspect_vmemmap.live.bpftrace import WatchError, attach, choose_probes, environment_problem, kernel_btf
 from inspect_vmemmap.live.events import Call, Tracker
@@ -314,7 +315,33 @@ class Watcher:
         where = {k: getattr(f, k) for k in ("section", "pfn_start", "pfn_end", "vaddr", "vaddr_end", "phys")}
         return Finding("race", "warning", f"{why}: {f.kind}: {f.message}", was=f.kind, **where)
 
+    def restored_heads(self, c: Call, r: Read) -> List[Finding]:
+        """An ``hvo-restore``: the struct pages its vmemmap restore wrote, read for copies of
+        the head left in place (check.heads: the folio may be freed already, so no pool
+        holds it any more)."""
+        rng = call_range(c, self.lay)
+        bit = (r.inputs.page_flags or {}).get("head_bit")
+        if not c.probe.kind == "hvo-restore" or rng is None or bit is None:
+            return []
+        skip = [(f.head_pfn, f.head_pfn + (1 << f.order)) for f in r.inputs.folios if f.optimized]
+        found = fake_heads(self.t.memory, self.lay, bit, (rng[0] + 1, rng[1]), skip)
+        t1 = time.monotonic_ns()
+        fd = fake_head_finding(self.lay, found, f"the folio at pfn {rng[0]} this restore returned")
+        if fd is None:
+            return []
+        # an optimized folio's tails show fake heads by design: one allocated there since the
+        # read began (a loop that grows the pool again) makes this a race, not an error
+        self.pump()
+        since = [o for o in self.tracker.started_between(r.start_ns, t1) if o is not c
+                 and o.probe.kind.startswith("hvo-") and (call_range(o, self.lay) is None
+                                                         or touches(fd, call_range(o, self.lay), self.lay))]
+        if since:
+            o = since[0]
+            return [self.race(fd, f"{o.probe.function} by {self.task(o)} changed the range after the read began")]
+        return [fd]
+
     def report(self, c: Call, r: Read, found: List[Finding], reads: int) -> None:
+        found = found + [f for f in self.restored_heads(c, r) if _key(f) not in {_key(g) for g in found}]
         ev = self.event_json(c, r.nodes)
         self.seq += 1
         check = {"reads": reads, "seconds": round(r.seconds, 3), "after": self.after(c, r)}

@@ -251,7 +251,8 @@ def _pageblock_order(t) -> Optional[int]:
 def _page_flags_layout(t, types) -> Optional[dict]:
     """page->flags node and zone fields, from MAX_NUMNODES (x86 VMCOREINFO
     LENGTH(node_data), else the length of struct hstate's per-node free lists) and
-    MAX_NR_ZONES (enum zone_type's __MAX_NR_ZONES)."""
+    MAX_NR_ZONES (enum zone_type's __MAX_NR_ZONES); ``head_bit``: PG_head (enum
+    pageflags), where the kernel's types have it (check.heads)."""
     from inspect_vmemmap.model import page_flags_layout
 
     zones = types.enum_value("__MAX_NR_ZONES")
@@ -260,7 +261,11 @@ def _page_flags_layout(t, types) -> Optional[dict]:
         nodes = _max_numnodes(types)
     if zones is None or nodes is None or (t.vmcoreinfo.offset("page.flags") or 0) != 0:
         return None
-    return page_flags_layout(nodes, zones)
+    out = page_flags_layout(nodes, zones)
+    head = types.enum_value("PG_head")  # enum pageflags (include/linux/page-flags.h)
+    if head is not None:
+        out["head_bit"] = head
+    return out
 
 
 def _node_pgdats(t, spans: List[Tuple[int, int, int]]) -> List[Tuple[int, int]]:
