@@ -27,6 +27,9 @@ class GuestAccount:
     iomem: list[tuple[int, int, str]] = field(default_factory=list)  # top-level /proc/iomem
     nr_hugepages: dict[int, int] = field(default_factory=dict)  # page size in kB -> count
     cpu_flags: list[str] = field(default_factory=list)
+    #: /proc/sys/kernel/tainted (kernel/panic.c taint_flags: bit 5, "B", a bad page was
+    #: found); None: not in the account
+    tainted: int | None = None
     raw: str = ""
 
     @property
@@ -84,6 +87,8 @@ def parse_account(console: str) -> GuestAccount:
     acc.hugepages_free = acc.meminfo.get("HugePages_Free", 0)
     acc.hugepage_size_kb = acc.meminfo.get("Hugepagesize", 0)
 
+    taint = (sections.get("tainted") or [""])[0].strip()
+    acc.tainted = int(taint) if taint.isdigit() else None
     flags = sections.get("cpuinfo-flags") or [""]
     acc.cpu_flags = flags[0].partition(":")[2].split()
 

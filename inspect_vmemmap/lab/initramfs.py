@@ -96,6 +96,8 @@ echo @@ hugepages
 for h in /sys/kernel/mm/hugepages/hugepages-*; do
   [ -f "$h/nr_hugepages" ] && echo "${h##*/} $(cat $h/nr_hugepages)"
 done
+echo @@ tainted
+cat /proc/sys/kernel/tainted
 """
 
 

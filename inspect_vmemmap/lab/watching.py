@@ -62,11 +62,14 @@ def hotplug_sizes(steps: List[Step]) -> List[str]:
 
 
 def account_json(acc) -> dict:
-    return {
+    out = {
         "hugepages": {f"{kb}kB": n for kb, n in sorted(acc.nr_hugepages.items())},
         "mem_total_kb": acc.mem_total_kb,
         "memory_blocks": {str(b): st for b, st in sorted(acc.memory_blocks.items())},
     }
+    if acc.tainted is not None:
+        out["tainted"] = acc.tainted
+    return out
 
 
 def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple:

@@ -54,8 +54,11 @@ SCENARIOS = {**{f"{series}-plain": (series, PLAIN) for series in ("6.12", "7.2",
 def watch_boot(series: str, args: list) -> tuple:
     p = subprocess.run([sys.executable, "-m", "inspect_vmemmap", "boot", "--debian", series, "--in-guest", "--watch",
                         *args, "--json", "-q"], capture_output=True, text=True, timeout=2400)
-    assert p.returncode == 0, p.stderr
-    return cli_json(p.stdout, "boot_watch"), p.stderr
+    assert p.returncode in (0, 1), p.stderr
+    doc = cli_json(p.stdout, "boot_watch")
+    # 1 exactly when the watch saw an error (the kernel's own, below: restored_heads)
+    assert p.returncode == (1 if doc["summary"]["errors"] else 0), p.stderr
+    return doc, p.stderr
 
 
 @pytest.fixture(scope="module", params=sorted(SCENARIOS), ids=str)
@@ -120,9 +123,12 @@ def test_every_change_once_with_a_clean_recheck(watched):
     assert all("short" not in s for s in steps
                if not (s["step"].startswith("hotplug=") and s["memmap_on_memory"] and not hosts_memmap(name, s["dimm"]))
                ), [s.get("short") for s in steps]
+    bad = restored_heads(name, doc)
     for e in doc["watch"]["events"]:
+        if e["seq"] in bad:
+            continue
         assert e["check"]["errors"] == 0 and e["check"]["warnings"] == 0, e
-    assert doc["summary"]["errors"] == 0 and doc["summary"]["warnings"] == 0
+    assert doc["summary"]["errors"] == len(bad) and doc["summary"]["warnings"] == 0
     end = doc["watch"]["end"]
     assert end["lost"] == 0 and end["unpaired"] == 0
     # as many events of each kind as the guest's own account says changed, nothing else
@@ -135,6 +141,34 @@ def test_every_change_once_with_a_clean_recheck(watched):
                                              for s, prev in unplugs),
                               "section-remove": removes}
     assert sum(end["by_kind"].values()) == len([e for e in doc["watch"]["events"] if e["kind"] != "periodic"])
+
+
+def restored_heads(name: str, doc: dict) -> dict:
+    """The restore events whose folio the kernel could not free, by their ``seq``: each with
+    exactly one ``fake-head`` error over its vmemmap pages but the first.
+
+    Debian 6.12.117's vmemmap_restore_pte() (mm/hugetlb_vmemmap.c) copies the folio's first
+    vmemmap page into each restored one and never rewrites the copied head
+    (``vmemmap_tail = vmemmap_head``; 6.1 has reset_struct_pages(), 7.2 copies the zone's
+    shared tail page). The guest's own account says whether its kernel then found bad pages:
+    /proc/sys/kernel/tainted bit 5 (TAINT_BAD_PAGE, "B") after the step that shrank the pool.
+    Where it did, every restored folio has one fake head per vmemmap page after the first
+    (64 struct pages of 64 bytes to a 4K page): 7 for a 2M folio, 4095 for a 1G one."""
+    steps = steps_of(doc)
+    shrink = "hugepages=6" if name.endswith("plain") else "hugepages-1g=0"
+    restored = by_kind(doc, "hvo-restore")
+    if not steps[shrink].get("tainted", 0) >> 5 & 1:
+        return {}
+    out = {}
+    for e in restored:
+        per = 4096 // 64
+        n = (e["pfn_end"] - e["pfn_start"] + 1) // per - 1
+        errs = [f for f in e["check"]["findings"] if f["severity"] == "error"]
+        assert [(f["kind"], f["pfn_start"], f["pfn_end"], f["count"]) for f in errs] == \
+               [("fake-head", e["pfn_start"] + per, e["pfn_end"] + 1 - per, n)], e
+        assert e["check"]["warnings"] == 0, e
+        out[e["seq"]] = e
+    return out
 
 
 def test_hvo_events_are_the_pools_changes(watched):
