@@ -81,7 +81,8 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
             raise LabError(f"QEMU exited (status {guest.process.returncode}) while watching; "
                            "last console lines:\n" + "\n".join(guest.console_tail(30)))
 
-    args = (["--json"] if o.as_json else []) + ["--no-debuginfo"]
+    # bpftrace may attach for as long as the lab waits for the watch (minutes under TCG in an arm64 guest)
+    args = (["--json"] if o.as_json else []) + ["--no-debuginfo", "--attach-timeout", str(int(timeout))]
     accounts: List[dict] = []
     try:
         progress("starting watch inside the guest (bpftrace over the host's root)")
