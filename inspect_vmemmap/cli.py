@@ -295,12 +295,15 @@ def boot(args):
               help="Also a full check every S seconds (catches what no probe sees).")
 @click.option("--duration", metavar="S", type=click.FloatRange(min=0), default=None, help="Stop after S seconds.")
 @click.option("--count", metavar="N", type=click.IntRange(min=1), default=None, help="Stop after N changes.")
+@click.option("--attach-timeout", metavar="S", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="How long bpftrace may take to attach its probes (minutes in an emulated guest).")
 @target_options
 @_guard
-def watch(tgt, as_json, interval, duration, count):
+def watch(tgt, as_json, interval, duration, count, attach_timeout):
     """Watch the running kernel change its vmemmap (eBPF, bpftrace; as root) and re-check
     what each change touched once it has returned. Ctrl-C ends; exit status as check."""
     from inspect_vmemmap.live.watch import command  # inspect_vmemmap/live/
     from inspect_vmemmap.report import stdout_console
 
-    sys.exit(command(tgt, as_json, interval, duration, count, _open, stdout_console, _fail))
+    sys.exit(command(tgt, as_json, interval, duration, count, _open, stdout_console, _fail,
+                     attach_timeout=attach_timeout))

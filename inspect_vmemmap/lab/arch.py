@@ -27,6 +27,9 @@ class ArchInfo:
     #: paging modes a guest can be asked for by name (riscv64: the kernel's own choice
     #: first), as /proc/cpuinfo's "mmu" line names them
     paging_modes: tuple[str, ...] = ()
+    #: how the lab hot-adds memory: "pc-dimm" (ACPI), or "virtio-mem" where the kernel has no
+    #: ACPI memory hotplug (lab/virtiomem.py says why)
+    hotplug_device: str = "pc-dimm"
 
     def paging_cmdline(self, mode: str) -> str:
         """Kernel parameters that make the guest run in paging ``mode``."""
@@ -73,6 +76,8 @@ ARCHES: dict[str, ArchInfo] = {
         # virt: PL011 console, fw_cfg over MMIO (-device vmcoreinfo works), RAM from 1 GiB
         machine_args=("-machine", "virt"),
         flavours=("arm64", "arm64-16k"),
+        # Debian's arm64 kernels have no CONFIG_ACPI_HOTPLUG_MEMORY: a pc-dimm is never seen
+        hotplug_device="virtio-mem",
     ),
     "riscv64": ArchInfo(
         name="riscv64",

@@ -411,6 +411,8 @@ def guest_spec(o: BootOptions, arch: str):
         for s in plugs:
             total += _mib(s, "--hotplug")
         extra = dict(maxmem=_size_text(mem + total), slots=len(plugs))
+        if arch_info(arch).hotplug_device == "virtio-mem":
+            extra.update(_virtio_mem(o, arch, plugs))
         if any(s.what == "unplug" for s in _steps(o)):
             # offlining a block fails (EBUSY) once the kernel put an unmovable page in it, as it
             # soon does in ZONE_NORMAL (mm/memory_hotplug.c offline_pages(): the pages must
@@ -421,6 +423,17 @@ def guest_spec(o: BootOptions, arch: str):
         hvo=o.hvo, la57=o.la57, paging=o.paging, cmdline=" ".join(cmdline), memmap_on_memory=o.memmap_on_memory,
         accel=o.accel, **extra,
     )
+
+
+def _virtio_mem(o: BootOptions, arch: str, plugs: list) -> dict:
+    """What a guest that hot-adds through virtio-mem (lab/virtiomem.py) needs of its spec."""
+    from . import virtiomem
+
+    if o.memmap_on_memory:
+        raise BootError(f"--memmap-on-memory: {arch} guests hot-add through virtio-mem (Debian's {arch} kernels have "
+                        "no CONFIG_ACPI_HOTPLUG_MEMORY for a pc-dimm), whose memory never hosts its memmap "
+                        "(drivers/virtio/virtio_mem.c virtio_mem_add_memory(): no MHP_MEMMAP_ON_MEMORY)")
+    return {"hotplug_block": virtiomem.block_size([_mib(s, "--hotplug") << 20 for s in plugs])}
 
 
 def _steps(o: BootOptions) -> list:
@@ -457,7 +470,8 @@ def guest_json(guest, mode: str) -> dict:
         "node_mem_total_kb": {str(n): kb for n, kb in sorted(acc.node_mem_total_kb.items())},
         "memory_block_size": acc.memory_block_size,
         "memory_blocks": {str(b): st for b, st in sorted(acc.memory_blocks.items())},
-        "dimms": [{"id": d.id, "addr": hex(d.addr), "size": d.size, "node": d.node} for d in guest.dimms],
+        "dimms": [{"id": d.id, "addr": hex(d.addr), "size": d.size, "node": d.node, "device": d.device}
+                  for d in guest.dimms],
     }
     if guest.spec.arch == "x86_64":
         out["la57"] = acc.la57
@@ -606,10 +620,10 @@ def _run(o: BootOptions, progress, console_factory) -> int:
         with boot_guest(spec, workdir=workdir, timeout=o.timeout, progress=progress, kernel=kernel) as guest:
             _note_shortfalls(o, guest, progress)
             for size in o.hotplug:
-                progress(f"hot-adding a {size} pc-dimm")
+                progress(f"hot-adding {size} ({info.hotplug_device})")
                 guest.hotplug(size, timeout=o.timeout, progress=progress)
                 d = guest.dimms[-1]
-                progress(f"pc-dimm {d.id} at {d.addr:#x}-{d.end - 1:#x} {spec.hotplug_online}"
+                progress(f"{d.device} {d.id} at {d.addr:#x}-{d.end - 1:#x} {spec.hotplug_online}"
                          f"{' (memmap on memory)' if o.memmap_on_memory else ''}")
             if o.dump:
                 progress(f"dumping the guest to {o.dump}")

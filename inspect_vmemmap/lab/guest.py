@@ -21,6 +21,7 @@ from .debian import DebianKernel, fetch_busybox, fetch_debian_kernel
 from .errors import LabError
 from .initramfs import MARK_ERROR, MARK_READY, build_initramfs
 from .qmp import dump_vmcoreinfo, qmp_command
+from . import virtiomem
 
 DEFAULT_TIMEOUT = None  # boot_deadline(spec)
 #: the guest end of its state line (initramfs._STATE_REPORTER): a serial port of its own
@@ -94,6 +95,9 @@ class GuestSpec:
     flavour: str = ""  # Debian kernel flavour ('' the arch's default; 'arm64-16k')
     lpa2: bool | None = None  # aarch64: False gives a CPU without FEAT_LPA2 (48-bit VA/PA); None: max
     paging: str | None = None  # a paging mode of ArchInfo.paging_modes (riscv64 'sv39'; checked); None: default
+    # virtio-mem guests (ArchInfo.hotplug_device): the device's block size, bytes (0: the
+    # largest power of two dividing maxmem - mem; boot gives one dividing every hotplug size)
+    hotplug_block: int = 0
     # NVDIMMs (x86_64; needs maxmem): QEMU places them in the hotplug area in order; each
     # becomes device-dax (Guest.devdax has the guest's own account of them)
     nvdimms: Sequence[Nvdimm] = ()
@@ -195,6 +199,7 @@ class Dimm:
     addr: int  # guest physical start, bytes
     size: int  # bytes
     node: int | None
+    device: str = "pc-dimm"  # or "virtio-mem": then the range of the lab's one device this hotplug plugged
 
     @property
     def end(self) -> int:
@@ -270,6 +275,9 @@ def qemu_argv(
         "-chardev", f"socket,id=ivmctl,path={control_socket},server=on,wait=off",
         "-mon", "chardev=ivmctl,mode=control",
     ]
+    if spec.maxmem and info.hotplug_device == virtiomem.DEVICE:
+        region = (parse_size_mib(spec.maxmem) - total - sum(parse_size_mib(n.size) for n in spec.nvdimms)) << 20
+        argv += virtiomem.qemu_args(region, spec.hotplug_block or virtiomem.block_size([region]))
     if spec.maxmem and spec.arch in STATE_DEVICE:
         argv += ["-chardev", f"file,id=ivmstate,path={Path(console_log).parent / 'state.log'}",
                  "-device", "isa-serial,chardev=ivmstate,index=2"]
@@ -422,24 +430,9 @@ class Guest:
         if nbytes % bs:
             # mm/memory_hotplug.c check_hotplug_memory_range(): whole memory blocks only
             raise LabError(f"hotplug size {size} is not a multiple of the guest's memory block size ({bs >> 20}M)")
-        n = len(self.dimms)
-        memdev, dev = f"ivm-hp-mem{n}", f"ivm-hp-dimm{n}"
         mark = len(self.console_text())
-        self.qmp("object-add", {"qom-type": "memory-backend-ram", "id": memdev, "size": nbytes})
-        args: dict[str, Any] = {"driver": "pc-dimm", "id": dev, "memdev": memdev}
-        if node is not None:
-            args["node"] = node
-        try:
-            self.qmp("device_add", args)
-        except LabError:
-            with contextlib.suppress(LabError):
-                self.qmp("object-del", id=memdev)
-            raise
-        found = [d.get("data", {}) for d in self.qmp("query-memory-devices")
-                 if d.get("data", {}).get("id") == dev]
-        if not found:
-            raise LabError(f"QEMU does not list {dev} after device_add")
-        dimm = Dimm(dev, memdev, int(found[0]["addr"]), int(found[0]["size"]), found[0].get("node", node))
+        dimm = self._add_memory(nbytes, node)
+        dev = dimm.id
         self.dimms.append(dimm)
 
         blocks = range(dimm.addr // bs, (dimm.end + bs - 1) // bs)
@@ -458,7 +451,8 @@ class Guest:
         deadline = t0 + timeout
         while True:
             st = self.state()
-            if st is not None and all(st.memory_blocks.get(b) in want for b in blocks):
+            if st is not None and all(st.memory_blocks.get(b) in want for b in blocks) and (
+                    dimm.device != virtiomem.DEVICE or virtiomem.settled(self)):
                 break
             self._alive(f"during hotplug of {dev}")
             if time.monotonic() > deadline:
@@ -489,6 +483,37 @@ class Guest:
                f"from its state line #{st.seq}")
         self.account = replace(self.account, memory_blocks=dict(st.memory_blocks), mem_total_kb=st.mem_total_kb,
                                nr_hugepages={kb: n for kb, (n, _) in st.hugepages.items()})
+
+    def _add_memory(self, nbytes: int, node: int | None) -> Dimm:
+        """Hot-add ``nbytes`` through QEMU: a new pc-dimm, or more of the virtio-mem device."""
+        if arch_info(self.spec.arch).hotplug_device == virtiomem.DEVICE:
+            addr, size, node = virtiomem.plug(self, nbytes, node)
+            return Dimm(virtiomem.DEVICE_ID, virtiomem.MEMDEV_ID, addr, size, node, device=virtiomem.DEVICE)
+        n = len(self.dimms)
+        memdev, dev = f"ivm-hp-mem{n}", f"ivm-hp-dimm{n}"
+        self.qmp("object-add", {"qom-type": "memory-backend-ram", "id": memdev, "size": nbytes})
+        args: dict[str, Any] = {"driver": "pc-dimm", "id": dev, "memdev": memdev}
+        if node is not None:
+            args["node"] = node
+        try:
+            self.qmp("device_add", args)
+        except LabError:
+            with contextlib.suppress(LabError):
+                self.qmp("object-del", id=memdev)
+            raise
+        found = [d.get("data", {}) for d in self.qmp("query-memory-devices")
+                 if d.get("data", {}).get("id") == dev]
+        if not found:
+            raise LabError(f"QEMU does not list {dev} after device_add")
+        return Dimm(dev, memdev, int(found[0]["addr"]), int(found[0]["size"]), found[0].get("node", node))
+
+    def remove_request(self, dimm: Dimm) -> None:
+        """Ask QEMU to take ``dimm`` back: device_del of a pc-dimm (the guest's ACPI eject
+        follows), or the virtio-mem device's requested size lowered by its size."""
+        if dimm.device == virtiomem.DEVICE:
+            virtiomem.unplug_request(self, dimm)
+        else:
+            self.qmp("device_del", id=dimm.id)
 
     def _alive(self, during: str) -> None:
         rc = self.process.poll() if self.process is not None else None
@@ -601,6 +626,8 @@ def boot_guest(
         kernel = fetch_debian_kernel(spec.debian, spec.arch, progress=progress, flavour=spec.flavour)
     _check_nvdimms(spec)
     nv_modules = NVDIMM_MODULES if any(n.devdax_align is not None for n in spec.nvdimms) else ()
+    if spec.maxmem and info.hotplug_device == virtiomem.DEVICE:
+        nv_modules += (virtiomem.MODULE,)
     modules = kernel.ensure_modules(["qemu_fw_cfg", *nv_modules, *spec.extra_modules], progress=progress)
     # the host's busybox serves its own architecture; another one gets Debian's busybox-static
     busybox = fetch_busybox(spec.arch, kernel.suite, progress) if info.name != os.uname().machine else None

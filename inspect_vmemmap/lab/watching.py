@@ -8,9 +8,11 @@ own account:
   needs a free or movable, 1G-aligned GiB: mm/hugetlb.c alloc_gigantic_folio() ->
   alloc_contig_pages()), the step says so in words (``short``);
 - ``hotplug=SIZE``: a pc-dimm hot-added through QMP (:meth:`~.guest.Guest.hotplug`,
-  which waits until the guest onlined every block of it);
+  which waits until the guest onlined every block of it); in an arm64 guest SIZE more of
+  its virtio-mem device (:mod:`.virtiomem`: Debian's arm64 kernels cannot take a pc-dimm);
 - ``unplug``: the guest offlines the blocks of the last hot-added dimm, then QMP
-  ``device_del`` and the guest's ACPI eject remove it, waited for until its blocks are
+  ``device_del`` and the guest's ACPI eject remove it (virtio-mem: the device's requested
+  size lowered, and its driver removes them), waited for until its blocks are
   gone from sysfs. Where the kernel does not let it go, the step says why (``short``) and
   the watch goes on. (``boot`` onlines hot-added memory to ZONE_MOVABLE when an unplug
   step follows: a ZONE_NORMAL block soon holds a page offline_pages() cannot migrate.)
@@ -82,7 +84,8 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
             raise LabError(f"QEMU exited (status {guest.process.returncode}) while watching; "
                            "last console lines:\n" + "\n".join(guest.console_tail(30)))
 
-    args = (["--json"] if o.as_json else []) + ["--no-debuginfo"]
+    # bpftrace may attach for as long as the lab waits for the watch (minutes under TCG in an arm64 guest)
+    args = (["--json"] if o.as_json else []) + ["--no-debuginfo", "--attach-timeout", str(int(timeout))]
     accounts: List[dict] = []
     try:
         progress("starting watch inside the guest (bpftrace over the host's root)")
@@ -118,8 +121,8 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
                 short = memmap_in_ram(guest.spec.memmap_on_memory, d.size, total_before, guest.account.mem_total_kb)
                 if short:
                     extra["short"] = short
-                    progress(f"pc-dimm {d.id}: {short}")
-                progress(f"pc-dimm {d.id} at {d.addr:#x}-{d.end - 1:#x} {guest.spec.hotplug_online or 'added'}"
+                    progress(f"{d.device} {d.id}: {short}")
+                progress(f"{d.device} {d.id} at {d.addr:#x}-{d.end - 1:#x} {guest.spec.hotplug_online or 'added'}"
                          f"{' (memmap_on_memory=1)' if guest.spec.memmap_on_memory else ''} after {time.monotonic() - t0:.1f}s")
             else:
                 d, short = unplug(guest, chan, timeout, alive, progress)
@@ -137,7 +140,7 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
 
 
 def dimm_json(d) -> dict:
-    return {"id": d.id, "addr": hex(d.addr), "size": d.size, "node": d.node}
+    return {"id": d.id, "addr": hex(d.addr), "size": d.size, "node": d.node, "device": d.device}
 
 
 def shortfall(step: Step, kb: int, before: Optional[int], got: Optional[int], status: int, stderr: str) -> str:
@@ -206,7 +209,7 @@ def unplug(guest, chan, timeout: float, alive, progress) -> Tuple[object, str]:
     # the offline events re-checked while the blocks are offline but still there
     if not chan.settle_watch(timeout, alive):
         return d, "the watch ended while the blocks were offline"
-    guest.qmp("device_del", id=d.id)
+    guest.remove_request(d)  # device_del of a pc-dimm; a virtio-mem device's requested size lowered
     t_del = time.monotonic()
     deadline = time.monotonic() + max(120.0, timeout)
     while True:
@@ -216,12 +219,14 @@ def unplug(guest, chan, timeout: float, alive, progress) -> Tuple[object, str]:
             break
         if time.monotonic() > deadline:
             guest.account = acc
-            return d, (f"{d.id}'s blocks still in the guest's sysfs {max(120.0, timeout):.0f}s after device_del "
-                       f"({ospm_said(guest, d.id)}){_kernel_said(guest, mark)}")
+            how = (f"after its requested size was lowered (the virtio-mem driver did not give the memory back)"
+                   if d.device == "virtio-mem" else f"after device_del ({ospm_said(guest, d.id)})")
+            return d, (f"{d.id}'s blocks still in the guest's sysfs {max(120.0, timeout):.0f}s {how}"
+                       f"{_kernel_said(guest, mark)}")
         time.sleep(0.5)
     guest.account = acc
     guest.dimms.pop()
-    progress(f"pc-dimm {d.id} removed {time.monotonic() - t_del:.1f}s after device_del")
+    progress(f"{d.device} {d.id} removed {time.monotonic() - t_del:.1f}s after its removal was asked for")
     return d, ""
 
 

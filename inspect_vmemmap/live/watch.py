@@ -446,7 +446,7 @@ class Watcher:
 
 def command(tgt: dict, as_json: bool, interval: Optional[float], duration: Optional[float], count: Optional[int],
             open_target: Callable[[dict], object], console_factory: Callable[[], object],
-            fail: Callable[[str], None]) -> int:
+            fail: Callable[[str], None], attach_timeout: float = 300.0) -> int:
     """The ``watch`` command (cli.py): checks what it needs, opens the running kernel, watches."""
     from inspect_vmemmap.live.output import json_emitter, text_emitter
     from inspect_vmemmap.report import SCHEMA
@@ -462,7 +462,7 @@ def command(tgt: dict, as_json: bool, interval: Optional[float], duration: Optio
     else:
         emit = text_emitter(console_factory(), t.to_json(), t.layout)
     try:
-        return Watcher(t, emit, interval=interval, duration=duration, count=count,
+        return Watcher(t, emit, interval=interval, duration=duration, count=count, ready_timeout=attach_timeout,
                        reopen=lambda: open_target(tgt)).run()
     except WatchError as e:
         fail(str(e))

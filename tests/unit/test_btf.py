@@ -521,3 +521,25 @@ def test_func_signature():
     assert btf.func_signature("sparse_add_section") == (["nid", "start_pfn", "nr_pages"], True)
     assert btf.func_signature("vmemmap_free") == (["start", "end"], False)
     assert btf.func_signature("absent") is None
+
+
+def test_watch_takes_the_btf_behind_the_per_build_cache_not_a_second_parse():
+    """live.bpftrace.kernel_btf on a target whose types come from the per-build cache
+    (kcache.RecordedTypes) gives the one Btf that answers for them, loaded once."""
+    from types import SimpleNamespace
+
+    from inspect_vmemmap.kcache import KernelRecord, RecordedTypes
+    from inspect_vmemmap.live.bpftrace import kernel_btf
+
+    b = BtfBuilder()
+    b.func("vmemmap_free", b.func_proto(0, [("start", b.int_("long unsigned int", 8))]))
+    loads = []
+
+    def load():
+        loads.append(1)
+        return Btf.parse(b.blob())
+
+    types = RecordedTypes(KernelRecord("ab" * 20, "r", None), load)
+    got = kernel_btf(SimpleNamespace(types=types))
+    assert isinstance(got, Btf) and got.func_signature("vmemmap_free") is not None
+    assert kernel_btf(SimpleNamespace(types=types)) is got and loads == [1]
