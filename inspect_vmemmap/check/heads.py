@@ -33,6 +33,7 @@ from inspect_vmemmap.memory import FaultError
 
 #: the most struct page bytes one read takes
 _CHUNK = 1 << 21
+_MASK = (1 << 64) - 1
 
 
 def fake_heads(mem, lay, head_bit: int, pfns: Tuple[int, int], skip: Sequence[Interval] = ()) -> List[int]:
@@ -73,6 +74,22 @@ def fake_heads(mem, lay, head_bit: int, pfns: Tuple[int, int], skip: Sequence[In
             if ch & 1 and ch - 1 != va + i * sps:
                 out.append(q)
         p += n
+    return out
+
+
+def captured_fake_heads(lay, head_bit: int, head_pfn: int, words: Sequence[int]) -> List[int]:
+    """:param words: for the 1st, 2nd, ... vmemmap page after the head's, its first struct
+        page's ``flags`` and the next struct page's ``compound_head``, as a probe read them
+        at a restore's return (live.probes.with_restore_capture; signed as bpftrace prints).
+    :return: the pfns of those struct pages that are fake heads."""
+    sps = lay.struct_page_size
+    per = lay.page_size // sps
+    out = []
+    for k in range(len(words) // 2):
+        flags, ch = words[2 * k] & _MASK, words[2 * k + 1] & _MASK
+        pfn = head_pfn + (k + 1) * per
+        if flags >> head_bit & 1 and ch & 1 and ch - 1 != lay.pfn_to_page(pfn):
+            out.append(pfn)
     return out
 
 

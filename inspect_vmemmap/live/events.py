@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from inspect_vmemmap.live.probes import Probe
 
@@ -32,6 +32,8 @@ class Call:
     fields: Dict[str, int]
     end_ns: Optional[int] = None
     result: Optional[int] = None
+    #: what the probe read at the return (Probe.captures), in its order
+    captured: Tuple[int, ...] = ()
     parts: List["Call"] = field(default_factory=list)  # watched calls made inside it (flattened)
 
     @property
@@ -40,7 +42,7 @@ class Call:
 
 
 def parse(line: str, probes: Dict[int, Probe]):
-    """``("E", ns, tid, Call)``, ``("R", ns, tid, (probe id, retval))``, ``("lost", n)`` or None."""
+    """``("E", ns, tid, Call)``, ``("R", ns, tid, (probe id, retval, captured words))``, ``("lost", n)`` or None."""
     f = line.split()
     if not f:
         return None
@@ -56,9 +58,13 @@ def parse(line: str, probes: Dict[int, Probe]):
             return None
         comm = " ".join(f[5 + n:])
         return ("E", ns, tid, Call(p, ns, tid, pid, comm, {k: v for (k, _), v in zip(p.fields, vals)}))
-    if f[0] == "R" and len(f) == 5:
+    if f[0] == "R" and len(f) >= 5:
         try:
-            return ("R", int(f[2]), int(f[3]), (int(f[1]), int(f[4])))
+            p = probes.get(int(f[1]))
+            n = len(p.captures) if p is not None else 0
+            if len(f) != 5 + n:
+                return None
+            return ("R", int(f[2]), int(f[3]), (int(f[1]), int(f[4]), tuple(int(v) for v in f[5:])))
         except ValueError:
             return None
     m = _LOST.search(line)
@@ -104,7 +110,7 @@ class Tracker:
                 stack.append(what)
                 self.seen.append(what)
                 continue
-            pid, ret = what
+            pid, ret, captured = what
             at = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].probe.id == pid), None)
             if at is None:
                 n = left.get(id(item), HOLD_FEEDS)
@@ -115,7 +121,7 @@ class Tracker:
                 continue
             call = stack[at]
             del stack[at:]  # whatever it called and did not see return was lost
-            call.end_ns, call.result = ns, ret
+            call.end_ns, call.result, call.captured = ns, ret, captured
             if call.probe.role == "context":
                 continue
             parent = None

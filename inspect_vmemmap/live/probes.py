@@ -28,7 +28,7 @@ The functions (confirmed in linux-source 6.12 and 7.2; 6.1 in the Debian guest's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 #: a change made inside another watched change of the same task is a part of it (a
@@ -103,6 +103,8 @@ class Probe:
     fields: Tuple[Tuple[str, str], ...]  # (field, expression), printed in this order
     returns: bool  # has a return value
     mechanism: str = "kfunc"  # 'kfunc' (fentry/fexit through BTF) or 'kprobe' (kprobe/kretprobe)
+    #: words read at the return, printed after the return value (:func:`with_restore_capture`)
+    captures: Tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -154,6 +156,31 @@ def select(signature, traceable, kprobe_ok=lambda fn: False,
     return probes, absent
 
 
+#: vmemmap pages after the head's whose first two struct pages a restore's return captures
+CAPTURED_PAGES = 7
+
+
+def with_restore_capture(probes: Sequence[Probe], page_size: int, struct_page_size: int) -> List[Probe]:
+    """``probes`` with each ``hvo-restore`` probe that sees its folio at the return (fexit:
+    ``args``) capturing, there, ``page->flags`` of the first struct page of each of the
+    :data:`CAPTURED_PAGES` vmemmap pages after the head's, and the next struct page's
+    ``compound_head`` (check.heads). The free that follows a restore clears every tail's
+    flags (mm/page_alloc.c free_pages_prepare()), so only the return sees what the restore
+    wrote."""
+    out = []
+    for p in probes:
+        if p.kind != "hvo-restore" or p.mechanism != "kfunc" or "page" not in dict(p.fields):
+            out.append(p)
+            continue
+        expr = dict(p.fields)["page"]  # (int64)args->folio
+        caps = []
+        for k in range(1, CAPTURED_PAGES + 1):
+            caps.append(f"*(int64 *)({expr} + {k * page_size})")
+            caps.append(f"*(int64 *)({expr} + {k * page_size + struct_page_size + 8})")
+        out.append(replace(p, captures=tuple(caps)))
+    return out
+
+
 READY = "IVM-WATCH-READY"
 
 
@@ -169,7 +196,9 @@ def program(probes: Iterable[Probe]) -> str:
         enter, leave = ("kfunc:vmlinux", "kretfunc:vmlinux") if p.mechanism == "kfunc" else ("kprobe", "kretprobe")
         out.append(f'{enter}:{p.function} {{ printf("{fmt}\\n", {vals}); }}')
         ret = "(int64)retval" if p.returns else "(int64)0"
-        out.append(f'{leave}:{p.function} {{ printf("R {p.id} %llu %d %lld\\n", nsecs, tid, {ret}); }}')
+        caps = "".join(" %lld" for _ in p.captures)
+        vals = "".join(f", {c}" for c in p.captures)
+        out.append(f'{leave}:{p.function} {{ printf("R {p.id} %llu %d %lld{caps}\\n", nsecs, tid, {ret}{vals}); }}')
     return "\n".join(out) + "\n"
 
 

@@ -26,11 +26,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from inspect_vmemmap.check.heads import fake_head_finding, fake_heads
+from inspect_vmemmap.check.heads import captured_fake_heads, fake_head_finding, fake_heads
 from inspect_vmemmap.findings import Finding, summarize
 from inspect_vmemmap.live.bpftrace import WatchError, attach, choose_probes, environment_problem, kernel_btf
 from inspect_vmemmap.live.events import Call, Tracker
-from inspect_vmemmap.live.probes import probes_json
+from inspect_vmemmap.live.probes import probes_json, with_restore_capture
 from inspect_vmemmap.live.recheck import merge_windows, read_window, window_of, window_pfns
 
 MASK64 = (1 << 64) - 1
@@ -323,6 +323,11 @@ class Watcher:
         bit = (r.inputs.page_flags or {}).get("head_bit")
         if not c.probe.kind == "hvo-restore" or rng is None or bit is None:
             return []
+        if c.captured:  # what the restore left, read by the probe at its return, before the free
+            found = captured_fake_heads(self.lay, bit, rng[0], c.captured)
+            fd = fake_head_finding(self.lay, found, f"the folio at pfn {rng[0]} as this restore returned it "
+                                                    f"(the first {len(c.captured) // 2} after the head's)")
+            return [fd] if fd is not None else []
         skip = [(f.head_pfn, f.head_pfn + (1 << f.order)) for f in r.inputs.folios if f.optimized]
         found = fake_heads(self.t.memory, self.lay, bit, (rng[0] + 1, rng[1]), skip)
         t1 = time.monotonic_ns()
@@ -373,6 +378,7 @@ class Watcher:
 
     def run(self) -> int:
         probes, absent = choose_probes(kernel_btf(self.t))
+        probes = with_restore_capture(probes, self.lay.page_size, self.lay.struct_page_size)
         if not probes:
             raise WatchError("this kernel has none of the functions watch probes (see watch.probes)")
         old = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}

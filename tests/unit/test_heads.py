@@ -93,3 +93,36 @@ def test_what_cannot_be_read_is_left_out():
     m = a_folio()
     restore(m, reset=False)
     assert fake_heads(m, LAY, HEAD_BIT, (HEAD + 256, HEAD + 2047)) == [HEAD + k * PER for k in range(4, 8)]
+
+
+def test_what_a_probe_read_at_the_restore_return_is_judged_alike():
+    from inspect_vmemmap.check.heads import captured_fake_heads
+
+    for reset, want in ((False, [HEAD + k * PER for k in range(1, 8)]), (True, [])):
+        m = a_folio()
+        restore(m, reset=reset)
+        words = []
+        for k in range(1, 8):  # what with_restore_capture's expressions read, as bpftrace prints them (signed)
+            flags, = struct.unpack_from("<q", m.buf, k * PAGE)
+            ch, = struct.unpack_from("<q", m.buf, k * PAGE + SPS + 8)
+            words += [flags, ch]
+        assert captured_fake_heads(LAY, HEAD_BIT, HEAD, words) == want
+
+
+def test_the_restore_probe_prints_them_and_the_tracker_keeps_them():
+    from inspect_vmemmap.live.events import Tracker
+    from inspect_vmemmap.live.probes import CAPTURED_PAGES, program, with_restore_capture
+    from tests.unit.test_watch import K612, choose
+
+    probes = with_restore_capture(choose(K612)[0], PAGE, SPS)
+    rest = next(p for p in probes if p.function == "__hugetlb_vmemmap_restore_folio")
+    assert len(rest.captures) == 2 * CAPTURED_PAGES and not any(p.captures for p in probes if p is not rest)
+    line = next(l for l in program(probes).splitlines() if l.startswith("kretfunc:vmlinux:__hugetlb_vmemmap_restore_folio "))
+    assert "args->folio + 4096)" in line and f"args->folio + {4096 + SPS + 8})" in line
+    tr = Tracker(probes)
+    va = LAY.pfn_to_page(HEAD)
+    done = tr.feed([f"E {rest.id} 10 3 103 {' '.join(['9', str(va - (1 << 64))][:len(rest.fields)])} sh",
+                    f"R {rest.id} 20 3 0 " + " ".join(str(i) for i in range(2 * CAPTURED_PAGES))])
+    assert [c.captured for c in done] == [tuple(range(2 * CAPTURED_PAGES))]
+    # a return line without its words is not this probe's
+    assert tr.feed([f"E {rest.id} 30 3 103 9 {va - (1 << 64)} sh", f"R {rest.id} 40 3 0"]) == []
