@@ -16,7 +16,11 @@ else: the page allocator takes it for a compound head and refuses to free the fo
 ("BUG: Bad page state ... corrupted mapping in tail page"), whose memory is then lost.
 
 Read here: the first two struct pages of every vmemmap page of a pfn range (a folio a
-check found not optimized, or the range an ``hvo-restore`` event restored: live.watch).
+check found not optimized; the range of an ``hvo-restore`` event whose probe could not read
+them itself), or judged as the restore's probe read them at its return
+(:func:`captured_fake_heads`; live.probes.with_restore_capture): the free that follows a
+restore clears every tail's flags (mm/page_alloc.c free_pages_prepare()), so a read after
+it finds nothing left of the copied heads, only the lost memory.
 ``page->flags`` is the first word of struct page (VMCOREINFO OFFSET(page.flags) 0, as
 source.gather requires for page_flags) and a tail's ``compound_head`` the second
 (include/linux/mm_types.h: the first word of the union after flags; bit 0 set in a tail).
