@@ -111,9 +111,10 @@ def parse_account(console: str) -> GuestAccount:
         if m:
             acc.node_memory_blocks[int(m.group(1))] = sorted(
                 int(mm.group(1)) for mm in (re.fullmatch(r"memory(\d+)", x.strip()) for x in lines) if mm)
-    bs = sections.get("memory-block-size") or []
-    if bs and bs[0].strip():
-        acc.memory_block_size = int(bs[0].strip(), 16)
+    # the first line of the form sysfs gives (a guest's own background output may fall between)
+    bs = [l.strip() for l in sections.get("memory-block-size") or [] if re.fullmatch(r"[0-9a-fA-F]+", l.strip())]
+    if bs:
+        acc.memory_block_size = int(bs[0], 16)
     for line in sections.get("memory-blocks", []):
         m = re.fullmatch(r"memory(\d+)\s+(\S+)", line.strip())
         if m:

@@ -20,7 +20,10 @@ from inspect_vmemmap.lab import GuestSpec, boot_guest
 
 pytestmark = pytest.mark.kernel
 
-CHURN = ("( while :; do for n in 8 0; do echo $n > /proc/sys/vm/nr_hugepages; "
+# /init runs this before it prints its account to the same console: the loop waits 10 s
+# first, so that its lines cannot fall between the account's (a run saw "IVM-HP 8" read as
+# the memory block size)
+CHURN = ("( sleep 10; while :; do for n in 8 0; do echo $n > /proc/sys/vm/nr_hugepages; "
          "echo IVM-HP $(cat /proc/sys/vm/nr_hugepages); sleep 1; done; done ) &")
 
 
@@ -52,7 +55,7 @@ def test_a_change_during_a_read_is_a_race(churning, monkeypatch):
         real = gather_mod.gather_inputs
         pools = []
 
-        def gather_inputs(tgt, notes=None):
+        def gather_inputs(tgt, notes=None, memory=None):
             if not pools:  # first read: the walk is done; let the pool change once
                 seen = len(_pool_changes(guest))
                 guest.qmp("cont")
@@ -61,7 +64,7 @@ def test_a_change_during_a_read_is_a_race(churning, monkeypatch):
                     time.sleep(0.05)
                 guest.qmp("stop")
                 pools.append(_pool_changes(guest)[seen:])
-            return real(tgt, notes)
+            return real(tgt, notes, memory)
 
         monkeypatch.setattr(gather_mod, "gather_inputs", gather_inputs)
         a, doc, findings, res, inputs, notes = confirmed_check(t, passes=3)
