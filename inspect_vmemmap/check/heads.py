@@ -40,6 +40,12 @@ _CHUNK = 1 << 21
 _MASK = (1 << 64) - 1
 
 
+def _fake(flags: int, compound_head: int, head_bit: int, addr: int) -> bool:
+    """Whether the struct page at ``addr`` with these ``flags``, followed by one with this
+    ``compound_head``, is a fake head (page_fixed_fake_head())."""
+    return bool(flags >> head_bit & 1) and bool(compound_head & 1) and compound_head - 1 != addr
+
+
 def fake_heads(mem, lay, head_bit: int, pfns: Tuple[int, int], skip: Sequence[Interval] = ()) -> List[int]:
     """:param pfns: the range (first, last pfn).
     :param skip: pfn intervals ``[a, b)`` to leave out (optimized folios, whose tails are
@@ -72,10 +78,8 @@ def fake_heads(mem, lay, head_bit: int, pfns: Tuple[int, int], skip: Sequence[In
                 except FaultError:
                     continue
             flags, = struct.unpack_from("<Q", two, at)
-            if not flags >> head_bit & 1:
-                continue
             ch, = struct.unpack_from("<Q", two, at + sps + 8)
-            if ch & 1 and ch - 1 != va + i * sps:
+            if _fake(flags, ch, head_bit, va + i * sps):
                 out.append(q)
         p += n
     return out
@@ -90,9 +94,8 @@ def captured_fake_heads(lay, head_bit: int, head_pfn: int, words: Sequence[int])
     per = lay.page_size // sps
     out = []
     for k in range(len(words) // 2):
-        flags, ch = words[2 * k] & _MASK, words[2 * k + 1] & _MASK
         pfn = head_pfn + (k + 1) * per
-        if flags >> head_bit & 1 and ch & 1 and ch - 1 != lay.pfn_to_page(pfn):
+        if _fake(words[2 * k] & _MASK, words[2 * k + 1] & _MASK, head_bit, lay.pfn_to_page(pfn)):
             out.append(pfn)
     return out
 
