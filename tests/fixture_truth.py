@@ -5,7 +5,7 @@ encoding with the kernel's own bit numbers (include/linux/mmzone.h, enum SECTION
 SECTION_IS_VMEMMAP_PREINIT_BIT 5 where 7.2 configures it).
 
 ``scripts/fixture-truth`` writes it beside the tool's JSON as fixtures/NAME.truth.json;
-tests/unit/test_fixtures.py compares the tool with it.
+tests/dumps/test_fixtures.py compares the tool with it.
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ def test_every_probe_point_has_a_kind_of_the_contract():
 
 # --- bad input and a machine without eBPF: one line, exit 2 ---------------------------------
 
-from tests.unit.test_cli_errors import one_line, run  # noqa: E402
+from tests.cli import one_line, run  # noqa: E402
 
 
 def test_watch_needs_the_running_kernel(tmp_path):

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests import schema
-from tests.unit.test_fixtures import fixture  # noqa: F401  (the decompressed fixtures)
+from tests.dumps.test_fixtures import fixture  # noqa: F401  (the decompressed fixtures)
 
 
 def _start(*args) -> subprocess.Popen:
@@ -48,7 +48,7 @@ def test_every_command_json_validates(fixture, tmp_path):  # noqa: F811
 
 def test_recorded_documents_validate():
     """The recorded documents of every fixture (the full dumps' output) too."""
-    from tests.unit.test_fixtures import FIXTURES, NAMES
+    from tests.dumps.test_fixtures import FIXTURES, NAMES
 
     for name in NAMES:
         expected = json.loads((FIXTURES / f"{name}.expected.json").read_text())
@@ -59,7 +59,7 @@ def test_recorded_documents_validate():
 
 
 def _recorded(cmd: str) -> dict:
-    from tests.unit.test_fixtures import FIXTURES
+    from tests.dumps.test_fixtures import FIXTURES
 
     return json.loads((FIXTURES / "6.1-la57-hvo.expected.json").read_text())[cmd]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests import schema
+from tests.cli import one_line
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures"
 
@@ -30,17 +31,6 @@ def run(*args, timeout=120, env=None):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "inspect_vmemmap", *args], capture_output=True, text=True,
                           timeout=timeout, env=e)
-
-
-def one_line(p, *words):
-    """Exit status 2, one line on stderr, no internal error, naming ``words``."""
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    assert len(lines) == 1, p.stderr
-    assert "internal error" not in p.stderr and "Traceback" not in p.stderr, p.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests import schema
-from tests.unit.test_fixtures import FIXTURES
+from tests.dumps.test_fixtures import FIXTURES
 
 #: one of each architecture
 API_FIXTURES = ("6.1-la57-hvo", "6.12-arm64-16k-va47")

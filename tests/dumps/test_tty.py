@@ -14,7 +14,7 @@ import termios
 
 import pytest
 
-from tests.unit.test_fixtures import FIXTURES
+from tests.dumps.test_fixtures import FIXTURES
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 #: x86_64 5-level with HVO tails ((xN) backing), x86_64 4-level with ZONE_DEVICE (partial

@@ -9,19 +9,7 @@ import sys
 
 import pytest
 
-
-def run(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "inspect_vmemmap", *args], capture_output=True, text=True,
-                          timeout=120, **kw)
-
-
-def one_line(p, *words):
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert "Traceback" not in p.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
+from tests.cli import one_line, run
 
 
 @pytest.fixture
