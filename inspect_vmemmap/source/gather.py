@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 from inspect_vmemmap.errors import one_line
 from inspect_vmemmap.facts import Assumption, Inputs
 from inspect_vmemmap.memory import FaultError, PhysRanges
-from inspect_vmemmap.source import kstructs
+from inspect_vmemmap.source import iomem, kstructs
 
 
 class Reading:
@@ -24,7 +24,7 @@ class Reading:
     def __init__(self, target) -> None:
         self.target = target
         self._nodes: Optional[List[Tuple[int, int, int]]] = None
-        self._sysram: Optional[List[Tuple[int, int]]] = None
+        self._sysram: Optional[iomem.SystemRam] = None
         self._ram: Optional[PhysRanges] = None
 
     def node_spans(self) -> List[Tuple[int, int, int]]:
@@ -33,12 +33,17 @@ class Reading:
             self._nodes = _node_spans(self.target)
         return self._nodes
 
-    def system_ram(self) -> List[Tuple[int, int]]:
-        """:return: iomem's "System RAM" resources (empty where they cannot be read)."""
+    def iomem(self) -> iomem.SystemRam:
+        """:return: what iomem says of System RAM (no ranges where it cannot be read)."""
         if self._sysram is None:
             t = self.target
-            self._sysram = kstructs.system_ram(t.memory, t.types, t.symbol) if t.types is not None else []
+            self._sysram = (iomem.system_ram(t.memory, t.types, t.symbol, kstructs.read_cstring)
+                            if t.types is not None else iomem.SystemRam(()))
         return self._sysram
+
+    def system_ram(self) -> List[Tuple[int, int]]:
+        """:return: iomem's System RAM resources (empty where they cannot be read)."""
+        return list(self.iomem().ranges)
 
     def ram(self) -> PhysRanges:
         """:return: physical RAM ranges ("System RAM" in iomem, else the node spans)."""
@@ -75,6 +80,9 @@ def gather_inputs(reading: Reading, notes: Optional[List[Assumption]] = None, me
     ram = reading.ram()
     if not reading.system_ram():
         notes.append(Assumption("ram", "RAM ranges: node spans (iomem could not be read)"))
+    elif reading.iomem().unread:
+        notes.append(Assumption("ram", f"RAM ranges: iomem's, but {reading.iomem().unread} of its resources could "
+                                       "not be read: System RAM under them is not known"))
     boot_ram = None
     folios: List = []
     shared_tails = False

@@ -43,38 +43,6 @@ def read_cstring(mem: Memory, addr: int, limit: int = 64) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
 
 
-def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> List[Tuple[int, int]]:
-    """Top-level "System RAM" resources under ``iomem_resource`` (kernel/resource.c):
-    what ``/proc/iomem`` lists, hot-added memory included.
-
-    :return: physical ``[start, end)`` ranges, or [] if they cannot be read.
-    """
-    root = symbol("iomem_resource")
-    if root is None:
-        return []
-    try:
-        o_start = types.offsetof("struct resource", "start")
-        o_end = types.offsetof("struct resource", "end")
-        o_name = types.offsetof("struct resource", "name")
-        o_sib = types.offsetof("struct resource", "sibling")
-        o_child = types.offsetof("struct resource", "child")
-    except KeyError:  # a damaged type: iomem cannot be read
-        return []
-    out: List[Tuple[int, int]] = []
-    try:
-        res = _u64(mem, root + o_child)
-        seen = set()
-        while res and res not in seen and len(seen) < 100000:
-            seen.add(res)
-            name_ptr = _u64(mem, res + o_name)
-            if name_ptr and read_cstring(mem, name_ptr, 16) == "System RAM":
-                out.append((_u64(mem, res + o_start), _u64(mem, res + o_end) + 1))
-            res = _u64(mem, res + o_sib)
-    except FaultError:
-        return []
-    return out
-
-
 def e820_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> Optional[List[Tuple[int, int]]]:
     """E820_TYPE_RAM entries of the firmware's memory map (arch/x86/kernel/e820.c
     ``e820_table_firmware``): the RAM there was at boot, before any hot-add.
