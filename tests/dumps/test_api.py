@@ -4,15 +4,13 @@ set up gives the objects and the very document ``check --json`` prints for the s
 from __future__ import annotations
 
 import json
-import lzma
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests import schema
-from tests.dumps.test_fixtures import FIXTURES
+from tests.recorded import FIXTURES, unpack
 
 #: one of each architecture
 API_FIXTURES = ("6.1-la57-hvo", "6.12-arm64-16k-va47")
@@ -20,10 +18,7 @@ API_FIXTURES = ("6.1-la57-hvo", "6.12-arm64-16k-va47")
 
 @pytest.fixture(scope="module", params=API_FIXTURES)
 def core(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("api") / f"{request.param}.core"
-    with lzma.open(FIXTURES / f"{request.param}.core.xz") as f, open(path, "wb") as out:
-        shutil.copyfileobj(f, out)
-    return request.param, path
+    return request.param, unpack(request.param, tmp_path_factory.mktemp("api"))
 
 
 def test_analyze_users_program_is_check_json(core):

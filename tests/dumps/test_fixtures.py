@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import json
 import lzma
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tests.recorded import FIXTURES, unpack
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures"
 NAMES = sorted(p.name[: -len(".core.xz")] for p in FIXTURES.glob("*.core.xz"))
 
 
 @pytest.fixture(scope="module", params=NAMES)
 def fixture(request, tmp_path_factory):
     name = request.param
-    core = tmp_path_factory.mktemp("fixtures") / f"{name}.core"
-    with lzma.open(FIXTURES / f"{name}.core.xz") as f, open(core, "wb") as out:
-        shutil.copyfileobj(f, out)
+    core = unpack(name, tmp_path_factory.mktemp("fixtures"))
     expected = json.loads((FIXTURES / f"{name}.expected.json").read_text())
     return name, core, expected
 

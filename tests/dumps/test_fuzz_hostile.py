@@ -9,22 +9,18 @@ far above what it needs, so a hang fails the case instead of blocking the suite.
 from __future__ import annotations
 
 import json
-import lzma
-import math
 import os
 import random
-import shutil
 import signal
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inspect_vmemmap.errors import AnalysisError
+from tests.recorded import unpack
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures"
 EXAMPLES = int(os.environ.get("INSPECT_VMEMMAP_FUZZ_EXAMPLES", "300"))
 HANG = 120  # seconds: a case that takes this long is a hang
 
@@ -49,10 +45,7 @@ def bounded(seconds=HANG):
 
 @pytest.fixture(scope="module")
 def fixture_core(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fuzz-hostile") / "7.2-hvo.core"
-    with lzma.open(FIXTURES / "7.2-hvo.core.xz") as f, open(path, "wb") as out:
-        shutil.copyfileobj(f, out)
-    return path
+    return unpack("7.2-hvo", tmp_path_factory.mktemp("fuzz-hostile"))
 
 
 @pytest.fixture(scope="module")

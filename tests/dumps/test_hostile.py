@@ -7,24 +7,20 @@ instead of blocking the suite. Damaged copies of the fixtures are built here, in
 from __future__ import annotations
 
 import json
-import lzma
-import math
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 from tests import schema
 from tests.cli import one_line
+from tests.recorded import unpack
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "fixtures"
 
 
 def run(*args, timeout=120, env=None):
@@ -35,10 +31,7 @@ def run(*args, timeout=120, env=None):
 
 @pytest.fixture(scope="module")
 def core(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hostile") / "7.2-hvo.core"
-    with lzma.open(FIXTURES / "7.2-hvo.core.xz") as f, open(path, "wb") as out:
-        shutil.copyfileobj(f, out)
-    return path
+    return unpack("7.2-hvo", tmp_path_factory.mktemp("hostile"))
 
 
 @pytest.fixture(scope="module")
@@ -403,8 +396,6 @@ def test_a_corrupted_btf_member_name_is_not_an_internal_error(core, tmp_path, na
 
 
 def test_arm64_va_bits_refused_by_name(tmp_path):
-    core = tmp_path / "arm.core"
-    with lzma.open(FIXTURES / "7.2-arm64-va48.core.xz") as f, open(core, "wb") as out:
-        shutil.copyfileobj(f, out)
+    core = unpack("7.2-arm64-va48", tmp_path)
     one_line(run("check", "--core", str(_edit(core, tmp_path, b"NUMBER(VA_BITS)=52", b"NUMBER(VA_BITS)=99"))),
              "NUMBER(VA_BITS)=99")

@@ -13,8 +13,8 @@ import sys
 import termios
 
 import pytest
+from tests.recorded import unpack
 
-from tests.dumps.test_fixtures import FIXTURES
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 #: x86_64 5-level with HVO tails ((xN) backing), x86_64 4-level with ZONE_DEVICE (partial
@@ -63,13 +63,7 @@ def _table_tokens(text: str) -> set:
 
 @pytest.fixture(scope="module", params=TTY_FIXTURES)
 def core(request, tmp_path_factory):
-    import lzma
-    import shutil
-
-    path = tmp_path_factory.mktemp("tty") / f"{request.param}.core"
-    with lzma.open(FIXTURES / f"{request.param}.core.xz") as f, open(path, "wb") as out:
-        shutil.copyfileobj(f, out)
-    return path
+    return unpack(request.param, tmp_path_factory.mktemp("tty"))
 
 
 @pytest.mark.parametrize("command", ["map", "sections"])

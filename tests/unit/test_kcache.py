@@ -5,8 +5,6 @@ it changes nothing in what the tool prints."""
 from __future__ import annotations
 
 import json
-import lzma
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from inspect_vmemmap import kcache
+from tests.recorded import unpack
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "fixtures"
 BUILD = "b1d7a9114053a488ef493f85f85e9fc75ba9f632"
 
 
@@ -148,10 +146,7 @@ def _check_json(core: Path, env: dict) -> str:
 
 @pytest.fixture
 def fixture_core(tmp_path):
-    core = tmp_path / "6.12.core"
-    with lzma.open(FIXTURES / "6.12-numa2-hvo.core.xz") as src, open(core, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return core
+    return unpack("6.12-numa2-hvo", tmp_path)
 
 
 @pytest.fixture
