@@ -309,21 +309,30 @@ def churning(tmp_path_factory):
 
 
 def test_live_check_under_churn_tells_races_by_their_events(churning):
+    """Each live check under the churn is clean and names the event of every race it saw.
+    Whether a change falls inside a read's window is the guest's timing, not the tool's: the
+    check is run again (at most three times) until one read has seen a change, so that the
+    test is never vacuous; every run is held to the same rules."""
     import re
 
     guest, chan = churning
-    before = len(re.findall(r"IVM-HP \d+", guest.console_text()))
-    res = chan.run_check(["--json", "--no-debuginfo"], timeout=900)
-    changes = len(re.findall(r"IVM-HP \d+", guest.console_text())) - before
-    assert res.status == 0, res.stderr
-    doc = cli_json(res.stdout, "check")
-    assert doc["target"]["race_detection"] == "ebpf" and doc["target"]["reads"] == 1
-    assert changes >= 2, "the pool did not change during the check"  # the guest's own count
-    assert doc["target"]["changes_during_read"] > 0
-    assert [f for f in doc["findings"] if f["severity"] == "error"] == []
-    for f in doc["findings"]:
-        if f["kind"] == "race":
-            ev = f["event"]
-            assert ev["kind"] in ("hvo-optimize", "hvo-restore") and ev["task"]
-            if "pfn_start" in f:  # the race is in the range of the change it names
-                assert f["pfn_start"] <= ev["pfn_end"] and f.get("pfn_end", f["pfn_start"]) >= ev["pfn_start"]
+    seen = []
+    for _ in range(3):
+        before = len(re.findall(r"IVM-HP \d+", guest.console_text()))
+        res = chan.run_check(["--json", "--no-debuginfo"], timeout=900)
+        changes = len(re.findall(r"IVM-HP \d+", guest.console_text())) - before
+        assert res.status == 0, res.stderr
+        doc = cli_json(res.stdout, "check")
+        assert doc["target"]["race_detection"] == "ebpf" and doc["target"]["reads"] == 1
+        assert changes >= 2, "the pool did not change during the check"  # the guest's own count
+        assert [f for f in doc["findings"] if f["severity"] == "error"] == []
+        for f in doc["findings"]:
+            if f["kind"] == "race":
+                ev = f["event"]
+                assert ev["kind"] in ("hvo-optimize", "hvo-restore") and ev["task"]
+                if "pfn_start" in f:  # the race is in the range of the change it names
+                    assert f["pfn_start"] <= ev["pfn_end"] and f.get("pfn_end", f["pfn_start"]) >= ev["pfn_start"]
+        seen.append(doc["target"]["changes_during_read"])
+        if seen[-1] > 0:
+            break
+    assert seen[-1] > 0, f"no read saw a change: {seen}"
