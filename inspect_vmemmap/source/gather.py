@@ -95,7 +95,14 @@ def gather_inputs(reading: Reading, notes: Optional[List[Assumption]] = None, me
                                          "HVO remaps will show as unexplained"))
     else:
         boot_ram = kstructs.e820_ram(mem, types, symbol)
-        if boot_ram is None:
+        managed = reading.iomem().driver_managed
+        if boot_ram is None and managed:
+            # no firmware table, but RAM a driver hot-added says so itself (source/iomem.py)
+            boot_ram = [r for r in reading.iomem().ranges if r not in managed]
+            notes.append(Assumption("boot_ram", f"boot RAM: no firmware RAM table read; System RAM treated as boot "
+                                                f"memory but for {len(managed)} driver-managed range(s), hot-added "
+                                                "by their driver (virtio-mem, dax/kmem)"))
+        elif boot_ram is None:
             notes.append(Assumption("boot_ram", for_layout(lay).boot_ram_note))
         zones = kstructs.ZoneSpans(mem, types, _node_pgdats(t, reading.node_spans()))
         nid_of = NodeMap(reading.node_spans()).nid

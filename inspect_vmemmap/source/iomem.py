@@ -12,6 +12,12 @@ busy: a driver's own region. virtio-mem's ``virtio0`` (drivers/virtio/virtio_mem
 "System RAM (virtio_mem)" and "System RAM (kmem)" as children, and ``/proc/iomem`` shows
 them indented. A reader of the top level only misses that RAM, and then takes its
 sections for sections without RAM.
+
+Such RAM is always hot-added: ``register_memory_resource()`` flags
+IORESOURCE_SYSRAM_DRIVER_MANAGED on any resource not named "System RAM", and only
+``add_memory_driver_managed()`` (mm/memory_hotplug.c) names it otherwise. Where the
+firmware's RAM table is not read (arm64, riscv64), that is what tells hot-added RAM from
+boot RAM.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from inspect_vmemmap.memory import FaultError, Memory
 # include/linux/ioport.h
 IORESOURCE_MEM = 0x00000200
 IORESOURCE_SYSRAM = 0x01000000
+IORESOURCE_SYSRAM_DRIVER_MANAGED = 0x02000000
 IORESOURCE_BUSY = 0x80000000
 _RAM_FLAGS = IORESOURCE_MEM | IORESOURCE_SYSRAM | IORESOURCE_BUSY  # IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY
 
@@ -39,6 +46,8 @@ class SystemRam:
     ranges: Tuple[Tuple[int, int], ...]
     #: resources below the top level whose subtree could not be read (RAM there is unknown)
     unread: int = 0
+    #: the ranges among ``ranges`` flagged IORESOURCE_SYSRAM_DRIVER_MANAGED (hot-added by a driver)
+    driver_managed: Tuple[Tuple[int, int], ...] = ()
 
 
 def _u64(mem: Memory, addr: int) -> int:
@@ -70,6 +79,7 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]],
     except KeyError:  # a damaged type: iomem cannot be read
         return SystemRam(())
     out: List[Tuple[int, int]] = []
+    managed: List[Tuple[int, int]] = []
     seen = set()
     unread = 0
     try:
@@ -88,6 +98,8 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]],
                 top and bool(name_ptr) and read_name(mem, name_ptr, 16) == "System RAM")
             if ram:
                 out.append((_u64(mem, res + o_start), _u64(mem, res + o_end) + 1))
+                if flags & IORESOURCE_SYSRAM_DRIVER_MANAGED:
+                    managed.append(out[-1])
             todo.append((_u64(mem, res + o_sib), top))
             if not ram:
                 todo.append((_u64(mem, res + o_child), False))  # before the sibling: the tree's order
@@ -95,4 +107,4 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]],
             if top:  # the top level itself: iomem cannot be read
                 return SystemRam(())
             unread += 1
-    return SystemRam(tuple(out), unread)
+    return SystemRam(tuple(out), unread, tuple(managed))

@@ -69,6 +69,7 @@ def test_driver_managed_ram_inside_its_devices_region_is_ram_and_the_region_itse
     got = t.ram()
     # boot RAM whole (its "Kernel code" child not again), then the plugged 1G: not virtio0
     assert got.ranges == ((0x40000000, 0x80000000), (0x80000000, 0xC0000000)) and got.unread == 0
+    assert got.driver_managed == ((0x80000000, 0xC0000000),)  # hot-added by its driver, never boot RAM
 
 
 def test_an_unplugged_device_region_holds_no_ram():
