@@ -70,12 +70,8 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]],
     if root is None:
         return SystemRam(())
     try:
-        o_start = types.offsetof("struct resource", "start")
-        o_end = types.offsetof("struct resource", "end")
-        o_name = types.offsetof("struct resource", "name")
-        o_flags = types.offsetof("struct resource", "flags")
-        o_sib = types.offsetof("struct resource", "sibling")
-        o_child = types.offsetof("struct resource", "child")
+        o_start, o_end, o_name, o_flags, o_sib, o_child = (
+            types.offsetof("struct resource", m) for m in ("start", "end", "name", "flags", "sibling", "child"))
     except KeyError:  # a damaged type: iomem cannot be read
         return SystemRam(())
     out: List[Tuple[int, int]] = []
