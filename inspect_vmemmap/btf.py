@@ -358,7 +358,8 @@ class Btf:
         define the same name, the one with the lowest type id wins.
 
         :return: the enumerator's value ("PG_head", "__MAX_NR_ZONES", "PGTY_buddy", ...),
-            or ``None`` if no enum has it.
+            or ``None`` if no enum has it (an enum whose names are damaged has none: each
+            caller has its fallback for a kernel without the enumerator).
         """
         hit = self._enum_index().get(enumerator)
         return None if hit is None else hit[0]
@@ -528,12 +529,22 @@ class Btf:
         return bits, tid
 
     def _enum_entries(self, tid: int) -> Iterator[Tuple[str, int]]:
-        """(name, value) of each enumerator of ENUM/ENUM64 ``tid``."""
+        """(name, value) of each enumerator of ENUM/ENUM64 ``tid``.
+
+        :raises DamagedType: before the first, if an enumerator's name lies outside the
+            string section (decoded lazily, so checked here, as for members)."""
         data = self._data
         off = self._offsets[tid]
         _, info, _ = self._3u32(data, off)
         signed = bool(info >> 31)
         count = info & 0xFFFF
+        strs = self._strs_end - self._strs_start
+        width = 8 if self._kinds[tid] == _ENUM else 12
+        for i in range(count):
+            name_off = self._u32(data, off + 12 + width * i)[0]
+            if name_off >= strs:
+                raise DamagedType(f"BTF type {tid} ({self.name(tid) or 'anonymous'}): enumerator {i}'s name offset "
+                                  f"{name_off} is outside the {strs}-byte string section")
         if self._kinds[tid] == _ENUM:
             unpack = struct.Struct(self._endian + ("Ii" if signed else "II")).unpack_from
             for i in range(count):
@@ -554,7 +565,11 @@ class Btf:
             kinds = self._kinds
             for tid in range(1, len(kinds)):
                 if kinds[tid] == _ENUM or kinds[tid] == _ENUM64:
-                    for name, value in self._enum_entries(tid):
+                    try:
+                        entries = list(self._enum_entries(tid))
+                    except DamagedType:  # a damaged blob: its enumerators are unknown, the others still answer
+                        continue
+                    for name, value in entries:
                         if name not in index:
                             index[name] = (value, tid)
             self._enumerators = index

@@ -543,3 +543,15 @@ def test_watch_takes_the_btf_behind_the_per_build_cache_not_a_second_parse():
     got = kernel_btf(SimpleNamespace(types=types))
     assert isinstance(got, Btf) and got.func_signature("vmemmap_free") is not None
     assert kernel_btf(SimpleNamespace(types=types)) is got and loads == [1]
+
+
+def test_an_enum_with_a_damaged_name_leaves_the_other_enums_answering():
+    """An enumerator name offset outside the string section (a damaged dump: the fuzz suite
+    found one) makes that enum's enumerators unknown; every other enum still answers."""
+    b = mini_kernel()
+    b.add("enum", "broken", 4, [0xFFFFFF, 7], 1)  # its one enumerator's name: far outside
+    btf = Btf.parse(b.blob())
+    assert btf.enum_value("__MAX_NR_ZONES") == 4 and btf.enum_value("PGTY_buddy") == 0xF0
+    assert btf.enum_value("SECTION_MAP_LAST_BIT") == 6
+    with pytest.raises(KeyError):
+        btf.enumerators("broken")
