@@ -529,10 +529,8 @@ class Btf:
         return bits, tid
 
     def _enum_entries(self, tid: int) -> Iterator[Tuple[str, int]]:
-        """(name, value) of each enumerator of ENUM/ENUM64 ``tid``.
-
-        :raises DamagedType: before the first, if an enumerator's name lies outside the
-            string section (decoded lazily, so checked here, as for members)."""
+        """(name, value) of each enumerator of ENUM/ENUM64 ``tid``; :raises DamagedType: before
+        the first, if a name lies outside the string section (checked here, as for members)."""
         data = self._data
         off = self._offsets[tid]
         _, info, _ = self._3u32(data, off)
