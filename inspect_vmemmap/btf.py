@@ -454,20 +454,25 @@ class Btf:
         bitfields = bool(info >> 31)
         unpack = self._3u32
         result = []
-        strs = self._strs_end - self._strs_start
         for i in range(info & 0xFFFF):
             name_off, mtype, moff = unpack(data, off + 12 + 12 * i)
-            if name_off >= strs:
-                # decoded lazily, so checked here: the type cannot be used, which is
-                # information missing (KeyError, as for an absent member), not a crash
-                raise DamagedType(f"BTF type {tid} ({self.name(tid) or 'anonymous'}): member {i}'s name offset "
-                                  f"{name_off} is outside the {strs}-byte string section")
+            name = self._entry_name(tid, "member", i, name_off)
             if bitfields:
-                result.append(Member(self._str(name_off), mtype, moff & 0xFFFFFF, moff >> 24))
+                result.append(Member(name, mtype, moff & 0xFFFFFF, moff >> 24))
             else:
-                result.append(Member(self._str(name_off), mtype, moff, 0))
+                result.append(Member(name, mtype, moff, 0))
         self._members[tid] = result
         return result
+
+    def _entry_name(self, tid: int, what: str, i: int, name_off: int) -> str:
+        """The name of member or enumerator ``i`` of type ``tid``. Names are decoded lazily,
+        so checked here: one outside the string section makes the type unusable, which is
+        information missing (:class:`DamagedType`, a KeyError as for an absent member), not a crash."""
+        strs = self._strs_end - self._strs_start
+        if name_off >= strs:
+            raise DamagedType(f"BTF type {tid} ({self.name(tid) or 'anonymous'}): {what} {i}'s name offset "
+                              f"{name_off} is outside the {strs}-byte string section")
+        return self._str(name_off)
 
     def _find_member(self, tid: int, name: str, visiting: Optional[set] = None,
                      searched: Optional[set] = None) -> Optional[Tuple[int, int]]:
@@ -529,32 +534,25 @@ class Btf:
         return bits, tid
 
     def _enum_entries(self, tid: int) -> Iterator[Tuple[str, int]]:
-        """(name, value) of each enumerator of ENUM/ENUM64 ``tid``; :raises DamagedType: before
-        the first, if a name lies outside the string section (checked here, as for members)."""
+        """(name, value) of each enumerator of ENUM/ENUM64 ``tid``; :raises DamagedType: if a
+        name lies outside the string section (:meth:`_entry_name`)."""
         data = self._data
         off = self._offsets[tid]
         _, info, _ = self._3u32(data, off)
         signed = bool(info >> 31)
         count = info & 0xFFFF
-        strs = self._strs_end - self._strs_start
-        width = 8 if self._kinds[tid] == _ENUM else 12
-        for i in range(count):
-            name_off = self._u32(data, off + 12 + width * i)[0]
-            if name_off >= strs:
-                raise DamagedType(f"BTF type {tid} ({self.name(tid) or 'anonymous'}): enumerator {i}'s name offset "
-                                  f"{name_off} is outside the {strs}-byte string section")
         if self._kinds[tid] == _ENUM:
             unpack = struct.Struct(self._endian + ("Ii" if signed else "II")).unpack_from
             for i in range(count):
                 name_off, value = unpack(data, off + 12 + 8 * i)
-                yield self._str(name_off), value
+                yield self._entry_name(tid, "enumerator", i, name_off), value
         else:
             for i in range(count):
                 name_off, lo, hi = self._3u32(data, off + 12 + 12 * i)
                 value = (hi << 32) | lo
                 if signed and value >= 1 << 63:
                     value -= 1 << 64
-                yield self._str(name_off), value
+                yield self._entry_name(tid, "enumerator", i, name_off), value
 
     def _enum_index(self) -> Dict[str, Tuple[int, int]]:
         """enumerator name -> (value, enum type id), over every enum; built once."""

@@ -37,7 +37,7 @@ class Reading:
         """:return: what iomem says of System RAM (no ranges where it cannot be read)."""
         if self._sysram is None:
             t = self.target
-            self._sysram = (iomem.system_ram(t.memory, t.types, t.symbol, kstructs.read_cstring)
+            self._sysram = (iomem.system_ram(t.memory, t.types, t.symbol)
                             if t.types is not None else iomem.SystemRam(()))
         return self._sysram
 

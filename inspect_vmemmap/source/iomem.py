@@ -22,11 +22,11 @@ boot RAM.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 from inspect_vmemmap.memory import FaultError, Memory
+from inspect_vmemmap.source.kstructs import _u64, read_cstring
 
 # include/linux/ioport.h
 IORESOURCE_MEM = 0x00000200
@@ -50,12 +50,7 @@ class SystemRam:
     driver_managed: Tuple[Tuple[int, int], ...] = ()
 
 
-def _u64(mem: Memory, addr: int) -> int:
-    return struct.unpack("<Q", mem.read(addr, 8))[0]
-
-
-def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]],
-               read_name: Callable[[Memory, int, int], str]) -> SystemRam:
+def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> SystemRam:
     """The System RAM resources of ``iomem_resource``'s tree, as the kernel's
     ``walk_system_ram_res()`` finds them (module docstring): boot and hot-added, driver
     managed included.
@@ -91,7 +86,7 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]],
             flags = _u64(mem, res + o_flags)
             name_ptr = _u64(mem, res + o_name)
             ram = (flags & _RAM_FLAGS) == _RAM_FLAGS or (
-                top and bool(name_ptr) and read_name(mem, name_ptr, 16) == "System RAM")
+                top and bool(name_ptr) and read_cstring(mem, name_ptr, 16) == "System RAM")
             if ram:
                 out.append((_u64(mem, res + o_start), _u64(mem, res + o_end) + 1))
                 if flags & IORESOURCE_SYSRAM_DRIVER_MANAGED:

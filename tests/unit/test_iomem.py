@@ -10,7 +10,6 @@ tree is the one an arm64 6.12 guest with a plugged virtio-mem device printed in
 from __future__ import annotations
 
 from inspect_vmemmap.source.iomem import system_ram
-from inspect_vmemmap.source.kstructs import read_cstring
 from tests.synthmem import SyntheticMemory
 
 MEM, SYSRAM, BUSY, EXCLUSIVE, DRIVER_MANAGED = 0x200, 0x01000000, 0x80000000, 0x08000000, 0x02000000
@@ -47,7 +46,7 @@ class Tree:
             self.mem.write_u64(a + OFF["sibling"], b, False)
 
     def ram(self):
-        return system_ram(self.mem, Types(), lambda s: self.root if s == "iomem_resource" else None, read_cstring)
+        return system_ram(self.mem, Types(), lambda s: self.root if s == "iomem_resource" else None)
 
 
 def _virtio_guest():
