@@ -1,6 +1,6 @@
 """Per-architecture facts: Debian names, QEMU binary and machine options.
 
-x86_64 (pc, ``-cpu max``), aarch64 (``-M virt -cpu max``, TCG; Debian's 4K ``arm64``
+x86_64 (pc, ``-cpu max``), aarch64 (``-M virt -cpu max,pauth-impdef=on``, TCG; Debian's 4K ``arm64``
 and 16K ``arm64-16k`` flavours) and riscv64 (``-M virt -cpu rv64``, OpenSBI from QEMU's
 default ``-bios``).
 """
@@ -48,7 +48,11 @@ class ArchInfo:
         if self.name == "aarch64":
             # QEMU's TCG max CPU has FEAT_LPA2 (52-bit VA and PA with 4K/16K pages) since
             # 7.0; lpa2=off (target/arm/cpu64.c arm_cpu_lpa2_finalize) leaves a 48-bit CPU.
-            return "max,lpa2=off" if lpa2 is False else "max"
+            # pauth-impdef=on: pointer authentication with QEMU's own hash instead of the
+            # architected QARMA5, which TCG computes slowly and Debian's kernels run at every
+            # signed return (CONFIG_ARM64_PTR_AUTH_KERNEL); nothing the tool reads depends on it.
+            cpu = "max,pauth-impdef=on"
+            return cpu + ",lpa2=off" if lpa2 is False else cpu
         if self.name == "riscv64":
             # QEMU 7.2's rv64 CPU has no satp-mode properties (sv39=, sv48=, sv57= came in
             # 8.0) and offers Sv57; the kernel's no5lvl/no4lvl pick a smaller mode.

@@ -182,9 +182,9 @@ def test_qemu_argv_aarch64(tmp_path):
     spec = GuestSpec(debian="6.12", arch="aarch64", flavour="arm64-16k", mem="1G", lpa2=False, numa=2)
     argv = qemu_argv(spec, info, "qemu-system-aarch64", tmp_path / "Image", tmp_path / "initrd",
                      tmp_path / "q.sock", tmp_path / "c.sock", tmp_path / "console.log")
-    assert argv[argv.index("-cpu") + 1] == "max,lpa2=off"
+    assert argv[argv.index("-cpu") + 1] == "max,pauth-impdef=on,lpa2=off"
     assert argv[argv.index("-machine") + 1] == "virt"
     assert "vmcoreinfo" in argv
     assert kernel_cmdline(spec, info).startswith("console=ttyAMA0")
-    assert info.cpu_arg(None, None) == "max"
+    assert info.cpu_arg(None, None) == "max,pauth-impdef=on"
     assert "arm64-16k" in info.flavours and info.qemu_package == "qemu-system-arm"
