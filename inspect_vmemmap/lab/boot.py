@@ -90,7 +90,8 @@ def click_options(f: Callable) -> Callable:
                      help="With --in-guest: run watch (eBPF) in the guest instead of check, while the host applies --then steps."),
         click.option("--then", "then", metavar="STEP", multiple=True,
                      help="With --watch, after boot, in order, each waited for: hugepages=N, hugepages-1g=N, "
-                          "hotplug=SIZE (a pc-dimm, onlined), unplug (the last hot-added one)."),
+                          "hotplug=SIZE (a pc-dimm, onlined), devdax=SIZE (an NVDIMM, raw from boot, made "
+                          "device-dax: ZONE_DEVICE memory; x86_64), unplug (the last hot-added one)."),
         click.option("--dump", metavar="PATH", type=click.Path(dir_okay=False),
                      help="Also write the guest's memory as an ELF vmcore (check --core PATH reads it)."),
         click.option("--dump-kdump", metavar="DIR", type=click.Path(file_okay=False),
@@ -402,15 +403,29 @@ def guest_spec(o: BootOptions, arch: str):
         # keeps it at LOAD_PHYSICAL_ADDR, 16M, in the first GiB (KASLR keeps GiBs free only for
         # boot-time 1G pages, process_gb_huge_pages())
         cmdline.append("nokaslr")
-    extra = {}
-    from .watching import hotplug_sizes
+    extra: dict = {}
+    from .guest import Nvdimm
+    from .watching import DEVDAX_ALIGN, devdax_sizes, hotplug_sizes
 
     plugs = list(o.hotplug) + hotplug_sizes(_steps(o))
-    if plugs:
+    # --then devdax=SIZE: an NVDIMM of SIZE from boot, left raw until its step (x86_64: QEMU's
+    # pc with nvdimm=on and ACPI NFIT); it takes a slot and room in the hotplug area like a DIMM
+    daxes = devdax_sizes(_steps(o))
+    if daxes and arch != "x86_64":
+        raise BootError(f"--then devdax: x86_64 guests only (an NVDIMM needs QEMU's pc with ACPI NFIT; {arch} has none here)")
+    for s in daxes:
+        if (_mib(s, "--then devdax") << 20) % DEVDAX_ALIGN:
+            raise BootError(f"--then devdax={s}: not a whole number of its {DEVDAX_ALIGN >> 20}M alignment")
+    if plugs or daxes:
         total = 0
         for s in plugs:
             total += _mib(s, "--hotplug")
-        extra = dict(maxmem=_size_text(mem + total), slots=len(plugs))
+        for s in daxes:
+            total += _mib(s, "--then devdax")
+        extra = dict(maxmem=_size_text(mem + total), slots=len(plugs) + len(daxes))
+        if daxes:
+            extra["nvdimms"] = tuple(Nvdimm(s, devdax_align="2M", deferred=True) for s in daxes)
+    if plugs:
         if arch_info(arch).hotplug_device == "virtio-mem":
             extra.update(_virtio_mem(o, arch, plugs))
         if any(s.what == "unplug" for s in _steps(o)):

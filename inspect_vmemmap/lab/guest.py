@@ -69,6 +69,9 @@ class Nvdimm:
     size: str = "1G"  # QEMU size syntax
     devdax_align: str | None = "2M"  # '4K' | '2M' | '1G'; None: leave the namespace raw
     location: str = "mem"  # the memmap in RAM ('mem') or on the device ('dev', an altmap)
+    #: left raw at boot: the running guest makes it device-dax later, when asked (the in-guest
+    #: request line's ``devdax``: ``boot --in-guest --watch --then devdax=SIZE``)
+    deferred: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,9 @@ def parse_devdax(console: str) -> list[DevDax]:
 
 def devdax_script(spec: GuestSpec) -> str:
     """Shell for /init that turns the spec's NVDIMMs into device-dax devices, in the
-    spec's order, and prints one IVM-DEVDAX line for each (``fail`` on error)."""
+    spec's order, and prints one IVM-DEVDAX line for each (``fail`` on error). A
+    ``deferred`` one stays raw: the in-guest request line's ``devdax`` calls the same
+    ``ivm_devdax`` later (``ivm_regions``: the regions by address)."""
     if not spec.nvdimms:
         return ""
     lines = [
@@ -161,7 +166,7 @@ def devdax_script(spec: GuestSpec) -> str:
     lines.append("ivm_regions=$(for r in /sys/bus/nd/devices/region*; do [ -e $r/resource ] && "
                  "echo \"$(( $(cat $r/resource) )) ${r##*/region}\"; done | sort -n | cut -d' ' -f2)")
     for i, n in enumerate(spec.nvdimms):
-        if n.devdax_align is not None:
+        if n.devdax_align is not None and not n.deferred:
             lines.append(f"ivm_devdax $(echo $ivm_regions | cut -d' ' -f{i + 1}) {DEVDAX_ALIGNS[n.devdax_align]} "
                          f"{DEVDAX_LOCATIONS[n.location]}")
     return "\n".join(lines) + "\n"
@@ -199,7 +204,8 @@ class Dimm:
     addr: int  # guest physical start, bytes
     size: int  # bytes
     node: int | None
-    device: str = "pc-dimm"  # or "virtio-mem": then the range of the lab's one device this hotplug plugged
+    device: str = "pc-dimm"  # or "virtio-mem": then the range of the lab's one device this hotplug plugged;
+    # "nvdimm": one of the spec's NVDIMMs (Guest.nvdimms)
 
     @property
     def end(self) -> int:
@@ -575,9 +581,9 @@ class Guest:
                 data = d.get("data", {})
                 if d.get("type") == "nvdimm" and str(data.get("id", "")).startswith("ivm-nvdimm"):
                     self.nvdimms.append(Dimm(data["id"], str(data.get("memdev", "")), int(data["addr"]),
-                                             int(data["size"]), data.get("node")))
+                                             int(data["size"]), data.get("node"), device="nvdimm"))
             self.nvdimms.sort(key=lambda d: int(d.id[len("ivm-nvdimm"):]))
-            want = sum(1 for n in self.spec.nvdimms if n.devdax_align is not None)
+            want = sum(1 for n in self.spec.nvdimms if n.devdax_align is not None and not n.deferred)
             if len(self.devdax) != want:
                 raise LabError(f"guest {self.kernel.release}: {len(self.devdax)} device-dax devices set up, "
                                f"{want} asked for; last console lines:\n" + "\n".join(self.console_tail(30)))

@@ -208,6 +208,14 @@ ivm_ig() {{
         set -- $ivm_args
         echo "$2" > /sys/kernel/mm/hugepages/hugepages-$1kB/nr_hugepages 2> $e
         ivm_rc=$?; ivm_account_now > $o; ivm_answer ;;
+      devdax)  # I ALIGN MODE: the I-th NVDIMM (by address), left raw at boot, made device-dax
+        # (guest.devdax_script's ivm_devdax, its "fail" said on stderr); answered with its
+        # IVM-DEVDAX line and the account
+        set -- $ivm_args; : > $e
+        fail() {{ echo "$*" >> $e; }}
+        if [ -z "$ivm_regions" ]; then echo "no NVDIMM region in the guest" >> $e
+        else ivm_devdax $(echo $ivm_regions | cut -d' ' -f$(($1 + 1))) $2 $3 > $o 2>> $e; fi
+        [ -s $e ]; ivm_rc=$(( ! $? )); ivm_account_now >> $o; ivm_answer ;;
       offline)  # BLOCK...: offline these memory blocks; answered with the account
         : > $e; ivm_rc=0
         for b in $ivm_args; do echo offline > /sys/devices/system/memory/memory$b/state 2>> $e || ivm_rc=1; done
@@ -303,6 +311,14 @@ class Channel:
         if cmd not in ("hugepages", "offline") or any(not re.fullmatch(r"[0-9]+", a) for a in args):
             raise LabError(f"in-guest: unsupported step {cmd} {args}")
         return self.request(cmd, args, timeout, alive, f"in-guest {cmd}")
+
+    def devdax(self, index: int, align: int, mode: str, timeout: float, alive=None) -> InGuestResult:
+        """Make the ``index``-th NVDIMM (by address; left raw at boot: ``Nvdimm.deferred``)
+        device-dax with ``align`` and its memmap in RAM (``mode`` 'ram') or on the device
+        ('pmem'); its stdout is the IVM-DEVDAX line and the guest's account."""
+        if mode not in ("ram", "pmem"):
+            raise LabError(f"in-guest: devdax mode {mode!r}")
+        return self.request("devdax", [str(int(index)), str(int(align)), mode], timeout, alive, "in-guest devdax")
 
     def request(self, cmd: str, args: list[str], timeout: float, alive, what: str,
                 watching: bool = False) -> InGuestResult | None:

@@ -10,6 +10,9 @@ own account:
 - ``hotplug=SIZE``: a pc-dimm hot-added through QMP (:meth:`~.guest.Guest.hotplug`,
   which waits until the guest onlined every block of it); in an arm64 guest SIZE more of
   its virtio-mem device (:mod:`.virtiomem`: Debian's arm64 kernels cannot take a pc-dimm);
+- ``devdax=SIZE`` (x86_64): an NVDIMM of SIZE, cold-plugged and left raw at boot, made
+  device-dax in the guest through sysfs (2M alignment, memmap in RAM; :func:`devdax`):
+  ZONE_DEVICE memory, one ``__add_pages()`` and one ``memmap_init_zone_device()``;
 - ``unplug``: the guest offlines the blocks of the last hot-added dimm, then QMP
   ``device_del`` and the guest's ACPI eject remove it (virtio-mem: the device's requested
   size lowered, and its driver removes them), waited for until its blocks are
@@ -35,13 +38,16 @@ from typing import List, Optional, Tuple
 from . import inguest
 from .account import parse_account
 from .errors import LabError
+from .guest import parse_devdax
 
-_STEP = re.compile(r"(hugepages|hugepages-1g)=(\d+)|hotplug=(\d+(?:\.\d+)?[KMGT]?)|(unplug)", re.I)
+_STEP = re.compile(r"(hugepages|hugepages-1g)=(\d+)|(hotplug|devdax)=(\d+(?:\.\d+)?[KMGT]?)|(unplug)", re.I)
+#: a devdax step's device: 2M alignment, memmap in RAM (drivers/nvdimm/pfn_devs.c "ram" mode)
+DEVDAX_ALIGN, DEVDAX_MODE = 2 << 20, "ram"
 
 
 @dataclass(frozen=True)
 class Step:
-    what: str  # 'hugepages' | 'hugepages-1g' | 'hotplug' | 'unplug'
+    what: str  # 'hugepages' | 'hugepages-1g' | 'hotplug' | 'devdax' | 'unplug'
     value: str = ""
 
     def __str__(self) -> str:
@@ -51,16 +57,21 @@ class Step:
 def parse_step(text: str) -> Step:
     m = _STEP.fullmatch(text.strip())
     if not m:
-        raise ValueError(f"--then {text!r}: not hugepages=N, hugepages-1g=N, hotplug=SIZE or unplug")
+        raise ValueError(f"--then {text!r}: not hugepages=N, hugepages-1g=N, hotplug=SIZE, devdax=SIZE or unplug")
     if m.group(1):
         return Step(m.group(1).lower(), m.group(2))
     if m.group(3):
-        return Step("hotplug", m.group(3).upper())
+        return Step(m.group(3).lower(), m.group(4).upper())
     return Step("unplug")
 
 
 def hotplug_sizes(steps: List[Step]) -> List[str]:
     return [s.value for s in steps if s.what == "hotplug"]
+
+
+def devdax_sizes(steps: List[Step]) -> List[str]:
+    """The NVDIMMs ``devdax=SIZE`` steps need, in order: QEMU cold-plugs each, left raw."""
+    return [s.value for s in steps if s.what == "devdax"]
 
 
 def account_json(acc) -> dict:
@@ -124,6 +135,11 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
                     progress(f"{d.device} {d.id}: {short}")
                 progress(f"{d.device} {d.id} at {d.addr:#x}-{d.end - 1:#x} {guest.spec.hotplug_online or 'added'}"
                          f"{' (memmap_on_memory=1)' if guest.spec.memmap_on_memory else ''} after {time.monotonic() - t0:.1f}s")
+            elif step.what == "devdax":
+                extra = devdax(guest, chan, sum(1 for a in accounts if a["step"].startswith("devdax=")), timeout, alive)
+                progress(extra["short"] if "short" in extra else
+                         f"{extra['devdax']['device']} at {extra['devdax']['data_start']} ({extra['devdax']['data_size']} bytes, "
+                         f"align {DEVDAX_ALIGN >> 20}M, memmap in RAM) after {time.monotonic() - t0:.1f}s")
             else:
                 d, short = unplug(guest, chan, timeout, alive, progress)
                 extra = {"dimm": dimm_json(d), **({"short": short} if short else {})}
@@ -137,6 +153,36 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
     finally:
         chan.close()
     return res.status, res.stdout, accounts, res.stderr
+
+
+def devdax(guest, chan, nth: int, timeout: float, alive) -> dict:
+    """``devdax=SIZE``: the ``nth`` NVDIMM boot left raw (``Nvdimm.deferred``) made device-dax
+    in the guest, as ndctl create-namespace -m devdax does through sysfs
+    (guest.devdax_script): drivers/dax/pmem.c dax_pmem_probe() -> devm_memremap_pages()
+    (mm/memremap.c pagemap_range(): arch_add_memory(), then memmap_init_zone_device()).
+
+    :return: the step's JSON: ``nvdimm`` (where QEMU placed it), ``devdax`` (the guest's own
+    sysfs account of the device), or ``short`` where the kernel refused (in its words)."""
+    spots = [i for i, n in enumerate(guest.spec.nvdimms) if n.deferred]
+    if nth >= len(spots):
+        raise LabError("--then devdax: no NVDIMM left raw for it (boot gives one per devdax step)")
+    i = spots[nth]
+    res = chan.devdax(i, DEVDAX_ALIGN, DEVDAX_MODE, timeout, alive)
+    guest.account = parse_account(res.stdout)
+    out: dict = {"nvdimm": dimm_json(guest.nvdimms[i])} if i < len(guest.nvdimms) else {}
+    made = parse_devdax(res.stdout)
+    if res.status or not made:
+        err = [l for l in res.stderr.strip().splitlines() if l.strip()]
+        return {**out, "short": "the guest did not make it device-dax: " + (err[-1].removeprefix("devdax: ") if err else
+                                                                              f"status {res.status}, no device")}
+    guest.devdax.append(made[0])
+    return {**out, "devdax": devdax_json(made[0])}
+
+
+def devdax_json(d) -> dict:
+    return {"device": d.device, "region": d.region, "align": d.align, "mode": d.mode,
+            "namespace_start": hex(d.namespace_start), "namespace_size": d.namespace_size,
+            "data_start": hex(d.data_start), "data_size": d.data_size}
 
 
 def dimm_json(d) -> dict:

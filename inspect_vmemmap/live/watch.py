@@ -209,6 +209,13 @@ class Watcher:
             hosted = [b for b in (r.inputs.hosted_blocks or ()) if b.start_pfn <= rng[1] and b.end_pfn > rng[0]]
             out["memmap_on_memory_blocks"] = len(hosted)
             out["memmap_on_memory_pages"] = sum(b.recorded_pages for b in hosted)
+        if c.probe.kind == "device-memmap":
+            # the ZONE_DEVICE page maps the read found over the range (mm/memremap.c
+            # pagemap_range() stores the map in pgmap_array before arch_add_memory() and
+            # memmap_init_zone_device())
+            lo, hi = rng[0] << lay.page_shift, (rng[1] + 1) << lay.page_shift
+            out["device_maps"] = sum(1 for m in (r.inputs.device_maps or ())
+                                     if any(a < hi and b > lo for a, b in m.ranges))
         return out
 
     def verdict(self, c: Optional[Call], ev: dict, findings: List[Finding], check: dict) -> None:

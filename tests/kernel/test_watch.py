@@ -13,10 +13,13 @@ Two boots per kernel (Debian 6.12, 7.2 and 6.1, x86_64):
   split came with upstream 6b8f0798b85a "mm/memory_hotplug: split memmap_on_memory requests
   across memblocks"), and removes them.
 
+Both then make a 512M NVDIMM, raw since boot, device-dax (ZONE_DEVICE: one __add_pages() and
+one memmap_init_zone_device() over the namespace, mm/memremap.c pagemap_range()).
+
 Truth from outside the code under test: the guest's own account after each step
 (nr_hugepages of each size, its memory blocks in sysfs, MemTotal: a block's own memmap is
-not managed memory, mhp_init_memmap_on_memory()) and QEMU's placement of the DIMM
-(query-memory-devices). Every change must be reported exactly once, as many as the guest's
+not managed memory, mhp_init_memmap_on_memory(); its sysfs account of the dax device) and
+QEMU's placement of the DIMM and the NVDIMM (query-memory-devices). Every change must be reported exactly once, as many as the guest's
 counts say, each with a clean re-check of its range. How many events a removal is follows
 the kernel's rule (mm/memory_hotplug.c try_remove_memory(): one arch_remove_memory() of the
 whole DIMM, or with memmap_on_memory altmaps remove_memory_blocks_and_altmaps(): one per
@@ -39,14 +42,16 @@ BLOCK_PAGES = SECTION_PAGES  # x86_64 memory blocks of these guests: 128M (the g
 FOLIO_PAGES = 512
 GIGA_PAGES = (1 << 30) >> 12
 
+#: the last step of every boot: a 512M NVDIMM, raw since boot, made device-dax
+DEVDAX = ["--then", "devdax=512M"]
 PLAIN = ["--mem", "1G", "--hugepages", "4", "--hvo",
-         "--then", "hugepages=12", "--then", "hugepages=6", "--then", "hotplug=1G", "--then", "unplug"]
-MOM = ["--mem", "4G", "--hvo", "--memmap-on-memory",
-       "--then", "hugepages-1g=1", "--then", "hugepages-1g=0", "--then", "hotplug=1G", "--then", "unplug"]
+         "--then", "hugepages=12", "--then", "hugepages=6", "--then", "hotplug=1G", "--then", "unplug", *DEVDAX]
+MOM_POOL = ["--mem", "4G", "--hvo", "--memmap-on-memory", "--then", "hugepages-1g=1", "--then", "hugepages-1g=0"]
+MOM = [*MOM_POOL, "--then", "hotplug=1G", "--then", "unplug", *DEVDAX]
 #: 6.1 hosts a DIMM's memmap on it only when the DIMM is one memory block (its
 #: mhp_supports_memmap_on_memory(size)): its 1G DIMM has its memmap in RAM (the kernel's refusal,
 #: which the step says), and a 128M one, added after it, hosts its own
-MOM_61 = MOM[:-4] + ["--then", "hotplug=1G", "--then", "hotplug=128M", "--then", "unplug", "--then", "unplug"]
+MOM_61 = [*MOM_POOL, "--then", "hotplug=1G", "--then", "hotplug=128M", "--then", "unplug", "--then", "unplug", *DEVDAX]
 SCENARIOS = {**{f"{series}-plain": (series, PLAIN) for series in ("6.12", "7.2", "6.1")},
              "6.12-mom": ("6.12", MOM), "7.2-mom": ("7.2", MOM), "6.1-mom": ("6.1", MOM_61)}
 
@@ -104,6 +109,16 @@ def hosted_kb(name: str, dimm: dict) -> int:
     return len(blocks_of(dimm)) * 512 * 4 if hosts_memmap(name, dimm) else 0
 
 
+def devdax_steps(doc: dict) -> list:
+    """(step, the account before it) for every devdax step, in order."""
+    out, prev = [], None
+    for s in doc["guest"]["steps"]:
+        if s["step"].startswith("devdax="):
+            out.append((s, prev))
+        prev = s
+    return out
+
+
 def hotplug_steps(doc: dict) -> list:
     """(step, the account before it) for every hotplug and unplug step, in order."""
     out, prev = [], None
@@ -136,10 +151,12 @@ def test_every_change_once_with_a_clean_recheck(watched):
     plugs = [(s, prev) for s, prev in hotplug_steps(doc) if s["step"] != "unplug"]
     unplugs = [(s, prev) for s, prev in hotplug_steps(doc) if s["step"] == "unplug"]
     removes = sum(len(blocks_of(s["dimm"])) if hosts_memmap(name, s["dimm"]) else 1 for s, _ in unplugs)
-    assert end["by_kind"] == {"hvo-optimize": pool[0], "hvo-restore": pool[1], "section-add": len(plugs),
+    daxes = len(devdax_steps(doc))
+    assert daxes == 1
+    assert end["by_kind"] == {"hvo-optimize": pool[0], "hvo-restore": pool[1], "section-add": len(plugs) + daxes,
                               "offline": sum(len(set(prev["memory_blocks"]) - set(s["memory_blocks"]))
                                              for s, prev in unplugs),
-                              "section-remove": removes}
+                              "section-remove": removes, "device-memmap": daxes}
     assert sum(end["by_kind"].values()) == len([e for e in doc["watch"]["events"] if e["kind"] != "periodic"])
 
 
@@ -229,7 +246,7 @@ def test_hot_add_at_the_dimm_with_its_memmap_where_the_rules_say(watched):
             assert "mhp_supports_memmap_on_memory()" in s["short"]
         else:
             assert "short" not in s
-    assert len(adds) == len(plugs)
+    assert len([e for e in adds if any(within(e, s["dimm"]) for s, _ in plugs)]) == len(plugs)
 
 
 def test_unplug_offlines_and_removes_every_block(watched):
@@ -264,6 +281,39 @@ def test_unplug_offlines_and_removes_every_block(watched):
     for e in removed:
         assert e["check"]["after"]["sections_present"] == 0 and e["check"]["after"]["memmap_on_memory_blocks"] == 0
     assert len(offline) == sum(len(blocks_of(s["dimm"])) for s, _ in unplugs)
+
+
+def test_device_dax_is_one_add_and_one_memmap_init_over_its_namespace(watched):
+    """devdax=512M: the NVDIMM QEMU placed, raw since boot, made device-dax by the guest
+    (2M alignment, memmap in RAM). mm/memremap.c pagemap_range() adds the page map's range
+    (arch_add_memory() -> __add_pages(), no memory blocks: not System RAM) and then
+    memmap_init_zone_device() over it; the range is the namespace less start_pad and
+    end_trunc (drivers/nvdimm/pfn_devs.c __nvdimm_setup_pfn()), both 0 for a new device whose
+    end is 2M-aligned (nd_pfn_init()): the whole NVDIMM."""
+    _, doc, _ = watched
+    ((s, prev),) = devdax_steps(doc)
+    nv, dax = s["nvdimm"], s["devdax"]
+    assert "short" not in s and nv["device"] == "nvdimm" and nv["size"] == 512 << 20
+    # the guest's sysfs: the namespace is the NVDIMM, the data after the info block (2M-aligned)
+    assert (int(dax["namespace_start"], 16), dax["namespace_size"]) == (int(nv["addr"], 16), nv["size"])
+    assert (dax["align"], dax["mode"]) == (2 << 20, "ram")
+    assert int(dax["data_start"], 16) + dax["data_size"] == int(nv["addr"], 16) + nv["size"]
+    # not RAM: no memory block, MemTotal as before (the memmap in RAM is allocated, not removed)
+    assert s["memory_blocks"] == prev["memory_blocks"] and s["mem_total_kb"] == prev["mem_total_kb"]
+    first, last = pfns_of(nv)
+    adds = [e for e in by_kind(doc, "section-add") if within(e, nv)]
+    (init,) = by_kind(doc, "device-memmap")
+    assert len(adds) == 1
+    for e in adds + [init]:
+        assert (e["pfn_start"], e["pfn_end"]) == (first, last), e
+        assert e["sections"] == [first // SECTION_PAGES, last // SECTION_PAGES]
+        after = e["check"]["after"]
+        # present (sparse_add_section()), never online: ZONE_DEVICE sections are not onlined
+        assert (after["sections_present"], after["sections_online"]) == (4, 0)
+        assert e["check"]["errors"] == 0 and e["check"]["warnings"] == 0
+    assert adds[0]["function"] == "__add_pages"  # not add_memory_resource(): no System RAM resource
+    assert adds[0]["seq"] < init["seq"]
+    assert init["check"]["after"]["device_maps"] == 1  # the page map the re-check read there
 
 
 def test_probes_chosen_by_what_the_kernel_has(watched):

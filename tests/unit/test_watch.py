@@ -207,6 +207,8 @@ def test_steps():
     with pytest.raises(ValueError):
         parse_step("hugepages=lots")
     assert hotplug_sizes([parse_step("hotplug=1G"), parse_step("unplug"), parse_step("hotplug=512M")]) == ["1G", "512M"]
+    assert parse_step("devdax=512m") == Step("devdax", "512M") and str(parse_step("devdax=1G")) == "devdax=1G"
+    assert hotplug_sizes([parse_step("devdax=1G")]) == []
 
 
 def test_document_folds_each_check_into_its_event():

@@ -27,6 +27,36 @@ def test_unplug_onlines_to_zone_movable_and_mom_with_a_then_hotplug():
     assert spec.hotplug_online == "online"
 
 
+def test_a_devdax_step_boots_with_a_raw_nvdimm_of_its_size():
+    from inspect_vmemmap.lab.guest import Nvdimm, devdax_script
+    from inspect_vmemmap.lab.inguest import init_script
+
+    spec = guest_spec(BootOptions(debian="6.12", mem="1G", in_guest=True, watch=True,
+                                  then=("hotplug=1G", "devdax=512M", "unplug")), "x86_64")
+    # a slot and room in the hotplug area for the DIMM and the NVDIMM
+    assert (spec.maxmem, spec.slots) == ("2560M", 2)
+    assert spec.nvdimms == (Nvdimm("512M", devdax_align="2M", deferred=True),)
+    # /init defines ivm_devdax and the regions but makes no device of a deferred NVDIMM; the
+    # request line's devdax does, for the step
+    script = devdax_script(spec)
+    assert "ivm_devdax() {" in script and "ivm_regions=" in script
+    assert not [l for l in script.splitlines() if l.startswith("ivm_devdax ")]
+    boot_made = devdax_script(guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True), "x86_64"))
+    assert boot_made == ""
+    assert "      devdax)" in init_script("x86_64")
+
+
+def test_a_devdax_step_is_refused_where_the_lab_has_no_nvdimm():
+    import pytest
+
+    from inspect_vmemmap.lab.boot import BootError
+
+    with pytest.raises(BootError, match="x86_64 guests only"):
+        guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("devdax=512M",)), "aarch64")
+    with pytest.raises(BootError, match="2M alignment"):
+        guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("devdax=3M",)), "x86_64")
+
+
 def test_a_run_time_1g_page_gets_a_free_gib_by_default():
     # one GiB the kernel boots in, one for the page, one above 4G (ZONE_NORMAL); the in-guest
     # headroom rounds it up to a fourth
