@@ -140,6 +140,10 @@ class Inputs:
     memmap_on_memory: Optional[str] = None
     #: pageblock_order (include/linux/pageblock-flags.h), for memmap_on_memory=force
     pageblock_order: Optional[int] = None
+    #: boot memory the kernel keeps out of its linear map (memblock "nomap": on arm64 EFI
+    #: runtime regions and firmware flash, iomem "reserved"), physical byte ranges: not RAM,
+    #: but its sections are present from boot (Arch.nomap_resource)
+    nomap: List[Interval] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -157,6 +161,7 @@ class Inputs:
             "hosted_blocks": None if self.hosted_blocks is None else [b.to_json() for b in self.hosted_blocks],
             "memmap_on_memory": self.memmap_on_memory,
             "pageblock_order": self.pageblock_order,
+            "nomap": [[hex(a), hex(b)] for a, b in self.nomap],
         }
 
     @classmethod
@@ -167,6 +172,7 @@ class Inputs:
             layout=KernelLayout.from_json(d["layout"]),
             ram=rng(d.get("ram", [])),
             boot_ram=None if d.get("boot_ram") is None else rng(d["boot_ram"]),
+            nomap=rng(d.get("nomap", [])),
             nodes=[tuple(n) for n in d.get("nodes", [])],
             folios=[Folio(**f) for f in d.get("folios", [])],
             hvo_shared_tails=bool(d.get("hvo_shared_tails", False)),

@@ -363,7 +363,7 @@ def check_layout_document(d) -> None:
                     sh.uint(v, hexstr=True)
     limit = 1 << bits
     pfn_limit = limit // max(page, 1)
-    for key in ("ram", "boot_ram"):
+    for key in ("ram", "boot_ram", "nomap"):
         if key == "boot_ram" and d.get(key) is None:
             continue
         with sh.at(key):

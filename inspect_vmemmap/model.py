@@ -229,7 +229,8 @@ def _bounded(inp: Inputs) -> None:
 
     lay = inp.layout
     top = 1 << lay.max_physmem_bits
-    ranges = list(inp.ram) + list(inp.boot_ram or ()) + [r for m in inp.device_maps or () for r in m.ranges]
+    ranges = (list(inp.ram) + list(inp.boot_ram or ()) + list(inp.nomap)
+              + [r for m in inp.device_maps or () for r in m.ranges])
     for a, b in ranges:
         if not 0 <= a <= b <= top:
             raise AnalysisError(f"model input: range {a:#x}-{b:#x} is outside the {lay.max_physmem_bits}-bit "
@@ -251,9 +252,13 @@ def predict(inp: Inputs) -> Prediction:
     pps = lay.pages_per_section
     sub = lay.pages_per_subsection
     sps = lay.struct_page_size
-    ram_pfns = merge([(a >> shift, (b + (1 << shift) - 1) >> shift) for a, b in inp.ram])
+    # Rule: memblock.memory is RAM and, where the architecture keeps some out of its linear
+    # map, nomap memory (arm64: mm/memblock.c memblock_mark_nomap(), from the EFI memory map
+    # in drivers/firmware/efi/efi-init.c reserve_regions()); memblocks_present() walks it all
+    nomap = [(a >> shift, (b + (1 << shift) - 1) >> shift) for a, b in inp.nomap]
+    ram_pfns = merge([(a >> shift, (b + (1 << shift) - 1) >> shift) for a, b in inp.ram] + nomap)
     boot_pfns = ram_pfns if inp.boot_ram is None else merge(
-        [(a >> shift, (b + (1 << shift) - 1) >> shift) for a, b in inp.boot_ram])
+        [(a >> shift, (b + (1 << shift) - 1) >> shift) for a, b in inp.boot_ram] + nomap)
     offline = merge(inp.offline_blocks)
 
     sections: Dict[int, SectionPrediction] = {}

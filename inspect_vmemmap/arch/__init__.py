@@ -70,6 +70,9 @@ class Arch:
     #: PAGE_KERNEL_RO, which include/linux/pgtable.h makes PAGE_KERNEL (writable) where
     #: the architecture does not define it (riscv64)
     hvo_tails_readonly = True
+    #: the iomem name of boot memory kept out of the linear map (memblock nomap), a top-level
+    #: resource of flags IORESOURCE_MEM alone; None: the architecture names none
+    nomap_resource: Optional[str] = None
     #: where the model's boot-RAM input comes from, for the note when it cannot be read
     boot_ram_note = "boot RAM: no firmware RAM table read; all RAM treated as boot memory"
     #: what the page-table root is decided from, for the error when it cannot be

@@ -29,6 +29,10 @@ class Arm64(Arch):
     hugetlb_vmemmap_optimize = False
     dax_vmemmap_optimize = False
     boot_ram_note = "boot RAM: no firmware RAM table read on arm64; all RAM treated as boot memory"
+    # arch/arm64/kernel/setup.c request_standard_resources(): every memblock.memory region
+    # is a top-level resource, "System RAM", or "reserved" with IORESOURCE_MEM alone where
+    # it is nomap (UEFI's runtime regions and, on QEMU's virt, the variable flash at 64M)
+    nomap_resource = "reserved"
     root_source = "SYMBOL(swapper_pg_dir) and NUMBER(kimage_voffset)"
     page_sizes = (4096, 16384, 65536)
     # PHYS_MASK_SHIFT 48 or 52 (asm/sparsemem.h MAX_PHYSMEM_BITS), and 6.1's

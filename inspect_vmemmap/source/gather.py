@@ -37,7 +37,9 @@ class Reading:
         """:return: what iomem says of System RAM (no ranges where it cannot be read)."""
         if self._sysram is None:
             t = self.target
-            self._sysram = (iomem.system_ram(t.memory, t.types, t.symbol)
+            from inspect_vmemmap.arch import for_layout
+
+            self._sysram = (iomem.system_ram(t.memory, t.types, t.symbol, for_layout(t.layout).nomap_resource)
                             if t.types is not None else iomem.SystemRam(()))
         return self._sysram
 
@@ -157,7 +159,7 @@ def gather_inputs(reading: Reading, notes: Optional[List[Assumption]] = None, me
                   zones=zone_list if types is not None else [],
                   page_flags=page_flags if types is not None else None,
                   device_maps=device_maps, hosted_blocks=hosted, memmap_on_memory=mom_mode,
-                  pageblock_order=pageblock_order)
+                  pageblock_order=pageblock_order, nomap=list(reading.iomem().nomap))
 
 
 def buddy_checker(t, memory=None) -> Optional[kstructs.BuddyChecker]:

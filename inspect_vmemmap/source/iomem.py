@@ -48,9 +48,13 @@ class SystemRam:
     unread: int = 0
     #: the ranges among ``ranges`` flagged IORESOURCE_SYSRAM_DRIVER_MANAGED (hot-added by a driver)
     driver_managed: Tuple[Tuple[int, int], ...] = ()
+    #: top-level resources of the architecture's nomap name (Arch.nomap_resource), flags
+    #: IORESOURCE_MEM alone: boot memory kept out of the linear map, ``[start, end)``
+    nomap: Tuple[Tuple[int, int], ...] = ()
 
 
-def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> SystemRam:
+def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]],
+               nomap_name: Optional[str] = None) -> SystemRam:
     """The System RAM resources of ``iomem_resource``'s tree, as the kernel's
     ``walk_system_ram_res()`` finds them (module docstring): boot and hot-added, driver
     managed included.
@@ -58,6 +62,9 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> Sy
     A top-level resource named "System RAM" counts whatever its flags (a kernel before
     IORESOURCE_SYSRAM, commit 03cb525eb25c "resource: Handle resource flags IORESOURCE_SYSRAM"
     of 4.6, named RAM so only).
+
+    ``nomap_name``: also the top-level resources of that name whose flags are
+    IORESOURCE_MEM alone (arm64's "reserved": memblock nomap regions).
 
     :return: :class:`SystemRam`; no ranges if the top level cannot be read.
     """
@@ -71,6 +78,7 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> Sy
         return SystemRam(())
     out: List[Tuple[int, int]] = []
     managed: List[Tuple[int, int]] = []
+    nomap: List[Tuple[int, int]] = []
     seen = set()
     unread = 0
     try:
@@ -91,6 +99,9 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> Sy
                 out.append((_u64(mem, res + o_start), _u64(mem, res + o_end) + 1))
                 if flags & IORESOURCE_SYSRAM_DRIVER_MANAGED:
                     managed.append(out[-1])
+            elif (top and nomap_name and flags == IORESOURCE_MEM and bool(name_ptr)
+                  and read_cstring(mem, name_ptr, 16) == nomap_name):
+                nomap.append((_u64(mem, res + o_start), _u64(mem, res + o_end) + 1))
             todo.append((_u64(mem, res + o_sib), top))
             if not ram:
                 todo.append((_u64(mem, res + o_child), False))  # before the sibling: the tree's order
@@ -98,4 +109,4 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]]) -> Sy
             if top:  # the top level itself: iomem cannot be read
                 return SystemRam(())
             unread += 1
-    return SystemRam(tuple(out), unread, tuple(managed))
+    return SystemRam(tuple(out), unread, tuple(managed), tuple(nomap))

@@ -101,3 +101,24 @@ def test_a_cycle_ends():
     t, dev, added = _virtio_guest()
     t.mem.write_u64(added + OFF["sibling"], dev, False)
     assert t.ram().ranges == ((0x40000000, 0x80000000), (0x80000000, 0xC0000000))
+
+
+def test_arm64_nomap_memory_is_its_top_level_reserved_resources():
+    """The tree a Debian 6.12 arm64 guest booted through edk2 printed: the variable flash at
+    64M is memblock nomap memory, which request_standard_resources() (arch/arm64/kernel/
+    setup.c) names "reserved" with IORESOURCE_MEM alone; a "reserved" child of System RAM
+    (a memblock reservation, reserve_region_with_split()) and a busy "reserved" are not."""
+    t = Tree()
+    flash = t.node("reserved", 0x04000000, 0x07FFFFFF, MEM)
+    uart = t.node("ARMH0011:00", 0x09000000, 0x09000FFF, MEM)
+    boot = t.node("System RAM", 0x40000000, 0x7C17FFFF, SYSTEM_RAM | BUSY)
+    rt = t.node("reserved", 0x7C180000, 0x7C18FFFF, MEM)
+    busy = t.node("reserved", 0x7C190000, 0x7C19FFFF, MEM | BUSY)
+    child = t.node("reserved", 0x40000000, 0x40FFFFFF, MEM | BUSY)
+    t.children(t.root, flash, uart, boot, rt, busy)
+    t.children(boot, child)
+    got = system_ram(t.mem, Types(), lambda s: t.root if s == "iomem_resource" else None, "reserved")
+    assert got.ranges == ((0x40000000, 0x7C180000),)
+    assert got.nomap == ((0x04000000, 0x08000000), (0x7C180000, 0x7C190000))
+    # an architecture that names no nomap memory (x86_64: "reserved" is e820's, not memblock's)
+    assert t.ram().nomap == ()

@@ -39,6 +39,22 @@ def test_boot_sections_are_present_early_and_whole():
     assert p.required == [(BASE, BASE + 0x400000)]
 
 
+def test_nomap_memory_alone_in_its_section_makes_it_present_early_and_whole():
+    # arm64 UEFI boot (QEMU virt with edk2): memblock.memory holds the variable flash at
+    # [64M, 128M) as nomap (drivers/firmware/efi/efi-init.c reserve_regions() ->
+    # memblock_mark_nomap()), and RAM from 1G. memblocks_present() walks memblock.memory,
+    # nomap included: section 0 (pfns 0-32767) is present, early (boot) and valid whole, like
+    # a RAM section; section 1 ([128M, 256M)) holds nothing and is absent. The pfn arithmetic
+    # is 4K pages' as in this module (the rule is the same for arm64's 128M sections).
+    p = predict(_inp(ram=[(8 * SEC, 9 * SEC)], nomap=[(64 * M, SEC)], boot_ram=None))
+    assert sorted(p.sections) == [0, 8]
+    assert p.sections[0].flag_names() == ["present", "has_mem_map", "online", "early"]
+    assert p.sections[0].valid == [(0, 32768)]
+    # with a boot-RAM table that lacks it (firmware tables list RAM), nomap is still boot memory
+    p = predict(_inp(ram=[(8 * SEC, 9 * SEC)], nomap=[(64 * M, SEC)], boot_ram=[(8 * SEC, 9 * SEC)]))
+    assert "early" in p.sections[0].flag_names()
+
+
 def test_a_hot_added_section_is_not_early_and_offline_blocks_are_not_online():
     # sparse_add_section() passes flags 0 to sparse_init_one_section(): no SECTION_IS_EARLY;
     # online_mem_sections() sets SECTION_IS_ONLINE, offline_mem_sections() clears it.
