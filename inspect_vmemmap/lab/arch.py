@@ -30,6 +30,11 @@ class ArchInfo:
     #: how the lab hot-adds memory: "pc-dimm" (ACPI), or "virtio-mem" where the kernel has no
     #: ACPI memory hotplug (lab/virtiomem.py says why)
     hotplug_device: str = "pc-dimm"
+    #: NVDIMMs: QEMU describes them in ACPI (NFIT) only. Where the machine boots without ACPI
+    #: (arm64 virt: a device tree), the firmware that gives the kernel QEMU's ACPI tables
+    #: (edk2; its file, its Debian package) and the kernel parameter that makes it use them.
+    #: None: no NVDIMM in this lab's guests of the architecture.
+    nvdimm_firmware: tuple[str, str, str] | None = ("", "", "")
 
     def paging_cmdline(self, mode: str) -> str:
         """Kernel parameters that make the guest run in paging ``mode``."""
@@ -82,6 +87,10 @@ ARCHES: dict[str, ArchInfo] = {
         flavours=("arm64", "arm64-16k"),
         # Debian's arm64 kernels have no CONFIG_ACPI_HOTPLUG_MEMORY: a pc-dimm is never seen
         hotplug_device="virtio-mem",
+        # virt's ACPI tables (hw/arm/virt-acpi-build.c, NFIT with nvdimm=on) reach the kernel
+        # through UEFI; with a device tree as well, arm64 takes ACPI only when told
+        # (arch/arm64/kernel/acpi.c acpi_boot_table_init(): acpi=force)
+        nvdimm_firmware=("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd", "qemu-efi-aarch64", "acpi=force"),
     ),
     "riscv64": ArchInfo(
         name="riscv64",
@@ -96,6 +105,7 @@ ARCHES: dict[str, ArchInfo] = {
         flavours=("riscv64",),
         vmcoreinfo_device=False,
         paging_modes=("sv57", "sv48", "sv39"),
+        nvdimm_firmware=None,  # QEMU 7.2's riscv virt has no nvdimm=on
     ),
 }
 

@@ -91,7 +91,7 @@ def click_options(f: Callable) -> Callable:
         click.option("--then", "then", metavar="STEP", multiple=True,
                      help="With --watch, after boot, in order, each waited for: hugepages=N, hugepages-1g=N, "
                           "hotplug=SIZE (a pc-dimm, onlined), devdax=SIZE (an NVDIMM, raw from boot, made "
-                          "device-dax: ZONE_DEVICE memory; x86_64), unplug (the last hot-added one)."),
+                          "device-dax: ZONE_DEVICE memory; x86_64, aarch64), unplug (the last hot-added one)."),
         click.option("--dump", metavar="PATH", type=click.Path(dir_okay=False),
                      help="Also write the guest's memory as an ELF vmcore (check --core PATH reads it)."),
         click.option("--dump-kdump", metavar="DIR", type=click.Path(file_okay=False),
@@ -411,8 +411,8 @@ def guest_spec(o: BootOptions, arch: str):
     # --then devdax=SIZE: an NVDIMM of SIZE from boot, left raw until its step (x86_64: QEMU's
     # pc with nvdimm=on and ACPI NFIT); it takes a slot and room in the hotplug area like a DIMM
     daxes = devdax_sizes(_steps(o))
-    if daxes and arch != "x86_64":
-        raise BootError(f"--then devdax: x86_64 guests only (an NVDIMM needs QEMU's pc with ACPI NFIT; {arch} has none here)")
+    if daxes and arch_info(arch).nvdimm_firmware is None:
+        raise BootError(f"--then devdax: no NVDIMM in {arch} guests (QEMU describes them in ACPI NFIT, which its machine has not)")
     for s in daxes:
         if (_mib(s, "--then devdax") << 20) % DEVDAX_ALIGN:
             raise BootError(f"--then devdax={s}: not a whole number of its {DEVDAX_ALIGN >> 20}M alignment")

@@ -101,7 +101,7 @@ class GuestSpec:
     # virtio-mem guests (ArchInfo.hotplug_device): the device's block size, bytes (0: the
     # largest power of two dividing maxmem - mem; boot gives one dividing every hotplug size)
     hotplug_block: int = 0
-    # NVDIMMs (x86_64; needs maxmem): QEMU places them in the hotplug area in order; each
+    # NVDIMMs (x86_64; aarch64 through edk2 and ACPI, ArchInfo.nvdimm_firmware; needs maxmem): QEMU places them in the hotplug area in order; each
     # becomes device-dax (Guest.devdax has the guest's own account of them)
     nvdimms: Sequence[Nvdimm] = ()
 
@@ -175,8 +175,8 @@ def devdax_script(spec: GuestSpec) -> str:
 def _check_nvdimms(spec: GuestSpec) -> None:
     if not spec.nvdimms:
         return
-    if spec.arch != "x86_64":
-        raise LabError("NVDIMMs: x86_64 guests only (QEMU pc with nvdimm=on and ACPI NFIT)")
+    if arch_info(spec.arch).nvdimm_firmware is None:
+        raise LabError(f"NVDIMMs: not in {spec.arch} guests (QEMU describes them in ACPI NFIT, which this machine has not)")
     if not spec.maxmem:
         raise LabError("NVDIMMs need maxmem (QEMU puts them in the memory hotplug area)")
     for n in spec.nvdimms:
@@ -244,6 +244,8 @@ def kernel_cmdline(spec: GuestSpec, info: ArchInfo) -> str:
         parts.append(f"memhp_default_state={spec.hotplug_online}")
     if spec.memmap_on_memory:
         parts.append("memory_hotplug.memmap_on_memory=1")
+    if spec.nvdimms and info.nvdimm_firmware and info.nvdimm_firmware[2]:
+        parts.append(info.nvdimm_firmware[2])
     if spec.paging and info.paging_cmdline(spec.paging):
         parts.append(info.paging_cmdline(spec.paging))
     if spec.cmdline:
@@ -290,6 +292,8 @@ def qemu_argv(
     _check_nvdimms(spec)
     if spec.nvdimms:
         argv += ["-machine", "nvdimm=on"]
+        if info.nvdimm_firmware and info.nvdimm_firmware[0]:
+            argv += ["-bios", info.nvdimm_firmware[0]]
         for i, (n, f) in enumerate(zip(spec.nvdimms, nvdimm_files(spec, Path(console_log).parent))):
             argv += ["-object", f"memory-backend-file,id=ivm-nvm{i},share=on,mem-path={f},size={parse_size_mib(n.size)}M",
                      "-device", f"nvdimm,id=ivm-nvdimm{i},memdev=ivm-nvm{i}"]
@@ -631,6 +635,9 @@ def boot_guest(
     if kernel is None:
         kernel = fetch_debian_kernel(spec.debian, spec.arch, progress=progress, flavour=spec.flavour)
     _check_nvdimms(spec)
+    if spec.nvdimms and info.nvdimm_firmware and info.nvdimm_firmware[0] and not os.path.exists(info.nvdimm_firmware[0]):
+        raise LabError(f"NVDIMMs in {spec.arch} guests need the firmware {info.nvdimm_firmware[0]} "
+                       f"(apt-get install {info.nvdimm_firmware[1]})")
     nv_modules = NVDIMM_MODULES if any(n.devdax_align is not None for n in spec.nvdimms) else ()
     if spec.maxmem and info.hotplug_device == virtiomem.DEVICE:
         nv_modules += (virtiomem.MODULE,)

@@ -10,7 +10,7 @@ own account:
 - ``hotplug=SIZE``: a pc-dimm hot-added through QMP (:meth:`~.guest.Guest.hotplug`,
   which waits until the guest onlined every block of it); in an arm64 guest SIZE more of
   its virtio-mem device (:mod:`.virtiomem`: Debian's arm64 kernels cannot take a pc-dimm);
-- ``devdax=SIZE`` (x86_64): an NVDIMM of SIZE, cold-plugged and left raw at boot, made
+- ``devdax=SIZE`` (x86_64, aarch64): an NVDIMM of SIZE, cold-plugged and left raw at boot, made
   device-dax in the guest through sysfs (2M alignment, memmap in RAM; :func:`devdax`):
   ZONE_DEVICE memory, one ``__add_pages()`` and one ``memmap_init_zone_device()``;
 - ``unplug``: the guest offlines the blocks of the last hot-added dimm, then QMP

@@ -291,6 +291,11 @@ def test_device_dax_is_one_add_and_one_memmap_init_over_its_namespace(watched):
     end_trunc (drivers/nvdimm/pfn_devs.c __nvdimm_setup_pfn()), both 0 for a new device whose
     end is 2M-aligned (nd_pfn_init()): the whole NVDIMM."""
     _, doc, _ = watched
+    devdax_checked(doc)
+
+
+def devdax_checked(doc: dict) -> None:
+    """The devdax=512M step and its two events, as the test above says (also arm64's)."""
     ((s, prev),) = devdax_steps(doc)
     nv, dax = s["nvdimm"], s["devdax"]
     assert "short" not in s and nv["device"] == "nvdimm" and nv["size"] == 512 << 20

@@ -1,5 +1,6 @@
 """`watch` (eBPF) in an arm64 guest: Debian 6.12 arm64 (4K pages), `boot --arch aarch64
---in-guest --watch --then hotplug=1G --then unplug`, one boot.
+--in-guest --watch --then hotplug=1G --then unplug --then devdax=512M`, one boot: the hotplug
+and the device paths.
 
 arm64 has no HVO in Debian's kernels (no hugetlb_vmemmap* symbols), so its chain is
 hotplug. A pc-dimm cannot be used there: Debian's arm64 kernels have no
@@ -23,14 +24,15 @@ import json
 
 import pytest
 
-from tests.kernel.test_watch import BLOCK_PAGES, SECTION_PAGES, blocks_of, by_kind, hotplug_steps, pfns_of, \
-    watch_boot, within
+from tests.kernel.test_watch import BLOCK_PAGES, SECTION_PAGES, blocks_of, by_kind, devdax_checked, hotplug_steps, \
+    pfns_of, watch_boot, within
 
 pytestmark = pytest.mark.kernel
 
 #: --timeout: each request to the in-guest watch may take this long (the whole boot took 3 min here
 #: under TCG; before arm64 guests ran with pauth-impdef=on, 20 min, bpftrace attaching for minutes)
-CHAIN = ["--arch", "aarch64", "--mem", "1G", "--timeout", "1200", "--then", "hotplug=1G", "--then", "unplug"]
+CHAIN = ["--arch", "aarch64", "--mem", "1G", "--timeout", "1200", "--then", "hotplug=1G", "--then", "unplug",
+         "--then", "devdax=512M"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_every_change_once_with_a_clean_recheck(watched):
     assert doc["target"]["arch"] == "aarch64"
     assert doc["guest"]["memory_block_size"] == BLOCK_PAGES << 12
     steps = doc["guest"]["steps"]
-    assert [s["step"] for s in steps] == ["hotplug=1G", "unplug"]
+    assert [s["step"] for s in steps] == ["hotplug=1G", "unplug", "devdax=512M"]
     assert all("short" not in s for s in steps), [s.get("short") for s in steps]
     for e in doc["watch"]["events"]:
         assert e["check"]["errors"] == 0 and e["check"]["warnings"] == 0, e
@@ -55,8 +57,9 @@ def test_every_change_once_with_a_clean_recheck(watched):
     (plug, before), (unplug, after_plug) = hotplug_steps(doc)
     offlined = set(after_plug["memory_blocks"]) - set(unplug["memory_blocks"])  # the guest's sysfs
     assert len(offlined) == 8
-    # no HVO on arm64: nothing but the hot-add, each block offlined, the removal
-    assert end["by_kind"] == {"section-add": 1, "offline": len(offlined), "section-remove": 1}
+    # no HVO on arm64: nothing but the hot-add, each block offlined, the removal, and the
+    # device-dax's add and memmap init
+    assert end["by_kind"] == {"section-add": 2, "offline": len(offlined), "section-remove": 1, "device-memmap": 1}
     assert sum(end["by_kind"].values()) == len([e for e in doc["watch"]["events"] if e["kind"] != "periodic"])
 
 
@@ -68,7 +71,7 @@ def test_hot_add_is_the_plugged_range_covering_its_eight_sections(watched):
     prev = removed
     dimm = s["dimm"]
     assert dimm["device"] == "virtio-mem" and dimm["size"] == 1 << 30 and s["memmap_on_memory"] is False
-    (add,) = by_kind(doc, "section-add")
+    (add,) = [e for e in by_kind(doc, "section-add") if within(e, dimm)]
     assert within(add, dimm) and (add["pfn_start"], add["pfn_end"]) == pfns_of(dimm)  # where QEMU put it
     assert add["sections"][1] - add["sections"][0] + 1 == 8 == dimm["size"] // (SECTION_PAGES << 12)
     assert add["sections"][0] == pfns_of(dimm)[0] // SECTION_PAGES
@@ -98,6 +101,14 @@ def test_unplug_offlines_each_block_and_removes_the_range_once(watched):
     (rm,) = by_kind(doc, "section-remove")
     assert (rm["pfn_start"], rm["pfn_end"]) == (first, last)
     assert rm["check"]["after"]["sections_present"] == 0
+
+
+def test_device_dax_is_one_add_and_one_memmap_init_over_its_namespace(watched):
+    """As on x86_64 (test_watch.py): an NVDIMM, raw since boot, made device-dax. QEMU's virt
+    describes it in ACPI (NFIT) only, so this guest boots through edk2 with acpi=force."""
+    doc, _ = watched
+    assert "acpi=force" in doc["guest"]["cmdline"].split()
+    devdax_checked(doc)
 
 
 def test_probes_chosen_by_what_the_kernel_has(watched):

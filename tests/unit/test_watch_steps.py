@@ -46,13 +46,36 @@ def test_a_devdax_step_boots_with_a_raw_nvdimm_of_its_size():
     assert "      devdax)" in init_script("x86_64")
 
 
+def test_an_arm64_nvdimm_boots_through_edk2_with_acpi():
+    from pathlib import Path
+
+    from inspect_vmemmap.lab.guest import qemu_argv
+
+    info = arch_info("aarch64")
+    spec = guest_spec(BootOptions(debian="6.12", mem="1G", in_guest=True, watch=True, arch="aarch64",
+                                  then=("hotplug=1G", "devdax=512M")), "aarch64")
+    assert len(spec.nvdimms) == 1 and spec.maxmem == "2560M"
+    argv = qemu_argv(spec, info, "qemu-system-aarch64", Path("Image"), Path("initrd"), Path("q"), Path("c"),
+                     Path("/tmp/x/console.log"))
+    assert argv[argv.index("-bios") + 1] == "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd" and "nvdimm=on" in argv
+    assert "acpi=force" in kernel_cmdline(spec, info).split()
+    # the virtio-mem region is what maxmem leaves beside the NVDIMM: the hot-add's 1G
+    assert any(a.startswith("memory-backend-ram") and f"size={1 << 30}" in a for a in argv), argv
+    # without an NVDIMM the arm64 guest boots as before: no firmware, its device tree
+    plain = guest_spec(BootOptions(debian="6.12", mem="1G", in_guest=True, watch=True, arch="aarch64",
+                                   then=("hotplug=1G",)), "aarch64")
+    argv = qemu_argv(plain, info, "qemu-system-aarch64", Path("Image"), Path("initrd"), Path("q"), Path("c"),
+                     Path("/tmp/x/console.log"))
+    assert "-bios" not in argv and "acpi=force" not in kernel_cmdline(plain, info)
+
+
 def test_a_devdax_step_is_refused_where_the_lab_has_no_nvdimm():
     import pytest
 
     from inspect_vmemmap.lab.boot import BootError
 
-    with pytest.raises(BootError, match="x86_64 guests only"):
-        guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("devdax=512M",)), "aarch64")
+    with pytest.raises(BootError, match="no NVDIMM in riscv64 guests"):
+        guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("devdax=512M",)), "riscv64")
     with pytest.raises(BootError, match="2M alignment"):
         guest_spec(BootOptions(debian="6.12", in_guest=True, watch=True, then=("devdax=3M",)), "x86_64")
 
