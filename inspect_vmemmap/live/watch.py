@@ -475,8 +475,10 @@ def command(tgt: dict, as_json: bool, interval: Optional[float], duration: Optio
     else:
         emit = text_emitter(console_factory(), t.to_json(), t.layout)
     try:
+        from inspect_vmemmap.source.target import reopened
+
         return Watcher(t, emit, interval=interval, duration=duration, count=count, ready_timeout=attach_timeout,
-                       reopen=lambda: open_target(tgt)).run()
+                       reopen=lambda: reopened(t)).run()
     except WatchError as e:
         fail(str(e))
     return 2

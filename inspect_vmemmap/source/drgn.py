@@ -257,6 +257,13 @@ def open_live() -> drgn.Program:
     return prog
 
 
+def live_memory(prog: drgn.Program) -> DrgnMemory:
+    """The memory of a program :func:`open_live` opened (its address space lent first, as
+    :func:`kernel` does), for a :class:`~.target.Target` whose kernel was read before."""
+    _lend_address_space(prog, "live")
+    return DrgnMemory(prog)
+
+
 def program_source(prog: drgn.Program) -> tuple:
     """What a drgn program the caller set up reads: ``("live", None)`` (/proc/kcore),
     ``("qemu", None)`` (a QEMU guest through QMP, live but not local) or ``("vmcore", path)``.
