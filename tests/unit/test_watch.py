@@ -320,3 +320,28 @@ def test_a_probe_the_kernel_refuses_is_listed_absent_and_the_rest_attached(tmp_p
         assert "refused" in why and "kretprobe:sparse_add_section" in why
     finally:
         bt.stop()
+
+
+def test_traceable_functions_are_the_names_of_available_filter_functions(tmp_path, monkeypatch):
+    """ftrace's list as the kernel prints it (kernel/trace/ftrace.c t_show(): the name, and
+    for a module's function its module in brackets); kallsyms is read only for a function
+    fentry cannot take."""
+    from inspect_vmemmap.live import bpftrace
+
+    (tmp_path / "available_filter_functions").write_text(
+        "online_pages\nsparse_add_section\n__add_pages\nvirtio_mem_probe [virtio_mem]\n")
+    monkeypatch.setattr(bpftrace, "TRACEFS", (str(tmp_path / "missing"), str(tmp_path)))
+    names = bpftrace.traceable_functions()
+    assert {"online_pages", "sparse_add_section", "__add_pages", "virtio_mem_probe"} <= names
+    from types import SimpleNamespace
+
+    read = []
+    monkeypatch.setattr(bpftrace, "kprobe_functions", lambda: read.append(1) or {"offline_pages"})
+    btf = SimpleNamespace(func_signature=K612.get)
+    probes, absent = bpftrace.choose_probes(btf)
+    # offline_pages and others are not in this list: kallsyms read once, and its offline_pages taken
+    assert read == [1] and any(p.function == "offline_pages" and p.mechanism == "kprobe" for p in probes)
+    (tmp_path / "available_filter_functions").write_text("\n".join(K612) + "\n")
+    read.clear()
+    bpftrace.choose_probes(btf)
+    assert read == []  # every function traceable: kallsyms never read
