@@ -174,3 +174,39 @@ def test_watch_opens_the_kernel_again_after_a_hotplug_event():
     finally:
         commands.Analysis = real
     assert opened == [1] and w.t.name == "again" and not w.stale
+
+
+def test_a_devdax_step_says_the_guests_account_or_the_kernels_refusal():
+    from inspect_vmemmap.lab.guest import Dimm, Nvdimm
+    from inspect_vmemmap.lab.inguest import InGuestResult
+    from inspect_vmemmap.lab.watching import devdax
+
+    account = "IVM-ACCOUNT-BEGIN\nIVM-ACCOUNT-END\n"
+    spec = SimpleNamespace(nvdimms=(Nvdimm("512M", devdax_align="2M", deferred=True),))
+    nv = Dimm("ivm-nvdimm0", "/objects/ivm-nvm0", 4 << 30, 512 << 20, 0, device="nvdimm")
+
+    def guest():
+        return SimpleNamespace(spec=spec, nvdimms=[nv], devdax=[], account=None)
+
+    class Chan:
+        def __init__(self, res):
+            self.res, self.asked = res, []
+
+        def devdax(self, index, align, mode, timeout, alive):
+            self.asked.append((index, align, mode))
+            return self.res
+
+    # the guest's IVM-DEVDAX line (sysfs numbers), as guest.devdax_script prints it
+    line = "IVM-DEVDAX region0 0x100000000 536870912 dax0.0 2097152 ram 0x100200000 534773760\n"
+    g, chan = guest(), Chan(InGuestResult(0, line + account, "", 0.5))
+    out = devdax(g, chan, 0, 60, None)
+    assert chan.asked == [(0, 2 << 20, "ram")] and len(g.devdax) == 1
+    assert out == {"nvdimm": {"id": "ivm-nvdimm0", "addr": "0x100000000", "size": 512 << 20, "node": 0, "device": "nvdimm"},
+                   "devdax": {"device": "dax0.0", "region": "region0", "align": 2 << 20, "mode": "ram",
+                              "namespace_start": "0x100000000", "namespace_size": 512 << 20,
+                              "data_start": "0x100200000", "data_size": 534773760}}
+    # the kernel refused a write: its words (ivm_devdax's fail line), and no device
+    g = guest()
+    err = "devdax: align 2097152 of /sys/bus/nd/devices/dax0.0, supported: 4096 (dmesg: ...)\n"
+    out = devdax(g, Chan(InGuestResult(1, account, err, 0.5)), 0, 60, None)
+    assert out["short"].startswith("the guest did not make it device-dax: align 2097152") and not g.devdax
