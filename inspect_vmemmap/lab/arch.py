@@ -13,6 +13,16 @@ from .errors import LabError
 
 
 @dataclass(frozen=True)
+class AcpiFirmware:
+    """The firmware that gives a guest's kernel QEMU's ACPI tables where the machine
+    otherwise boots with a device tree, and the kernel parameter that makes it use them."""
+
+    path: str  # the -bios image
+    package: str  # the Debian package that ships it
+    cmdline: str  # what the kernel needs to take ACPI over the device tree
+
+
+@dataclass(frozen=True)
 class ArchInfo:
     name: str  # our name, e.g. "x86_64"
     deb_arch: str  # Debian architecture, e.g. "amd64"
@@ -30,11 +40,12 @@ class ArchInfo:
     #: how the lab hot-adds memory: "pc-dimm" (ACPI), or "virtio-mem" where the kernel has no
     #: ACPI memory hotplug (lab/virtiomem.py says why)
     hotplug_device: str = "pc-dimm"
-    #: NVDIMMs: QEMU describes them in ACPI (NFIT) only. Where the machine boots without ACPI
-    #: (arm64 virt: a device tree), the firmware that gives the kernel QEMU's ACPI tables
-    #: (edk2; its file, its Debian package) and the kernel parameter that makes it use them.
-    #: None: no NVDIMM in this lab's guests of the architecture.
-    nvdimm_firmware: tuple[str, str, str] | None = ("", "", "")
+    #: NVDIMMs in this lab's guests of the architecture: QEMU describes them in ACPI (NFIT)
+    #: only, which x86_64's pc always has
+    nvdimms: bool = True
+    #: where the machine boots with a device tree (arm64 virt), the firmware that brings
+    #: ACPI for a guest with NVDIMMs
+    nvdimm_firmware: AcpiFirmware | None = None
 
     def paging_cmdline(self, mode: str) -> str:
         """Kernel parameters that make the guest run in paging ``mode``."""
@@ -90,7 +101,7 @@ ARCHES: dict[str, ArchInfo] = {
         # virt's ACPI tables (hw/arm/virt-acpi-build.c, NFIT with nvdimm=on) reach the kernel
         # through UEFI; with a device tree as well, arm64 takes ACPI only when told
         # (arch/arm64/kernel/acpi.c acpi_boot_table_init(): acpi=force)
-        nvdimm_firmware=("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd", "qemu-efi-aarch64", "acpi=force"),
+        nvdimm_firmware=AcpiFirmware("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd", "qemu-efi-aarch64", "acpi=force"),
     ),
     "riscv64": ArchInfo(
         name="riscv64",
@@ -105,7 +116,7 @@ ARCHES: dict[str, ArchInfo] = {
         flavours=("riscv64",),
         vmcoreinfo_device=False,
         paging_modes=("sv57", "sv48", "sv39"),
-        nvdimm_firmware=None,  # QEMU 7.2's riscv virt has no nvdimm=on
+        nvdimms=False,  # QEMU 7.2's riscv virt has no nvdimm=on
     ),
 }
 

@@ -408,10 +408,10 @@ def guest_spec(o: BootOptions, arch: str):
     from .watching import DEVDAX_ALIGN, devdax_sizes, hotplug_sizes
 
     plugs = list(o.hotplug) + hotplug_sizes(_steps(o))
-    # --then devdax=SIZE: an NVDIMM of SIZE from boot, left raw until its step (x86_64: QEMU's
-    # pc with nvdimm=on and ACPI NFIT); it takes a slot and room in the hotplug area like a DIMM
+    # --then devdax=SIZE: an NVDIMM of SIZE from boot, left raw until its step (QEMU's nvdimm=on
+    # and ACPI NFIT: ArchInfo.nvdimm_firmware); it takes a slot and room in the hotplug area like a DIMM
     daxes = devdax_sizes(_steps(o))
-    if daxes and arch_info(arch).nvdimm_firmware is None:
+    if daxes and not arch_info(arch).nvdimms:
         raise BootError(f"--then devdax: no NVDIMM in {arch} guests (QEMU describes them in ACPI NFIT, which its machine has not)")
     for s in daxes:
         if (_mib(s, "--then devdax") << 20) % DEVDAX_ALIGN:

@@ -175,7 +175,7 @@ def devdax_script(spec: GuestSpec) -> str:
 def _check_nvdimms(spec: GuestSpec) -> None:
     if not spec.nvdimms:
         return
-    if arch_info(spec.arch).nvdimm_firmware is None:
+    if not arch_info(spec.arch).nvdimms:
         raise LabError(f"NVDIMMs: not in {spec.arch} guests (QEMU describes them in ACPI NFIT, which this machine has not)")
     if not spec.maxmem:
         raise LabError("NVDIMMs need maxmem (QEMU puts them in the memory hotplug area)")
@@ -244,8 +244,8 @@ def kernel_cmdline(spec: GuestSpec, info: ArchInfo) -> str:
         parts.append(f"memhp_default_state={spec.hotplug_online}")
     if spec.memmap_on_memory:
         parts.append("memory_hotplug.memmap_on_memory=1")
-    if spec.nvdimms and info.nvdimm_firmware and info.nvdimm_firmware[2]:
-        parts.append(info.nvdimm_firmware[2])
+    if spec.nvdimms and info.nvdimm_firmware is not None:
+        parts.append(info.nvdimm_firmware.cmdline)
     if spec.paging and info.paging_cmdline(spec.paging):
         parts.append(info.paging_cmdline(spec.paging))
     if spec.cmdline:
@@ -292,8 +292,8 @@ def qemu_argv(
     _check_nvdimms(spec)
     if spec.nvdimms:
         argv += ["-machine", "nvdimm=on"]
-        if info.nvdimm_firmware and info.nvdimm_firmware[0]:
-            argv += ["-bios", info.nvdimm_firmware[0]]
+        if info.nvdimm_firmware is not None:
+            argv += ["-bios", info.nvdimm_firmware.path]
         for i, (n, f) in enumerate(zip(spec.nvdimms, nvdimm_files(spec, Path(console_log).parent))):
             argv += ["-object", f"memory-backend-file,id=ivm-nvm{i},share=on,mem-path={f},size={parse_size_mib(n.size)}M",
                      "-device", f"nvdimm,id=ivm-nvdimm{i},memdev=ivm-nvm{i}"]
@@ -635,9 +635,9 @@ def boot_guest(
     if kernel is None:
         kernel = fetch_debian_kernel(spec.debian, spec.arch, progress=progress, flavour=spec.flavour)
     _check_nvdimms(spec)
-    if spec.nvdimms and info.nvdimm_firmware and info.nvdimm_firmware[0] and not os.path.exists(info.nvdimm_firmware[0]):
-        raise LabError(f"NVDIMMs in {spec.arch} guests need the firmware {info.nvdimm_firmware[0]} "
-                       f"(apt-get install {info.nvdimm_firmware[1]})")
+    fw = info.nvdimm_firmware
+    if spec.nvdimms and fw is not None and not os.path.exists(fw.path):
+        raise LabError(f"NVDIMMs in {spec.arch} guests need the firmware {fw.path} (apt-get install {fw.package})")
     nv_modules = NVDIMM_MODULES if any(n.devdax_align is not None for n in spec.nvdimms) else ()
     if spec.maxmem and info.hotplug_device == virtiomem.DEVICE:
         nv_modules += (virtiomem.MODULE,)
