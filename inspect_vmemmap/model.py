@@ -255,10 +255,12 @@ def predict(inp: Inputs) -> Prediction:
     # Rule: memblock.memory is RAM and, where the architecture keeps some out of its linear
     # map, nomap memory (arm64: mm/memblock.c memblock_mark_nomap(), from the EFI memory map
     # in drivers/firmware/efi/efi-init.c reserve_regions()); memblocks_present() walks it all
-    nomap = [(a >> shift, (b + (1 << shift) - 1) >> shift) for a, b in inp.nomap]
-    ram_pfns = merge([(a >> shift, (b + (1 << shift) - 1) >> shift) for a, b in inp.ram] + nomap)
-    boot_pfns = ram_pfns if inp.boot_ram is None else merge(
-        [(a >> shift, (b + (1 << shift) - 1) >> shift) for a, b in inp.boot_ram] + nomap)
+    def pfns(ranges) -> List[Interval]:  # every pfn a byte range touches
+        return [(a >> shift, (b + (1 << shift) - 1) >> shift) for a, b in ranges]
+
+    nomap = pfns(inp.nomap)
+    ram_pfns = merge(pfns(inp.ram) + nomap)
+    boot_pfns = ram_pfns if inp.boot_ram is None else merge(pfns(inp.boot_ram) + nomap)
     offline = merge(inp.offline_blocks)
 
     sections: Dict[int, SectionPrediction] = {}

@@ -404,8 +404,8 @@ def guest_spec(o: BootOptions, arch: str):
         # boot-time 1G pages, process_gb_huge_pages())
         cmdline.append("nokaslr")
     extra: dict = {}
-    from .guest import Nvdimm
-    from .watching import DEVDAX_ALIGN, devdax_sizes, hotplug_sizes
+    from .guest import DEVDAX_ALIGNS, Nvdimm
+    from .watching import DEVDAX_STEP_ALIGN, devdax_sizes, hotplug_sizes
 
     plugs = list(o.hotplug) + hotplug_sizes(_steps(o))
     # --then devdax=SIZE: an NVDIMM of SIZE from boot, left raw until its step (QEMU's nvdimm=on
@@ -413,18 +413,15 @@ def guest_spec(o: BootOptions, arch: str):
     daxes = devdax_sizes(_steps(o))
     if daxes and not arch_info(arch).nvdimms:
         raise BootError(f"--then devdax: no NVDIMM in {arch} guests (QEMU describes them in ACPI NFIT, which its machine has not)")
-    for s in daxes:
-        if (_mib(s, "--then devdax") << 20) % DEVDAX_ALIGN:
-            raise BootError(f"--then devdax={s}: not a whole number of its {DEVDAX_ALIGN >> 20}M alignment")
+    dax_mib = [_mib(s, "--then devdax") for s in daxes]
+    for s, n in zip(daxes, dax_mib):
+        if (n << 20) % DEVDAX_ALIGNS[DEVDAX_STEP_ALIGN]:
+            raise BootError(f"--then devdax={s}: not a whole number of its {DEVDAX_STEP_ALIGN} alignment")
     if plugs or daxes:
-        total = 0
-        for s in plugs:
-            total += _mib(s, "--hotplug")
-        for s in daxes:
-            total += _mib(s, "--then devdax")
+        total = sum(_mib(s, "--hotplug") for s in plugs) + sum(dax_mib)
         extra = dict(maxmem=_size_text(mem + total), slots=len(plugs) + len(daxes))
         if daxes:
-            extra["nvdimms"] = tuple(Nvdimm(s, devdax_align="2M", deferred=True) for s in daxes)
+            extra["nvdimms"] = tuple(Nvdimm(s, devdax_align=DEVDAX_STEP_ALIGN, deferred=True) for s in daxes)
     if plugs:
         if arch_info(arch).hotplug_device == "virtio-mem":
             extra.update(_virtio_mem(o, arch, plugs))

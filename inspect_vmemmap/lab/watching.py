@@ -38,11 +38,11 @@ from typing import List, Optional, Tuple
 from . import inguest
 from .account import parse_account
 from .errors import LabError
-from .guest import parse_devdax
+from .guest import DEVDAX_ALIGNS, DEVDAX_LOCATIONS, parse_devdax
 
 _STEP = re.compile(r"(hugepages|hugepages-1g)=(\d+)|(hotplug|devdax)=(\d+(?:\.\d+)?[KMGT]?)|(unplug)", re.I)
-#: a devdax step's device: 2M alignment, memmap in RAM (drivers/nvdimm/pfn_devs.c "ram" mode)
-DEVDAX_ALIGN, DEVDAX_MODE = 2 << 20, "ram"
+#: a devdax step's NVDIMM (guest.Nvdimm's devdax_align; its location stays "mem": memmap in RAM)
+DEVDAX_STEP_ALIGN = "2M"
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,10 @@ def run(o, guest, scratch, progress, steps: List[Step], timeout: float) -> tuple
                          f"{' (memmap_on_memory=1)' if guest.spec.memmap_on_memory else ''} after {time.monotonic() - t0:.1f}s")
             elif step.what == "devdax":
                 extra = devdax(guest, chan, sum(1 for a in accounts if a["step"].startswith("devdax=")), timeout, alive)
-                progress(extra["short"] if "short" in extra else
-                         f"{extra['devdax']['device']} at {extra['devdax']['data_start']} ({extra['devdax']['data_size']} bytes, "
-                         f"align {DEVDAX_ALIGN >> 20}M, memmap in RAM) after {time.monotonic() - t0:.1f}s")
+                dax = extra.get("devdax")
+                progress(extra["short"] if dax is None else
+                         f"{dax['device']} at {dax['data_start']} ({dax['data_size']} bytes, align {dax['align'] >> 20}M, "
+                         f"memmap {'in RAM' if dax['mode'] == 'ram' else 'on the device'}) after {time.monotonic() - t0:.1f}s")
             else:
                 d, short = unplug(guest, chan, timeout, alive, progress)
                 extra = {"dimm": dimm_json(d), **({"short": short} if short else {})}
@@ -167,7 +168,8 @@ def devdax(guest, chan, nth: int, timeout: float, alive) -> dict:
     if nth >= len(spots):
         raise LabError("--then devdax: no NVDIMM left raw for it (boot gives one per devdax step)")
     i = spots[nth]
-    res = chan.devdax(i, DEVDAX_ALIGN, DEVDAX_MODE, timeout, alive)
+    n = guest.spec.nvdimms[i]  # made as devdax_script would make it at boot
+    res = chan.devdax(i, DEVDAX_ALIGNS[n.devdax_align], DEVDAX_LOCATIONS[n.location], timeout, alive)
     guest.account = parse_account(res.stdout)
     out: dict = {"nvdimm": dimm_json(guest.nvdimms[i])} if i < len(guest.nvdimms) else {}
     made = parse_devdax(res.stdout)

@@ -93,14 +93,15 @@ def system_ram(mem: Memory, types, symbol: Callable[[str], Optional[int]],
         try:
             flags = _u64(mem, res + o_flags)
             name_ptr = _u64(mem, res + o_name)
-            ram = (flags & _RAM_FLAGS) == _RAM_FLAGS or (
-                top and bool(name_ptr) and read_cstring(mem, name_ptr, 16) == "System RAM")
+            flagged = (flags & _RAM_FLAGS) == _RAM_FLAGS
+            # a top-level resource's name, where its flags do not say already (read once)
+            name = read_cstring(mem, name_ptr, 16) if top and name_ptr and not flagged else None
+            ram = flagged or name == "System RAM"
             if ram:
                 out.append((_u64(mem, res + o_start), _u64(mem, res + o_end) + 1))
                 if flags & IORESOURCE_SYSRAM_DRIVER_MANAGED:
                     managed.append(out[-1])
-            elif (top and nomap_name and flags == IORESOURCE_MEM and bool(name_ptr)
-                  and read_cstring(mem, name_ptr, 16) == nomap_name):
+            elif nomap_name and flags == IORESOURCE_MEM and name == nomap_name:
                 nomap.append((_u64(mem, res + o_start), _u64(mem, res + o_end) + 1))
             todo.append((_u64(mem, res + o_sib), top))
             if not ram:
